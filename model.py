@@ -1,0 +1,488 @@
+"""model.py: the one module every LuminaAI stage shares.
+
+It defines, once:
+  1. the character vocabulary, with special tokens no typed text can produce;
+  2. the chat template that turns a conversation into ids (training and chat both use it);
+  3. a small decoder-only transformer (pre-norm, SDPA attention, tied embeddings, KV cache);
+  4. sampling and streaming, KV-cached generation;
+  5. the `.pth` checkpoint contract: save_checkpoint / load_checkpoint;
+  6. vocabulary expansion for fine-tuning;
+  7. `--key=value` overrides of a script's CONFIG dict.
+
+Importing it has no side effects:  python -c "import model"
+
+Design choice, measured (benchmarks/arch_choice.py, README "Architecture"): learned absolute
+positions and a GELU MLP. Rotary positions and SwiGLU did not train better per second at our CPU
+sizes, and learned positions make the context-window rule below easy to state and to test.
+"""
+import ast
+import dataclasses
+import math
+import os
+import pickle
+import sys
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# 1. Vocabulary
+# ----------------------------------------------------------------------------------------------
+SPECIAL_TOKENS = ["<|unk|>", "<|user|>", "<|bot|>", "<|end|>", "<|system|>"]
+UNK, USER, BOT, END, SYSTEM = range(len(SPECIAL_TOKENS))
+ROLE_TOKENS = {"user": USER, "assistant": BOT, "system": SYSTEM}
+
+
+class Vocab:
+    """Ids 0-4 are the special tokens; every later id is one character.
+
+    Special tokens are ids, never strings: encode() looks at one character at a time, so text that
+    spells "<|bot|>" becomes seven ordinary characters and can never forge a turn.
+    """
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        if len(set(self.chars)) != len(self.chars) or any(len(c) != 1 for c in self.chars):
+            raise ValueError("a vocabulary is a list of distinct single characters")
+        self.itos = SPECIAL_TOKENS + self.chars
+        self.stoi = {c: i for i, c in enumerate(self.chars, start=len(SPECIAL_TOKENS))}
+
+    @classmethod
+    def from_text(cls, texts):
+        """Build from a string or an iterable of strings; ids follow sorted character order."""
+        chars = set()
+        for text in [texts] if isinstance(texts, str) else texts:
+            chars.update(text)
+        return cls(sorted(chars))
+
+    def __len__(self):
+        return len(self.itos)
+
+    def encode(self, text):
+        """Characters to ids. Unknown characters become UNK; unknown_chars() names them."""
+        return [self.stoi.get(c, UNK) for c in text]
+
+    def unknown_chars(self, text):
+        """The characters of `text` this vocabulary lacks, in order of first appearance."""
+        return list(dict.fromkeys(c for c in text if c not in self.stoi))
+
+    def decode(self, ids):
+        """Ids to text; special ids print as their names, e.g. <|end|>."""
+        return "".join(self.itos[i] for i in ids)
+
+    def extended(self, new_chars):
+        """A new Vocab with `new_chars` appended: every old id keeps its meaning."""
+        return Vocab(self.chars + [c for c in dict.fromkeys(new_chars) if c not in self.stoi])
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The chat template
+# ----------------------------------------------------------------------------------------------
+# A conversation renders as  <|user|>hi<|end|><|bot|>hello!<|end|>  ... A newline inside a message
+# is an ordinary character; only <|end|> closes a turn.
+
+def render_chat(messages, vocab, add_generation_prompt=False):
+    """Render [{"role", "content"}, ...] to (ids, loss_mask).
+
+    loss_mask[i] is True where id i belongs to an assistant turn (its text and its <|end|>), the
+    part a chatbot is trained to produce. add_generation_prompt appends <|bot|> so the model replies.
+    """
+    ids, mask = [], []
+    for message in messages:
+        role = message["role"]
+        if role not in ROLE_TOKENS:
+            raise ValueError(f"unknown chat role {role!r}: use user, assistant or system")
+        body = vocab.encode(message["content"]) + [END]
+        ids += [ROLE_TOKENS[role]] + body
+        mask += [False] + [role == "assistant"] * len(body)
+    if add_generation_prompt:
+        ids.append(BOT)
+        mask.append(False)
+    return ids, mask
+
+
+def parse_chat(ids, vocab):
+    """Inverse of render_chat: ids back to a list of messages (a trailing open turn is kept)."""
+    roles = {token: role for role, token in ROLE_TOKENS.items()}
+    messages = []
+    for i in ids:
+        if i in roles:
+            messages.append({"role": roles[i], "content": ""})
+        elif i != END and messages:
+            messages[-1]["content"] += vocab.itos[i]
+    return messages
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The transformer
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ModelConfig:
+    vocab_size: int
+    seq_length: int = 256     # context window, in characters
+    hidden_size: int = 256    # width of the residual stream
+    num_layers: int = 4
+    nhead: int = 4            # attention heads; hidden_size must divide evenly
+    dropout: float = 0.0      # on the residual branches only; attention dropout is 4.5x slower on CPU
+
+    def __post_init__(self):
+        if self.hidden_size % self.nhead:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by nhead ({self.nhead})")
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated to the window.
+
+    k[layer] has shape (batch, nhead, seq_length, head_dim); `pos` counts the filled positions.
+    """
+
+    def __init__(self, config, batch_size=1, device="cpu", dtype=torch.float32):
+        shape = (batch_size, config.nhead, config.seq_length, config.hidden_size // config.nhead)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.nhead = config.nhead
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.shape
+        # (B, T, 3C) -> three (B, nhead, T, head_dim)
+        q, k, v = (t.view(B, T, self.nhead, C // self.nhead).transpose(1, 2)
+                   for t in self.qkv(x).split(C, dim=2))
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            start, end = cache.pos, cache.pos + T
+            cache.k[layer][:, :, start:end] = k
+            cache.v[layer][:, :, start:end] = v
+            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+            # New query i sits at absolute position start+i and may see keys 0..start+i.
+            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.hidden_size, 4 * config.hidden_size, bias=False)
+        self.proj = nn.Linear(4 * config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). The residual path is never normalised."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(config.hidden_size), nn.LayerNorm(config.hidden_size)
+        self.attn, self.mlp = CausalSelfAttention(config), MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.drop(self.attn(self.norm1(x), cache, layer))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class CharTransformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pos_emb = nn.Embedding(config.seq_length, config.hidden_size)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied: one matrix reads and writes characters
+        self.apply(self._init_weights)
+        # Each residual branch adds to the stream; scale their outputs so depth keeps variance flat.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.num_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0):
+        """idx (B, T) ids -> logits (B, T, vocab). With targets, also the mean loss over targets
+        that are not -1 (masked). With a cache, idx continues the cached positions."""
+        start = cache.pos if cache is not None else 0
+        T = idx.shape[1]
+        if start + T > self.config.seq_length:
+            raise ValueError(f"{start + T} positions exceed the context window of {self.config.seq_length}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.pos += T
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, label_smoothing=label_smoothing)
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Sampling and generation
+# ----------------------------------------------------------------------------------------------
+REPETITION_WINDOW = 64  # at the character level every letter recurs, so penalise recent ids only
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+           recent_ids=(), generator=None):
+    """Pick the next id from 1-D logits. Pure: it never changes its inputs.
+
+    temperature 0 is greedy argmax; top_k keeps the k most likely ids; top_p keeps the smallest
+    set of ids whose probability mass reaches p; repetition_penalty > 1 makes `recent_ids` rarer.
+    """
+    logits = logits.detach().float().clone()
+    if repetition_penalty != 1.0 and len(recent_ids):
+        seen = torch.tensor(sorted(set(recent_ids)), dtype=torch.long, device=logits.device)
+        chosen = logits[seen]
+        # Dividing a negative logit would raise it, so negative logits are multiplied instead.
+        logits[seen] = torch.where(chosen > 0, chosen / repetition_penalty, chosen * repetition_penalty)
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[logits.topk(top_k).indices] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        mass_before = sorted_probs.cumsum(0) - sorted_probs
+        drop = order[mass_before >= top_p]  # everything after the mass has reached p
+        probs[drop] = 0.0
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def window_start(length, seq_length):
+    """First id the model sees when the text is `length` ids long.
+
+    The context-window rule: while the text fits, the model sees all of it. When it outgrows the
+    window, the oldest ids are dropped so that the most recent 3/4 of a window remain, and the
+    model re-reads them in one pass. Re-reading only once per quarter window keeps the cost per new
+    character nearly flat, and the rule depends on lengths alone, so cached and uncached
+    generation see exactly the same text.
+    """
+    if length <= seq_length:
+        return 0
+    keep = max(1, seq_length * 3 // 4)
+    stride = seq_length + 1 - keep  # ids added between two re-reads
+    rereads = 1 + (length - seq_length - 1) // stride
+    return rereads * stride
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None,
+             repetition_penalty=1.0, generator=None, stop_ids=(END,), use_cache=True):
+    """Yield new ids one at a time, stopping after a stop id or max_new_tokens.
+
+    The prompt (or its most recent window, see window_start) goes through in one forward pass;
+    each later id costs one cached step. use_cache=False re-runs the whole window every step: the
+    slow textbook version, kept for tests and benchmarks.
+    """
+    model.eval()
+    config, device = model.config, model.tok_emb.weight.device
+    ids = list(prompt_ids)
+    if not ids:
+        raise ValueError("generate needs at least one prompt id")
+    cache = KVCache(config, device=device, dtype=model.tok_emb.weight.dtype) if use_cache else None
+    start = None
+    for _ in range(max_new_tokens):
+        new_start = window_start(len(ids), config.seq_length)
+        if cache is None or new_start != start:  # first step, a re-read, or no cache at all
+            start = new_start
+            if cache is not None:
+                cache.pos = 0
+            step_ids = ids[start:]
+        else:
+            step_ids = ids[-1:]
+        logits, _ = model(torch.tensor([step_ids], device=device), cache=cache)
+        next_id = sample(logits[0, -1], temperature, top_k, top_p, repetition_penalty,
+                         ids[-REPETITION_WINDOW:], generator)
+        ids.append(next_id)
+        yield next_id
+        if next_id in stop_ids:
+            return
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The checkpoint contract
+# ----------------------------------------------------------------------------------------------
+FORMAT = "luminaai"
+FORMAT_VERSION = 1
+MAKER = {"FineTuned_Model.pth": "python fine_tune.py"}  # which script makes a missing file
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over `path`: a crash leaves the old file or the new one,
+    never half of one. The temporary file sits in the same folder so the rename is atomic."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path, checkpoint):
+    """Write a dict of tensors and plain values atomically; adds the format marker and version."""
+    checkpoint = {"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}
+    try:
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    except OSError as e:
+        raise CheckpointError(f"could not write {path}: {e.strerror or e}; free some disk space or "
+                              f"choose another out_dir; the previous file, if any, is intact") from e
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint with weights_only=True, so a file can never run code; every failure is a
+    CheckpointError with a one-line message."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} not found: run `{MAKER.get(name, 'python Train.py')}` first to create it")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise CheckpointError(f"{path} was refused: it holds Python objects that could run code "
+                                  f"when loaded, which a LuminaAI checkpoint never does") from None
+        raise CheckpointError(f"{path} is corrupt ({e}); retrain or restore it") from None
+    except Exception as e:  # garbage bytes can raise any error while parsing; all mean "corrupt"
+        first_line = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        raise CheckpointError(f"{path} is truncated or corrupt ({first_line}); retrain or restore it") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a LuminaAI checkpoint (no '{FORMAT}' format marker)")
+    if checkpoint.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version {checkpoint['format_version']}, newer than this "
+                              f"code's {FORMAT_VERSION}: update LuminaAI to read it")
+    return checkpoint
+
+
+def build_model(checkpoint):
+    """(model, vocab) from a loaded checkpoint, weights included."""
+    vocab = Vocab(checkpoint["vocab"])
+    model = CharTransformer(ModelConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model, vocab
+
+
+def model_state(model):
+    """Weights to save: unwrap torch.compile and DDP so the keys load into a plain model."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Vocabulary expansion
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def expand_vocab(model, vocab, new_chars):
+    """Append new characters to vocab and model, in place for the model.
+
+    Old rows are copied bit for bit, so old ids keep their meaning and their logits. A new row
+    starts as the mean of the character rows: an embedding of the right scale that reads as an
+    "average character", rather than zeros (every logit 0) or noise of the wrong size.
+    """
+    new_vocab = vocab.extended(new_chars)
+    added = len(new_vocab) - len(vocab)
+    if added == 0:
+        return vocab
+    old = model.tok_emb.weight
+    mean_row = old[len(SPECIAL_TOKENS):].mean(dim=0, keepdim=True)
+    weight = torch.cat([old, mean_row.expand(added, -1)]).clone()
+    model.tok_emb = nn.Embedding.from_pretrained(weight, freeze=False)
+    model.head.weight = model.tok_emb.weight
+    model.config.vocab_size = len(new_vocab)
+    return new_vocab
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Configuration from the command line
+# ----------------------------------------------------------------------------------------------
+class ConfigError(Exception):
+    """A bad --key=value; the message names the valid keys or the expected type."""
+
+
+def parse_value(text):
+    """'3e-4' -> 3e-4, 'true' -> True, 'none' -> None, "['en','de']" -> list; else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false", "none", "null"):
+        return {"true": True, "false": False}.get(lowered)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config, args, types=None):
+    """Return a copy of `config` with `--key=value` args applied. A key whose default is None takes
+    its type from `types` (a dict of key -> type) when given, else any literal."""
+    config, types = dict(config), types or {}
+    for arg in args:
+        key, sep, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if not sep:
+            raise ConfigError(f"cannot read {arg!r}: write overrides as --key=value")
+        if key not in config:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(config)}")
+        value = parse_value(text)
+        want = types.get(key, type(config[key]) if config[key] is not None else None)
+        if want is float and type(value) is int:
+            value = float(value)
+        if want is not None and value is not None and type(value) is not want:
+            raise ConfigError(f"--{key} expects {want.__name__}, got {text!r}")
+        config[key] = value
+    return config
+
+
+def config_help(path):
+    """The CONFIG block of a script, comments and all: the best documentation of its keys."""
+    lines = open(path, encoding="utf-8").read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("CONFIG = {"))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("}"))
+    return "\n".join(lines[start:end + 1])
+
+
+def parse_cli(argv, config, script_path, flags=(), types=None):
+    """Split argv into --flags and --key=value overrides; print help and exit on --help.
+    Exits with code 2 and a one-line message on a bad argument."""
+    if "--help" in argv or "-h" in argv:
+        print(sys.modules["__main__"].__doc__ or "")
+        print("Every key can be set with --key=value:\n")
+        print(config_help(script_path))
+        sys.exit(0)
+    chosen = {flag: ("--" + flag) in argv for flag in flags}
+    rest = [a for a in argv if a.lstrip("-") not in flags]
+    try:
+        return apply_overrides(config, rest, types), chosen
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny models and data, so the whole suite runs in minutes on 2 CPU cores."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import model as M  # noqa: E402
+
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data", "oasst1")
+TINY = dict(seq_length=16, hidden_size=32, num_layers=2, nhead=2, dropout=0.0)
+CHATS = [
+    [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello! how can I help?"}],
+    [{"role": "user", "content": "what is 2+2?"}, {"role": "assistant", "content": "2+2 is 4."},
+     {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "you are welcome."}],
+    [{"role": "user", "content": "name a color"}, {"role": "assistant", "content": "blue\nor green"}],
+]
+
+
+def tiny_model(vocab, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return M.CharTransformer(M.ModelConfig(vocab_size=len(vocab), **{**TINY, **overrides}))
+
+
+def tiny_checkpoint(path, seed=0, stage="train", text="abcdefghijklmnopqrstuvwxyz !?.,\n"):
+    vocab = M.Vocab.from_text(text)
+    net = tiny_model(vocab, seed)
+    M.save_checkpoint(path, {"stage": stage, "vocab": vocab.chars,
+                             "model_config": M.dataclasses.asdict(net.config),
+                             "model": M.model_state(net), "config": {}, "metrics": {}})
+    return net, vocab
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(row if isinstance(row, str) else json.dumps(row))
+            f.write("\n")
+    return str(path)
+
+
+def run_script(script, *args, cwd=None, input=None, timeout=300, env=None):
+    """Run a stage the way a person does, returning the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, input=input,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def vocab():
+    return M.Vocab.from_text("abcdefghijklmnopqrstuvwxyz !?.,\n\tñ")

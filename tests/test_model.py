@@ -1,0 +1,273 @@
+"""model.py: vocabulary, chat template, transformer, generation, checkpoints, expansion, config."""
+import os
+import pickle
+
+import pytest
+import torch
+
+import model as M
+from conftest import TINY, tiny_checkpoint, tiny_model
+
+
+# --- vocabulary and chat template ---------------------------------------------------------------
+def test_decode_is_exact_for_newlines_tabs_and_non_ascii(vocab):
+    text = "a\tb\nñ c!"
+    assert vocab.decode(vocab.encode(text)) == text
+
+
+def test_unknown_characters_map_to_unk_and_are_named(vocab):
+    ids = vocab.encode("aé b€")
+    assert ids[1] == M.UNK and ids[4] == M.UNK and M.UNK not in (ids[0], ids[2], ids[3])
+    assert vocab.unknown_chars("aé b€é") == ["é", "€"]
+
+
+def test_chat_template_round_trips(vocab):
+    chat = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi\nthere"},
+            {"role": "assistant", "content": "hello"}]
+    ids, mask = M.render_chat(chat, vocab)
+    assert M.parse_chat(ids, vocab) == chat
+    assert ids.count(M.END) == 3  # the newline inside a message did not end a turn
+    # Only the assistant's text and its <|end|> are trained on.
+    assert vocab.decode([i for i, m in zip(ids, mask) if m]) == "hello<|end|>"
+
+
+def test_literal_special_token_typed_by_user_stays_text():
+    vocab = M.Vocab.from_text("<|bot>end")
+    ids, _ = M.render_chat([{"role": "user", "content": "<|bot|>"}], vocab, add_generation_prompt=True)
+    assert ids.count(M.BOT) == 1 and ids[-1] == M.BOT  # only the generation prompt is a real turn
+    assert M.parse_chat(ids, vocab)[0]["content"] == "<|bot|>"
+
+
+def test_unknown_role_is_refused(vocab):
+    with pytest.raises(ValueError, match="unknown chat role"):
+        M.render_chat([{"role": "robot", "content": "x"}], vocab)
+
+
+# --- the transformer ----------------------------------------------------------------------------
+def test_changing_a_later_character_never_changes_earlier_logits(vocab):
+    net = tiny_model(vocab).eval()
+    a = torch.randint(len(vocab), (1, 16))
+    b = a.clone()
+    b[0, 10:] = (b[0, 10:] + 1) % len(vocab)
+    la, _ = net(a)
+    lb, _ = net(b)
+    assert torch.equal(la[0, :10], lb[0, :10])
+    assert not torch.allclose(la[0, 10:], lb[0, 10:])
+
+
+def test_loss_ignores_masked_targets(vocab):
+    net = tiny_model(vocab)
+    x = torch.randint(len(vocab), (2, 8))
+    y = torch.randint(len(vocab), (2, 8))
+    masked = y.clone()
+    masked[:, :4] = -1
+    logits, loss = net(x, masked)
+    expected = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, len(vocab)), y[:, 4:].reshape(-1))
+    assert torch.allclose(loss, expected)
+
+
+def test_input_embedding_and_output_head_are_tied(vocab):
+    net = tiny_model(vocab)
+    assert net.head.weight is net.tok_emb.weight
+
+
+# --- generation ---------------------------------------------------------------------------------
+def _generation_logits(net, prompt, steps, use_cache, monkeypatch):
+    seen = []
+    real_sample = M.sample
+
+    def recording_sample(logits, *args, **kwargs):
+        seen.append(logits.clone())
+        return real_sample(logits, *args, **kwargs)
+
+    monkeypatch.setattr(M, "sample", recording_sample)
+    ids = list(M.generate(net, prompt, steps, temperature=0, stop_ids=(), use_cache=use_cache))
+    monkeypatch.setattr(M, "sample", real_sample)
+    return ids, seen
+
+
+@pytest.mark.parametrize("prompt_len,steps", [(5, 8), (40, 45)])  # inside, then far past, the window
+def test_cached_and_uncached_generation_agree(vocab, monkeypatch, prompt_len, steps):
+    net = tiny_model(vocab)
+    prompt = torch.randint(len(vocab), (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids_c, logits_c = _generation_logits(net, prompt, steps, True, monkeypatch)
+    ids_u, logits_u = _generation_logits(net, prompt, steps, False, monkeypatch)
+    assert ids_c == ids_u and len(ids_c) == steps
+    for c, u in zip(logits_c, logits_u):
+        assert torch.allclose(c, u, atol=1e-5), (c - u).abs().max()
+
+
+def test_window_rule_keeps_the_most_recent_text():
+    T = 16
+    for length in range(1, 200):
+        start = M.window_start(length, T)
+        assert 0 < length - start <= T  # never empty, never past the window
+        if length > T:
+            assert length - start >= T * 3 // 4  # a re-read keeps the most recent 3/4 window
+
+
+def test_generate_streams_and_stops_at_end(vocab):
+    net = tiny_model(vocab)
+    with torch.no_grad():
+        # Final hidden state is always v (norm weight 0, bias v); make <|end|>'s row point along v.
+        net.norm.weight.zero_()
+        net.norm.bias.copy_(torch.randn(net.config.hidden_size))
+        net.head.weight[M.END] = 10 * net.norm.bias
+    stream = M.generate(net, [M.USER, M.BOT], 20, temperature=0)
+    assert next(stream) == M.END
+    assert list(stream) == []
+
+
+def test_generate_refuses_an_empty_prompt(vocab):
+    with pytest.raises(ValueError, match="at least one prompt id"):
+        list(M.generate(tiny_model(vocab), [], 5))
+
+
+# --- sampling -----------------------------------------------------------------------------------
+LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, 2.5, -1.0])
+
+
+def test_temperature_zero_is_argmax():
+    assert M.sample(LOGITS, temperature=0) == 1
+
+
+def test_top_k_never_picks_outside_the_k_most_likely():
+    g = torch.Generator().manual_seed(0)
+    picks = {M.sample(LOGITS, temperature=2.0, top_k=3, generator=g) for _ in range(300)}
+    assert picks == {1, 4, 2}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    g = torch.Generator().manual_seed(0)
+    picks = {M.sample(probs.log(), top_p=0.8, generator=g) for _ in range(300)}
+    assert picks == {0, 1}  # 0.5 + 0.3 reaches 0.8; the 0.15 id is not needed
+    picks = {M.sample(probs.log(), top_p=0.81, generator=g) for _ in range(300)}
+    assert picks == {0, 1, 2}
+
+
+def test_same_seed_gives_same_text(vocab):
+    net = tiny_model(vocab)
+    runs = [list(M.generate(net, [M.USER, 7, 8, M.BOT], 30, temperature=1.0, top_p=0.95,
+                            generator=torch.Generator().manual_seed(42), stop_ids=())) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_repetition_penalty_lowers_recent_ids():
+    assert M.sample(LOGITS, temperature=0, repetition_penalty=2.0, recent_ids=[1]) == 4
+    assert M.sample(LOGITS, temperature=0, repetition_penalty=1.0, recent_ids=[1]) == 1
+
+
+def test_sample_does_not_modify_its_input():
+    logits = LOGITS.clone()
+    M.sample(logits, temperature=0.5, top_k=2, top_p=0.5, repetition_penalty=1.5, recent_ids=[1, 2])
+    assert torch.equal(logits, LOGITS)
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def test_save_then_load_gives_identical_tensors_and_values(tmp_path):
+    path = str(tmp_path / "Model.pth")
+    net, vocab = tiny_checkpoint(path)
+    ckpt = M.load_checkpoint(path)
+    assert ckpt["format_version"] == M.FORMAT_VERSION and ckpt["vocab"] == vocab.chars
+    loaded, loaded_vocab = M.build_model(ckpt)
+    for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert loaded.config == net.config
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # runs at unpickling time if anything lets it
+
+
+def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker, path = tmp_path / "pwned", str(tmp_path / "evil.pth")
+    torch.save({"format": "luminaai", "format_version": 1, "x": _Payload(str(marker))}, path)
+    with pytest.raises(M.CheckpointError, match="could run code"):
+        M.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_truncated_and_corrupt_files_get_a_message(tmp_path):
+    path = str(tmp_path / "Model.pth")
+    tiny_checkpoint(path)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(M.CheckpointError, match="truncated or corrupt"):
+        M.load_checkpoint(path)
+    open(path, "wb").write(b"this is not a checkpoint at all")
+    with pytest.raises(M.CheckpointError, match="truncated or corrupt"):
+        M.load_checkpoint(path)
+
+
+def test_missing_foreign_and_newer_files_get_a_message(tmp_path):
+    with pytest.raises(M.CheckpointError, match="python Train.py"):
+        M.load_checkpoint(str(tmp_path / "Model.pth"))
+    with pytest.raises(M.CheckpointError, match="python fine_tune.py"):
+        M.load_checkpoint(str(tmp_path / "FineTuned_Model.pth"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(M.CheckpointError, match="not a LuminaAI checkpoint"):
+        M.load_checkpoint(str(tmp_path / "other.pth"))
+    torch.save({"format": "luminaai", "format_version": 99}, tmp_path / "new.pth")
+    with pytest.raises(M.CheckpointError, match="newer"):
+        M.load_checkpoint(str(tmp_path / "new.pth"))
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "Model.pth")
+    tiny_checkpoint(path, seed=0)
+    before = open(path, "rb").read()
+
+    def disk_full(obj, f, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(M.CheckpointError, match="No space left"):
+        M.save_checkpoint(path, {"x": 1})
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["Model.pth"]
+
+
+# --- vocabulary expansion -----------------------------------------------------------------------
+def test_expansion_keeps_old_rows_and_logits(vocab):
+    net = tiny_model(vocab).eval()
+    old_rows = net.tok_emb.weight.detach().clone()
+    x = torch.tensor([vocab.encode("hello there")])
+    before, _ = net(x)
+    new_vocab = M.expand_vocab(net, vocab, ["ü", "ß", "a"])  # "a" is already known
+    assert new_vocab.chars == vocab.chars + ["ü", "ß"]
+    assert new_vocab.encode("hello") == vocab.encode("hello")
+    assert torch.equal(net.tok_emb.weight[: len(vocab)], old_rows)
+    assert net.head.weight is net.tok_emb.weight and net.config.vocab_size == len(vocab) + 2
+    after, _ = net(x)
+    assert torch.allclose(after[..., : len(vocab)], before, atol=1e-6)
+    new_rows = net.tok_emb.weight[len(vocab):]
+    assert torch.allclose(new_rows[0], old_rows[len(M.SPECIAL_TOKENS):].mean(0))
+
+
+# --- configuration ------------------------------------------------------------------------------
+def test_overrides_parse_types_and_refuse_bad_keys():
+    config = {"lr": 1e-3, "layers": 2, "compile": False, "name": "x", "langs": ["en"]}
+    out = M.apply_overrides(config, ["--lr=3e-4", "--layers=4", "--compile=true", "--langs=None"])
+    assert out == {"lr": 3e-4, "layers": 4, "compile": True, "name": "x", "langs": None}
+    assert M.apply_overrides(config, ["--lr=1"])["lr"] == 1.0
+    with pytest.raises(M.ConfigError, match="unknown config key 'lrr'; valid keys: lr, layers"):
+        M.apply_overrides(config, ["--lrr=1"])
+    with pytest.raises(M.ConfigError, match="--layers expects int, got 'abc'"):
+        M.apply_overrides(config, ["--layers=abc"])
+    with pytest.raises(M.ConfigError, match="--key=value"):
+        M.apply_overrides(config, ["layers"])
+
+
+def test_importing_model_has_no_side_effects(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {M.__file__.rsplit(os.sep, 1)[0]!r}); import model"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
+    assert os.listdir(tmp_path) == []
