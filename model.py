@@ -177,7 +177,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(4 * config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(F.gelu(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -345,7 +345,10 @@ def atomic_write(path, write):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the usual mode
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
