@@ -1,0 +1,335 @@
+"""ChatAI.py: chat with a trained LuminaAI model; replies stream as they are generated.
+
+Reads  FineTuned_Model.pth when present, else Model.pth, or the checkpoint path given.
+Writes nothing, unless you type `save FILE` (the transcript, as chat JSONL).
+
+Run:
+  python ChatAI.py                              # interactive; type `help` for the commands
+  python ChatAI.py Model.pth --temperature=0.5  # a chosen checkpoint and setting
+  python ChatAI.py --prompt "Hello!"            # one reply, for scripts
+  printf 'temp 0.5\\nhello\\nquit\\n' | python ChatAI.py   # piped input, line by line
+"""
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+import model as M
+
+CONFIG = {
+    # --- sampling (each can be changed while chatting; see `help`) ---
+    "temperature": 0.8,         # 0.1-2.0: lower is more focused, higher more surprising
+    "mode": "topk",             # topk, nucleus or greedy
+    "top_k": 40,                # topk mode: sample among the k likeliest characters; >= vocabulary keeps all
+    "top_p": 0.9,               # nucleus mode: sample among the likeliest characters holding this mass (0-1)
+    "repetition_penalty": 1.0,  # 1.0-2.0; >1 makes recently used characters rarer
+    "max_new_chars": 400,       # longest reply, in characters
+    "seed": None,               # an int makes replies reproducible; None for fresh ones
+    # --- conversation ---
+    "system_prompt": "",        # optional first turn that frames every conversation
+    "prompt": None,             # a message: print one reply to it and exit
+    # --- system ---
+    "device": "auto",           # auto (cuda if present, else cpu), cpu, cuda or mps
+    "threads": 1,               # CPU threads; one stream of a small model runs fastest on 1 (README)
+}
+TYPES = {"seed": int, "prompt": str}
+DEFAULT_CHECKPOINTS = ["FineTuned_Model.pth", "Model.pth"]
+REPLY_RESERVE = 4  # keep 1/4 of the window free for the reply when dropping old turns
+
+
+@dataclasses.dataclass
+class Session:
+    model: M.CharTransformer
+    vocab: M.Vocab
+    settings: dict
+    history: list = dataclasses.field(default_factory=list)  # every message, for `save`
+    start: int = 0  # the model sees history[start:]: older turns no longer fit its window
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands: one table both dispatches and prints `help`
+# ----------------------------------------------------------------------------------------------
+class Quit(Exception):
+    """Raised by exit/quit."""
+
+
+def number_setter(key, kind, low, high, mode=None):
+    """A command that sets settings[key] to a number in [low, high] (high may depend on the session)."""
+    def command(session, arg):
+        top = high(session) if callable(high) else high
+        try:
+            value = kind(arg)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= top:
+            raise ValueError(f"needs a{'n integer' if kind is int else ' number'} from {low} to {top}, got {arg!r}")
+        session.settings[key] = value
+        if mode:
+            session.settings["mode"] = mode
+        return f"{key} set to {value}" + (f" ({mode} sampling)" if mode else "")
+    return command
+
+
+def set_mode(mode, **values):
+    def command(session, arg):
+        session.settings.update(mode=mode, **values)
+        return f"switched to {mode} sampling" + "".join(f" ({k}={v})" for k, v in values.items())
+    return command
+
+
+def set_seed(session, arg):
+    if arg.lower() in ("none", "off"):
+        session.settings["seed"] = None
+        return "seed off: replies vary"
+    try:
+        session.settings["seed"] = int(arg)
+    except ValueError:
+        raise ValueError(f"needs an integer, or 'off', got {arg!r}") from None
+    return f"seed set to {arg}: the same message gets the same reply"
+
+
+def clear(session, arg):
+    session.history.clear()
+    session.start = 0
+    return "history cleared"
+
+
+def show_settings(session, arg):
+    return "\n".join(f"  {k} = {v}" for k, v in session.settings.items() if k != "prompt")
+
+
+def save_transcript(session, arg):
+    if not arg:
+        raise ValueError("needs a file name, e.g. save chat.jsonl")
+    line = json.dumps({"messages": conversation(session, full=True)}, ensure_ascii=False) + "\n"
+    try:
+        M.atomic_write(arg, lambda tmp: open(tmp, "w", encoding="utf-8").write(line))
+    except OSError as e:
+        raise ValueError(f"could not write {arg}: {e.strerror or e}") from None
+    return f"saved {len(session.history)} messages to {arg} (chat JSONL)"
+
+
+def leave(session, arg):
+    raise Quit
+
+
+def show_help(session, arg):
+    rows = [(" | ".join(names) + (f" {usage}" if usage else ""), text) for names, usage, text, _ in COMMANDS]
+    return ("Commands work with or without a leading '/'. A message that starts with a command word is "
+            "taken as that command.\n" + "\n".join(f"  {left:<22} {text}" for left, text in rows))
+
+
+# names, argument, help text, handler(session, arg) -> message
+COMMANDS = [
+    (("exit", "quit"), "", "leave (Ctrl-D works too)", leave),
+    (("clear",), "", "forget the conversation so far", clear),
+    (("temp",), "X", "temperature, 0.1-2.0", number_setter("temperature", float, 0.1, 2.0)),
+    (("topk",), "X", "top-k, 1-vocabulary size; switches to top-k sampling",
+     number_setter("top_k", int, 1, lambda s: len(s.vocab), mode="topk")),
+    (("topp",), "X", "top-p mass for nucleus sampling, 0-1", number_setter("top_p", float, 0.0, 1.0)),
+    (("nucleus",), "", "switch to nucleus (top-p) sampling, p=0.9", set_mode("nucleus", top_p=0.9)),
+    (("topk_mode",), "", "switch to top-k sampling", set_mode("topk")),
+    (("greedy",), "", "always take the likeliest character", set_mode("greedy")),
+    (("rep",), "X", "repetition penalty, 1.0-2.0", number_setter("repetition_penalty", float, 1.0, 2.0)),
+    (("max",), "X", "longest reply in characters, 1-10000", number_setter("max_new_chars", int, 1, 10000)),
+    (("seed",), "X", "reproducible replies; 'seed off' to vary again", set_seed),
+    (("settings",), "", "show every current setting", show_settings),
+    (("save",), "FILE", "write the conversation as chat JSONL", save_transcript),
+    (("help",), "", "this list", show_help),
+]
+DISPATCH = {name: (usage, handler) for names, usage, _, handler in COMMANDS for name in names}
+
+
+def run_command(session, line):
+    """None when `line` is a chat message; otherwise the command's reply. Raises Quit to leave."""
+    word, _, arg = line.strip().removeprefix("/").partition(" ")
+    if word.lower() not in DISPATCH:
+        return None
+    usage, handler = DISPATCH[word.lower()]
+    if usage and not arg.strip():
+        return f"{word} {usage}: needs a value; nothing changed (type help)"
+    try:
+        return handler(session, arg.strip())
+    except ValueError as e:
+        return f"{word} {e}; nothing changed"
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversation and generation
+# ----------------------------------------------------------------------------------------------
+def conversation(session, full=False):
+    """The messages the model sees, or with full=True every message of the session."""
+    system = session.settings["system_prompt"]
+    return ([{"role": "system", "content": system}] if system else []) + session.history[0 if full else session.start:]
+
+
+def fit_history(session):
+    """Drop the oldest turns whole (never part of one) until the prompt leaves a quarter of the
+    window for the reply. Returns how many messages were dropped; the newest message always stays."""
+    budget = session.model.config.seq_length * (REPLY_RESERVE - 1) // REPLY_RESERVE
+    dropped = 0
+    while session.start < len(session.history) - 1:
+        ids, _ = M.render_chat(conversation(session), session.vocab, add_generation_prompt=True)
+        if len(ids) <= budget:
+            break
+        session.start += 1
+        dropped += 1
+    return dropped
+
+
+def sampling_args(settings):
+    mode = settings["mode"]
+    return dict(temperature=0 if mode == "greedy" else settings["temperature"],
+                top_k=settings["top_k"] if mode == "topk" else None,
+                top_p=settings["top_p"] if mode == "nucleus" else None,
+                repetition_penalty=settings["repetition_penalty"])
+
+
+def respond(session, text, write, notice, prefix=""):
+    """Add the user's message, stream the reply through write(), and keep it in the history.
+    Ctrl-C stops the reply early; what was written stays as the assistant's turn."""
+    unknown = session.vocab.unknown_chars(text)
+    if unknown:
+        notice(f"note: the model has never seen {', '.join(map(repr, unknown))}; left out of your message")
+        text = "".join(c for c in text if c not in unknown)
+        if not text.strip():
+            return ""
+    session.history.append({"role": "user", "content": text})
+    dropped = fit_history(session)
+    if dropped:
+        notice(f"note: dropped the {dropped} oldest messages to fit the {session.model.config.seq_length}-character context")
+    ids, _ = M.render_chat(conversation(session), session.vocab, add_generation_prompt=True)
+    write(prefix)
+    seed = session.settings["seed"]
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    reply = []
+    try:
+        for i in M.generate(session.model, ids, session.settings["max_new_chars"], generator=generator,
+                            stop_ids=(M.END, M.USER, M.BOT, M.SYSTEM), **sampling_args(session.settings)):
+            if i >= len(M.SPECIAL_TOKENS):
+                reply.append(session.vocab.itos[i])
+                write(reply[-1])
+    except KeyboardInterrupt:
+        write(" [stopped]")
+    session.history.append({"role": "assistant", "content": "".join(reply)})
+    return "".join(reply)
+
+
+# ----------------------------------------------------------------------------------------------
+# Start-up and the loop
+# ----------------------------------------------------------------------------------------------
+def split_args(argv):
+    """(checkpoint path or None, --key=value list). Accepts `--prompt TEXT` as well as `--prompt=TEXT`."""
+    path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--prompt" and i + 1 < len(argv):
+            overrides.append(f"--prompt={argv[i + 1]}")
+            i += 1
+        elif arg.startswith("-"):
+            overrides.append(arg)
+        elif path is None:
+            path = arg
+        else:
+            sys.exit(f"error: unexpected argument {arg!r}; give at most one checkpoint path")
+        i += 1
+    return path, overrides
+
+
+def check_settings(settings):
+    """Command-line values get the same range checks as the commands that change them later."""
+    scratch = Session(None, M.Vocab([]), dict(settings))
+    for command, key in (("temp", "temperature"), ("topp", "top_p"), ("rep", "repetition_penalty"),
+                         ("max", "max_new_chars")):
+        try:
+            DISPATCH[command][1](scratch, str(settings[key]))
+        except ValueError as e:
+            sys.exit(f"error: --{key} {e}")
+    if settings["top_k"] < 1:
+        sys.exit(f"error: --top_k must be at least 1, got {settings['top_k']}")
+    if settings["mode"] not in ("topk", "nucleus", "greedy"):
+        sys.exit(f"error: --mode must be topk, nucleus or greedy, got {settings['mode']!r}")
+
+
+def pick_checkpoint(path):
+    if path:
+        return path
+    return next((p for p in DEFAULT_CHECKPOINTS if os.path.exists(p)), DEFAULT_CHECKPOINTS[-1])
+
+
+def load_session(path, settings):
+    device = settings["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        checkpoint = M.load_checkpoint(path)
+    except M.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    net, vocab = M.build_model(checkpoint)
+    try:
+        net.to(device).eval()
+    except (RuntimeError, AssertionError) as e:
+        sys.exit(f"error: device {device!r} is not usable here ({e}); use --device=cpu")
+    info = (f"LuminaAI | {path} | stage {checkpoint.get('stage', '?')} | {net.num_params():,} parameters | "
+            f"context {net.config.seq_length} | vocabulary {len(vocab)} | device {device}")
+    return Session(net, vocab, settings), info
+
+
+def read_lines(interactive):
+    """Yield input lines; stops at Ctrl-D or end of input. Ctrl-C at the prompt also leaves."""
+    while True:
+        try:
+            yield input("You: ") if interactive else input()
+        except EOFError:
+            return
+
+
+def repl(session, interactive):
+    write = lambda text: (sys.stdout.write(text), sys.stdout.flush())
+    for line in read_lines(interactive):
+        if not line.strip():
+            continue
+        try:
+            message = run_command(session, line)
+        except Quit:
+            return
+        if message is not None:
+            print(message)
+            continue
+        respond(session, line, write, lambda note: print(note, file=sys.stderr), prefix="AI: ")
+        write("\n")
+
+
+def main(argv):
+    path, overrides = split_args(argv)
+    settings, _ = M.parse_cli(overrides, CONFIG, __file__, types=TYPES)
+    check_settings(settings)
+    torch.set_num_threads(settings["threads"])
+    session, info = load_session(pick_checkpoint(path), settings)
+    print(info, file=sys.stderr)
+    if settings["prompt"] is not None:
+        respond(session, settings["prompt"], lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+                lambda note: print(note, file=sys.stderr))
+        print()
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (arrow keys and history for input())
+        except ImportError:  # Windows has no readline; input() still works
+            pass
+        print("Type a message, or `help` for the commands.", file=sys.stderr)
+    try:
+        repl(session, interactive)
+    except KeyboardInterrupt:
+        print()
+    print("bye", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C while loading: leave without a traceback
+        sys.exit(130)

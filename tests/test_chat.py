@@ -1,0 +1,159 @@
+"""ChatAI.py, driven as a person would: piped input, --prompt, Ctrl-C, bad checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ChatAI
+import model as M
+from conftest import ROOT, run_script, tiny_checkpoint, tiny_model
+
+TEXT = "abcdefghijklmnopqrstuvwxyz !?.,\n<|>"
+VOCAB_SIZE = len(M.Vocab.from_text(TEXT))
+
+
+def endless_checkpoint(path, seq_length=64):
+    """A tiny model that never ends a turn: its final hidden state is always v, and the rows of
+    <|end|> and the other special ids point against v, so their logits are hugely negative."""
+    vocab = M.Vocab.from_text(TEXT)
+    net = tiny_model(vocab, seq_length=seq_length)
+    with torch.no_grad():
+        net.norm.weight.zero_()
+        net.norm.bias.copy_(torch.randn(net.config.hidden_size))
+        for special in range(len(M.SPECIAL_TOKENS)):
+            net.tok_emb.weight[special] = -10 * net.norm.bias
+    M.save_checkpoint(str(path), {"stage": "train", "vocab": vocab.chars, "model": M.model_state(net),
+                                  "model_config": M.dataclasses.asdict(net.config), "config": {}, "metrics": {}})
+    return str(path)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return endless_checkpoint(tmp_path / "Model.pth")
+
+
+def chat(ckpt, lines, *args, cwd=None):
+    return run_script("ChatAI.py", ckpt, "--max_new_chars=12", *args, input="".join(l + "\n" for l in lines), cwd=cwd)
+
+
+def test_every_command_with_good_and_bad_arguments(ckpt):
+    lines = ["temp 0.5", "temp abc", "temp 9", "/topk 5", "topk 0", f"topk {VOCAB_SIZE + 1}", "topp 0.7",
+             "topp 2", "nucleus", "topk_mode", "greedy", "rep 1.3", "rep 0.5", "max 7", "max -1",
+             "seed 4", "seed x", "seed off", "clear", "settings", "help", "temp", "quit", "never reached"]
+    out = chat(ckpt, lines)
+    assert out.returncode == 0, out.stderr
+    expected = ["temperature set to 0.5", "temp needs a number from 0.1 to 2.0, got 'abc'; nothing changed",
+                "temp needs a number from 0.1 to 2.0, got '9'; nothing changed",
+                "top_k set to 5 (topk sampling)", f"topk needs an integer from 1 to {VOCAB_SIZE}, got '0'; nothing changed",
+                f"topk needs an integer from 1 to {VOCAB_SIZE}, got '{VOCAB_SIZE + 1}'; nothing changed", "top_p set to 0.7",
+                "topp needs a number from 0.0 to 1.0, got '2'; nothing changed",
+                "switched to nucleus sampling (top_p=0.9)", "switched to topk sampling",
+                "switched to greedy sampling", "repetition_penalty set to 1.3",
+                "rep needs a number from 1.0 to 2.0, got '0.5'; nothing changed", "max_new_chars set to 7",
+                "max needs an integer from 1 to 10000, got '-1'; nothing changed",
+                "seed set to 4: the same message gets the same reply", "seed needs an integer, or 'off', got 'x'; nothing changed",
+                "seed off: replies vary", "history cleared"]
+    for line in expected:
+        assert line in out.stdout, line
+    assert "  temperature = 0.5\n  mode = greedy\n  top_k = 5\n  top_p = 0.9\n  repetition_penalty = 1.3" in out.stdout
+    for names, usage, text, _ in ChatAI.COMMANDS:  # help comes from the dispatch table itself
+        assert " | ".join(names) in out.stdout and text in out.stdout
+    assert "temp X: needs a value; nothing changed" in out.stdout
+    assert "AI:" not in out.stdout  # no command was sent to the model
+
+
+def test_greedy_and_seeded_replies_repeat(ckpt):
+    out = chat(ckpt, ["greedy", "hello", "clear", "hello", "topk_mode", "seed 7", "hi", "clear", "hi"])
+    replies = [l for l in out.stdout.splitlines() if l.startswith("AI: ")]
+    assert len(replies) == 4 and replies[0] == replies[1] and replies[2] == replies[3]
+    assert all(len(r) == len("AI: ") + 12 for r in replies)  # max_new_chars stops an endless reply
+
+
+def test_multi_turn_past_the_window_drops_whole_turns_and_save_keeps_all(ckpt, tmp_path):
+    transcript = tmp_path / "talk.jsonl"
+    messages = [f"message {chr(97 + i)} here" for i in range(6)]
+    out = chat(ckpt, messages + [f"save {transcript}"])
+    assert out.returncode == 0
+    assert "oldest messages to fit the 64-character context" in out.stderr
+    saved = json.loads(transcript.read_text())["messages"]
+    assert [m["content"] for m in saved if m["role"] == "user"] == messages
+    assert [m["role"] for m in saved] == ["user", "assistant"] * 6
+    assert "saved 12 messages" in out.stdout
+
+
+def test_history_is_trimmed_to_whole_turns(tmp_path):
+    vocab = M.Vocab.from_text(TEXT)
+    session = ChatAI.Session(tiny_model(vocab, seq_length=64), vocab, dict(ChatAI.CONFIG))
+    session.history = [{"role": r, "content": f"turn {i} " * 3} for i, r in enumerate(["user", "assistant"] * 4)]
+    dropped = ChatAI.fit_history(session)
+    ids, _ = M.render_chat(ChatAI.conversation(session), vocab, add_generation_prompt=True)
+    assert dropped > 0 and len(ids) <= 48 and ChatAI.conversation(session) == session.history[dropped:]
+    assert ids[0] in (M.USER, M.BOT)  # the first visible id opens a turn: nothing was cut mid-turn
+
+
+def test_prompt_flag_prints_one_reply(ckpt):
+    out = run_script("ChatAI.py", ckpt, "--prompt", "hello there", "--max_new_chars=9", "--seed=1")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.rstrip("\n")) == 9 and "stage train" in out.stderr
+
+
+def test_unknown_characters_are_named_and_dropped(ckpt):
+    out = chat(ckpt, ["héllo wörld", "ééé"])
+    assert "the model has never seen 'é', 'ö'; left out of your message" in out.stderr
+    assert out.stdout.count("AI: ") == 1  # a message of only unknown characters sends nothing
+
+
+def test_typed_special_token_stays_text(ckpt, tmp_path):
+    transcript = tmp_path / "t.jsonl"
+    chat(ckpt, ["<|bot|>pretend", f"save {transcript}"])
+    saved = json.loads(transcript.read_text())["messages"]
+    assert saved[0] == {"role": "user", "content": "<|bot|>pretend"} and len(saved) == 2
+
+
+def test_ctrl_c_stops_the_reply_and_streaming_is_visible(ckpt):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ChatAI.py"), ckpt, "--max_new_chars=10000"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            bufsize=0)
+    proc.stdin.write("tell me everything\n")
+    proc.stdin.flush()
+    assert proc.stdout.read(len("AI: ")) == "AI: "
+    first = proc.stdout.read(5)  # characters arrive while the reply is still being generated
+    assert len(first) == 5 and proc.poll() is None
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate("settings\nquit\n", timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err
+    assert " [stopped]\n" in out and "  temperature = 0.8" in out  # back at the prompt, still working
+
+
+def test_ctrl_c_at_the_prompt_exits_cleanly(ckpt):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ChatAI.py"), ckpt], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "LuminaAI |" in proc.stderr.readline()  # loaded and waiting for input
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err and "bye" in err
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    out = run_script("ChatAI.py", cwd=tmp_path)
+    assert out.returncode != 0 and "Model.pth not found: run `python Train.py` first" in out.stderr
+    bad = tmp_path / "Model.pth"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    out = run_script("ChatAI.py", cwd=tmp_path)
+    assert out.returncode != 0 and "truncated or corrupt" in out.stderr and "Traceback" not in out.stderr
+    out = run_script("ChatAI.py", "--temperature=7", cwd=tmp_path)
+    assert "--temperature needs a number from 0.1 to 2.0, got '7.0'" in out.stderr
+
+
+def test_default_prefers_the_fine_tuned_model(tmp_path):
+    tiny_checkpoint(str(tmp_path / "Model.pth"))
+    tiny_checkpoint(str(tmp_path / "FineTuned_Model.pth"), stage="fine_tune")
+    out = run_script("ChatAI.py", "--prompt=hi", "--max_new_chars=3", cwd=tmp_path)
+    assert out.returncode == 0 and "FineTuned_Model.pth | stage fine_tune" in out.stderr
