@@ -6,8 +6,8 @@ Reads  oasst1_data/train.jsonl and validation.jsonl (made by `python Dataset_dow
 Writes, in out_dir:
        Model.pth         the best model so far (lowest val loss), ready for ChatAI.py and fine_tune.py
        train_state.pth   a resumable checkpoint (optimizer, step, RNG and sampler state)
-       metrics.jsonl     one line per log interval and evaluation
-       loss_curve.png    when matplotlib is installed
+       train_metrics.jsonl  one line per log interval and evaluation
+       train_loss.png    the loss curves, when matplotlib is installed
 
 Run:
   python Train.py                                   # the preset for your device, about 15 minutes
@@ -84,7 +84,6 @@ PRESETS = {
     "gpu": dict(hidden_size=512, num_layers=8, nhead=8, seq_length=512, batch_size=64, learning_rate=1e-3),
 }
 PROBES = ["Hello! How are you today?", "What is the capital of France?", "Give me a tip for learning Python."]
-BEST_NAME, STATE_NAME = "Model.pth", "train_state.pth"
 CACHE_VERSION = 1
 INTERRUPTED = 130  # exit code after Ctrl-C, as shells report it
 
@@ -556,16 +555,20 @@ def plot_losses(metrics_path, png_path):
     return True
 
 
-def train(cfg, model, vocab, data, runtime, meta, state=None, best_name=BEST_NAME, state_name=STATE_NAME):
-    """Train until max_iters or max_minutes; save the best model and resumable state in out_dir.
+def output_files(out_dir, best="Model.pth", prefix="train"):
+    """Where a run writes: the best model, resumable state, metrics and the loss-curve plot."""
+    return {"best": os.path.join(out_dir, best), "state": os.path.join(out_dir, f"{prefix}_state.pth"),
+            "metrics": os.path.join(out_dir, f"{prefix}_metrics.jsonl"),
+            "plot": os.path.join(out_dir, f"{prefix}_loss.png")}
 
-    meta holds extra checkpoint fields (stage, base model...). state is a loaded resumable
-    checkpoint to continue from. Returns a dict of final metrics; exits 130 after Ctrl-C.
+
+def train(cfg, model, vocab, data, runtime, meta, files, state=None):
+    """Train until max_iters or max_minutes, saving the best model and resumable state to `files`
+    (see output_files). meta holds extra checkpoint fields (stage, base model...). state is a
+    loaded resumable checkpoint to continue from. Returns final metrics; exits 130 after Ctrl-C.
     """
     log = tqdm.write if runtime.is_main else (lambda *a: None)
-    out_dir = cfg["out_dir"]
-    best_path, state_path = os.path.join(out_dir, best_name), os.path.join(out_dir, state_name)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    best_path, state_path, metrics_path = files["best"], files["state"], files["metrics"]
     model.to(runtime.device).train()
     optimizer = make_optimizer(model, cfg, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
@@ -646,15 +649,15 @@ def train(cfg, model, vocab, data, runtime, meta, state=None, best_name=BEST_NAM
     if stop.raised:
         save_state()
         if runtime.is_main:
-            print(f"interrupted at step {step}: saved {state_path}. Resume with: "
-                  f"python {os.path.basename(sys.argv[0])} --resume --out_dir={out_dir}")
+            again = " ".join(["python", os.path.basename(sys.argv[0]), *sys.argv[1:]] + ["--resume"] * ("--resume" not in sys.argv))
+            print(f"interrupted at step {step}: saved {state_path}. Resume with: {again}")
         sys.exit(INTERRUPTED)
     if runtime.is_main and step % cfg["eval_interval"]:
         val_loss, best_val = evaluate_and_save(net, vocab, data, cfg, runtime, meta, step, best_val,
                                                best_path, metrics_path, log)
     save_state()
-    if runtime.is_main and plot_losses(metrics_path, os.path.join(out_dir, "loss_curve.png")):
-        log(f"wrote {os.path.join(out_dir, 'loss_curve.png')}")
+    if runtime.is_main and plot_losses(metrics_path, files["plot"]):
+        log(f"wrote {files['plot']}")
     return {"steps": step, "val_loss": val_loss, "best_val": best_val, "minutes": (time.time() - t0) / 60}
 
 
@@ -698,9 +701,9 @@ def main(argv):
     # --- runtime ---
     runtime = setup_runtime(cfg)
     log = print if runtime.is_main else (lambda *a: None)
-    state = None
+    state, files = None, output_files(cfg["out_dir"])
     if flags["resume"]:
-        state_path = os.path.join(cfg["out_dir"], STATE_NAME)
+        state_path = files["state"]
         try:
             state = M.load_checkpoint(state_path)
         except M.CheckpointError as e:
@@ -731,9 +734,9 @@ def main(argv):
     log(f"model: {net.num_params():,} parameters | {cfg['num_layers']} layers | width {cfg['hidden_size']} | "
         f"context {cfg['seq_length']}")
     # --- train ---
-    result = train(cfg, net, data.vocab, data, runtime, {"stage": "train"}, state)
+    result = train(cfg, net, data.vocab, data, runtime, {"stage": "train"}, files, state)
     log(f"done: {result['steps']} steps in {result['minutes']:.1f} min | best val {result['best_val']:.4f} "
-        f"({result['best_val'] / math.log(2):.3f} bits/char) | wrote {os.path.join(cfg['out_dir'], BEST_NAME)}")
+        f"({result['best_val'] / math.log(2):.3f} bits/char) | wrote {files['best']}")
     if runtime.world > 1:
         dist.destroy_process_group()
 

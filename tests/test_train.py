@@ -24,7 +24,7 @@ def chat_file(tmp_path):
 
 
 def losses(out_dir):
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "train_metrics.jsonl"))]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
@@ -151,12 +151,12 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path, chat_file):
            "--max_iters=100000", "--log_interval=5", *TINY_ARGS]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.time() + 120
-    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
+    while not (tmp_path / "train_metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == Train.INTERRUPTED, err
-    assert "Resume with: python Train.py --resume" in out and "Traceback" not in err
+    assert "Resume with: python Train.py --data=" in out and out.rstrip().endswith("--resume") and "Traceback" not in err
     state = M.load_checkpoint(str(tmp_path / "train_state.pth"))
     assert state["step"] >= 5 and "optimizer" in state and "sampler" in state["rng"]
 

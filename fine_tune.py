@@ -1,0 +1,148 @@
+"""fine_tune.py: adapt a trained LuminaAI model to new conversations or text.
+
+Reads  base_model (default Model.pth, from `python Train.py`) and --data: a file or folder in any
+       format Train.py accepts (chat JSONL, OASST message rows, <|user|>/<|bot|> text, prose).
+Writes output (default FineTuned_Model.pth), which ChatAI.py picks up by default, and beside it
+       fine_tune_state.pth (resumable), fine_tune_metrics.jsonl and fine_tune_loss.png.
+
+Characters the base model never saw are added to its vocabulary; old ids and their embedding rows
+stay exactly as they were. The architecture always comes from the checkpoint; a training key left
+at None below is inherited from the base model's run.
+
+Run:
+  python fine_tune.py --data=my_chats.jsonl
+  python fine_tune.py --data=spanish.jsonl --max_minutes=2 --max_iters=300   # a tiny CPU example
+  python fine_tune.py --resume                       # continue after Ctrl-C
+  python fine_tune.py --base_model=FineTuned_Model.pth --output=Round2.pth   # fine-tune again
+"""
+import math
+import os
+import sys
+
+import Train
+import model as M
+
+CONFIG = {
+    # --- model and data ---
+    "base_model": "Model.pth",         # checkpoint to start from (Train.py's or an earlier fine-tune's)
+    "data": "fine_tune_data.jsonl",    # file or folder of new data, in any format Train.py reads
+    "output": "FineTuned_Model.pth",   # the best fine-tuned model; its folder also gets the state and metrics
+    "overwrite": False,                # allow output == base_model (also: --overwrite)
+    "max_new_chars": 64,               # refuse data that would add more new characters (a wrong encoding?)
+    "assistant_only_loss": True,       # chat data: learn only the assistant turns; prose always trains on all
+    "val_fraction": 0.1,               # share of documents held out to measure before and after
+    # --- training: conservative; None = inherited from the base model's run ---
+    "learning_rate": 3e-4,             # lower than pre-training, so the model adapts without forgetting
+    "max_iters": 1000,                 # optimizer steps, or until max_minutes
+    "max_minutes": 5.0,                # wall-clock budget; 0 = none
+    "warmup_ratio": 0.05,              # share of the run spent warming up
+    "batch_size": None,                # sequences per micro-batch
+    "grad_accum": None,                # micro-batches per step
+    "min_lr_ratio": None,              # cosine floor as a share of learning_rate
+    "weight_decay": None,              # AdamW decay on matrices
+    "beta2": None,                     # AdamW beta2
+    "grad_clip": None,                 # max gradient norm; 0 = off
+    "label_smoothing": None,           # 0-0.5
+    "eval_interval": 100,              # steps between evaluations (and saves of output when val improves)
+    "eval_windows": None,              # val windows per evaluation
+    "log_interval": 25,                # steps between log lines
+    "probe_chars": 80,                 # probe reply length; 0 = none
+    "checkpoint_interval": 250,        # steps between resumable saves
+    # --- system ---
+    "device": "auto",                  # auto, cuda, cuda:N, mps or cpu
+    "dtype": "auto",                   # auto, float32, bfloat16 or float16
+    "compile": False,                  # torch.compile; pays off only for long runs
+    "threads": 0,                      # CPU threads; 0 = one per physical core
+    "seed": 1337,                      # data split and sampling
+}
+TYPES = {k: float if k in ("min_lr_ratio", "weight_decay", "beta2", "grad_clip", "label_smoothing") else int
+         for k, v in CONFIG.items() if v is None}
+
+
+def training_config(cfg, base):
+    """Train.py's config for this run: the base run's values, then every key set here.
+    Returns (config, names of inherited keys)."""
+    inherited = [k for k, v in cfg.items() if v is None]
+    merged = {**Train.CONFIG, **base["config"], **{k: v for k, v in cfg.items() if v is not None and k in Train.CONFIG}}
+    merged.update({k: base["model_config"][k] for k in ("seq_length", "hidden_size", "num_layers", "nhead", "dropout")})
+    merged["out_dir"] = os.path.dirname(os.path.abspath(cfg["output"]))
+    merged["assistant_only_loss"] = cfg["assistant_only_loss"]
+    return merged, inherited
+
+
+def grow_vocabulary(net, vocab, new_chars, limit, log):
+    """Append the data's unseen characters to the model (old rows untouched), or refuse when there
+    are more than `limit` of them."""
+    if len(new_chars) > limit:
+        common = sorted(new_chars.items(), key=lambda kv: -kv[1])[:15]
+        raise SystemExit(f"error: the data has {len(new_chars)} characters the model never saw, more than "
+                         f"max_new_chars={limit}. Most frequent: {', '.join(f'{c!r} x{n}' for c, n in common)}. "
+                         f"Check the file's encoding (UTF-8 expected), or raise --max_new_chars")
+    if new_chars:
+        log(f"vocabulary {len(vocab)} -> {len(vocab) + len(new_chars)}: new "
+            + ", ".join(f"{c!r} x{n}" for c, n in sorted(new_chars.items(), key=lambda kv: -kv[1])))
+    return M.expand_vocab(net, vocab, list(new_chars))
+
+
+def report(net, vocab, data, cfg, runtime, label, log):
+    """Val loss and bits/char on the held-out fine-tuning data, and the probe replies."""
+    loss = Train.evaluate(net, data.val, data.val_mask, cfg, runtime)
+    log(f"{label}: val {loss:.4f} | {loss / math.log(2):.3f} bits/char")
+    replies = Train.probe_replies(net, vocab, cfg["probe_chars"]) if cfg["probe_chars"] else []
+    return loss, replies
+
+
+def main(argv):
+    cfg, flags = M.parse_cli(argv, CONFIG, __file__, flags=("resume", "overwrite"), types=TYPES)
+    cfg["overwrite"] = cfg["overwrite"] or flags["overwrite"]
+    if os.path.abspath(cfg["output"]) == os.path.abspath(cfg["base_model"]) and not cfg["overwrite"]:
+        sys.exit(f"error: output {cfg['output']} is the base model itself; choose another --output, "
+                 f"or pass --overwrite to replace it")
+    files = Train.output_files(os.path.dirname(os.path.abspath(cfg["output"])), os.path.basename(cfg["output"]),
+                               prefix="fine_tune")
+    # --- checkpoints ---
+    try:
+        base = M.load_checkpoint(cfg["base_model"])
+        state = M.load_checkpoint(files["state"]) if flags["resume"] else None
+    except M.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    train_cfg, inherited = training_config(cfg, base)
+    train_cfg = Train.check_config(train_cfg)
+    runtime = Train.setup_runtime(train_cfg)
+    log = print if runtime.is_main else (lambda *a: None)
+    log(f"base model {cfg['base_model']} (stage {base.get('stage')}) | inherited: "
+        + ", ".join(f"{k}={train_cfg[k]}" for k in inherited))
+    log("set here: " + ", ".join(f"{k}={cfg[k]}" for k in CONFIG if cfg[k] is not None and k in Train.CONFIG))
+    # --- data ---
+    start = state or base
+    net, vocab = M.build_model(start)
+    try:
+        data = Train.load_data(cfg["data"], os.path.join(train_cfg["out_dir"], ".lumina_cache"), cfg["val_fraction"],
+                               cfg["assistant_only_loss"], cfg["seed"], vocab, log)
+    except Train.DataError as e:
+        sys.exit(f"error: {e}")
+    Train.report_data(data, log)
+    if state and data.new_chars:
+        sys.exit("error: the data changed since the fine-tune was interrupted; resume with the same --data")
+    # --- vocabulary ---
+    old_size = len(M.Vocab(base["vocab"]))
+    vocab = grow_vocabulary(net, vocab, data.new_chars, cfg["max_new_chars"], log)
+    net.to(runtime.device)
+    # --- before ---
+    before, base_replies = report(net, vocab, data, train_cfg, runtime, "before fine-tuning", log)
+    meta = {"stage": "fine_tune", "base_model": os.path.abspath(cfg["base_model"]), "old_vocab_size": old_size,
+            "new_vocab_size": len(vocab), "val_loss_before": state["val_loss_before"] if state else before}
+    # --- train ---
+    Train.train(train_cfg, net, vocab, data, runtime, meta, files, state)
+    # --- after ---
+    if runtime.is_main:
+        best, _ = M.build_model(M.load_checkpoint(files["best"]))
+        after, tuned_replies = report(best.to(runtime.device), vocab, data, train_cfg, runtime, "after fine-tuning", log)
+        for (prompt, old), (_, new) in zip(base_replies, tuned_replies):
+            log(f"probe | {prompt}\n  base:       {old!r}\n  fine-tuned: {new!r}")
+        log(f"val bits/char {meta['val_loss_before'] / math.log(2):.3f} -> {after / math.log(2):.3f} | "
+            f"wrote {cfg['output']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

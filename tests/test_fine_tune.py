@@ -1,0 +1,109 @@
+"""fine_tune.py: vocabulary growth, lower held-out loss, new characters in chat, bad input."""
+import json
+import math
+
+import pytest
+import torch
+
+import fine_tune
+import model as M
+from conftest import CHATS, run_script, write_jsonl
+from test_train import TINY_ARGS
+
+SPANISH = [[{"role": "user", "content": "hola"}, {"role": "assistant", "content": "el niño y la niña, mañana señor"}],
+           [{"role": "user", "content": "que tal?"}, {"role": "assistant", "content": "año tras año, ñu y ñandú"}]]
+FT_ARGS = ["--max_iters=150", "--eval_interval=50", "--log_interval=50", "--max_minutes=0", "--probe_chars=10",
+           "--learning_rate=3e-3", "--device=cpu", "--dtype=float32", "--batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny English model trained by Train.py, shared by this file's tests."""
+    folder = tmp_path_factory.mktemp("base")
+    data = write_jsonl(folder / "english.jsonl", [{"messages": c} for c in CHATS * 30])
+    out = run_script("Train.py", f"--data={data}", f"--out_dir={folder}", "--max_iters=120", "--eval_interval=60",
+                     *TINY_ARGS, cwd=folder)
+    assert out.returncode == 0, out.stderr
+    return folder / "Model.pth"
+
+
+@pytest.fixture
+def spanish(tmp_path):
+    return write_jsonl(tmp_path / "es.jsonl", [{"messages": c} for c in SPANISH * 40])
+
+
+def test_growth_adds_exactly_the_new_characters_and_keeps_old_rows_and_logits(base):
+    net, vocab = M.build_model(M.load_checkpoint(str(base)))
+    net.eval()
+    old_rows = net.tok_emb.weight.detach().clone()
+    x = torch.tensor([vocab.encode("hi there")])
+    before, _ = net(x)
+    logs = []
+    grown = fine_tune.grow_vocabulary(net, vocab, {"ñ": 9, "ü": 2}, 64, logs.append)
+    assert grown.chars == vocab.chars + ["ñ", "ü"] and "'ñ' x9, 'ü' x2" in logs[0]
+    assert torch.equal(net.tok_emb.weight[: len(vocab)], old_rows)
+    after, _ = net(x)
+    assert torch.allclose(after[..., : len(vocab)], before, atol=1e-6)
+
+
+def test_too_many_new_characters_are_refused_with_the_worst_named(base):
+    net, vocab = M.build_model(M.load_checkpoint(str(base)))
+    strange = {chr(0x4E00 + i): 100 - i for i in range(80)}
+    with pytest.raises(SystemExit, match=r"80 characters the model never saw.*'一' x100.*encoding"):
+        fine_tune.grow_vocabulary(net, vocab, strange, 64, print)
+
+
+def test_spanish_fine_tune_learns_new_letters_and_chat_uses_them(base, spanish, tmp_path):
+    out_path = tmp_path / "FineTuned_Model.pth"
+    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={spanish}", f"--output={out_path}",
+                     *FT_ARGS, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "inherited: batch_size" not in out.stdout and "inherited: grad_accum=1" in out.stdout
+    assert "new 'ñ' x" in out.stdout and "fine-tuned:" in out.stdout
+    ckpt = M.load_checkpoint(str(out_path))
+    assert ckpt["stage"] == "fine_tune" and ckpt["base_model"] == str(base)
+    base_chars = M.load_checkpoint(str(base))["vocab"]
+    unseen = {c for chat in SPANISH for m in chat for c in m["content"]} - set(base_chars)
+    assert {"ñ", "ú"} <= unseen
+    assert ckpt["vocab"][: len(base_chars)] == base_chars and set(ckpt["vocab"][len(base_chars):]) == unseen
+    assert ckpt["new_vocab_size"] == ckpt["old_vocab_size"] + len(unseen)
+    # Held-out loss fell, by a lot.
+    assert ckpt["metrics"]["val_loss"] < ckpt["val_loss_before"] - 0.5
+    # ChatAI loads it and writes the new letter.
+    chat = run_script("ChatAI.py", str(out_path), "--prompt=hola", "--max_new_chars=60", "--seed=0", cwd=tmp_path)
+    assert chat.returncode == 0 and "stage fine_tune" in chat.stderr
+    assert "ñ" in chat.stdout, chat.stdout
+    # Fine-tuning the fine-tuned model again works.
+    again = run_script("fine_tune.py", f"--base_model={out_path}", f"--data={spanish}",
+                       f"--output={tmp_path / 'Round2.pth'}", *FT_ARGS[1:], "--max_iters=20", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert M.load_checkpoint(str(tmp_path / "Round2.pth"))["old_vocab_size"] == ckpt["new_vocab_size"]
+
+
+def test_bad_inputs_get_their_messages(base, spanish, tmp_path):
+    out = run_script("fine_tune.py", f"--data={spanish}", cwd=tmp_path)
+    assert out.returncode != 0 and "Model.pth not found: run `python Train.py` first" in out.stderr
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(base.read_bytes()[:1000])
+    out = run_script("fine_tune.py", f"--base_model={corrupt}", f"--data={spanish}", cwd=tmp_path)
+    assert out.returncode != 0 and "truncated or corrupt" in out.stderr
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={empty}", cwd=tmp_path)
+    assert out.returncode != 0 and "no usable text" in out.stderr
+    broken = write_jsonl(tmp_path / "broken.jsonl", ["{oops", {"messages": "not a list"}])
+    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={broken}", cwd=tmp_path)
+    assert out.returncode != 0 and "broken.jsonl:1: not valid JSON" in out.stderr
+    out = run_script("fine_tune.py", f"--base_model={base}", f"--output={base}", f"--data={spanish}", cwd=tmp_path)
+    assert out.returncode != 0 and "is the base model itself" in out.stderr and "--overwrite" in out.stderr
+    out = run_script("fine_tune.py", "--learning_rate=fast", cwd=tmp_path)
+    assert "--learning_rate expects float, got 'fast'" in out.stderr
+    assert all("Traceback" not in o for o in (out.stderr,))
+
+
+def test_assistant_only_loss_masks_user_turns(base, spanish, tmp_path):
+    import Train
+    vocab = M.Vocab(M.load_checkpoint(str(base))["vocab"])
+    data = Train.load_data(spanish, str(tmp_path / "cache"), 0.1, True, 0, vocab)
+    text_with_mask = "".join(data.vocab.itos[i] if m else "_" for i, m in zip(data.train.tolist(), data.train_mask.tolist()))
+    assert "hola" not in text_with_mask and "que tal" not in text_with_mask
+    assert "mañana señor<|end|>" in text_with_mask
