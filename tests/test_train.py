@@ -41,6 +41,11 @@ def test_a_tiny_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path, chat_f
     assert ckpt["metrics"]["val_bpc"] < 4.0
     net, vocab = M.build_model(ckpt)
     assert "?" in vocab.chars and net.config.hidden_size == 32
+    try:
+        import matplotlib  # noqa: F401  (optional: the plot is made only when it is installed)
+    except ImportError:
+        return
+    assert (tmp_path / "train_loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_missing_dataset_says_to_run_the_download(tmp_path):

@@ -1,0 +1,96 @@
+"""Which position scheme and MLP train best per second? The measurement behind model.py's choice.
+
+Each variant trains for the same wall-clock budget through Train.train (the real loop), at the CPU
+preset's shape, on the real text (../shared/data/oasst1/oasst1_train_en_text.jsonl, last 5% of
+rows held out), and reports val bits/char. Variants swap one piece of model.py's transformer:
+  rotary+gelu    model.py as it is: rotary positions on queries and keys, GELU MLP (4x width)
+  learned+gelu   a learned table of absolute positions added to the embeddings instead
+  rotary+swiglu  SwiGLU MLP with 8/3x width, so the parameter count matches
+  rotary+relu2   squared-ReLU MLP (4x width), cheaper than GELU on CPU
+
+Run:  python benchmarks/arch_choice.py [--minutes=2.5]
+"""
+import math
+import os
+import sys
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402
+import Train  # noqa: E402
+from common import parse_options, split_text  # noqa: E402
+
+
+class LearnedPositions(nn.Module):
+    """The token embedding plus a learned table of absolute positions (nanoGPT's scheme). It keeps
+    the token embedding's own weight, so the output head stays tied to it."""
+
+    def __init__(self, tok_emb, config):
+        super().__init__()
+        self.tok, self.pos = tok_emb, nn.Embedding(config.seq_length, config.hidden_size)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    @property
+    def weight(self):
+        return self.tok.weight
+
+    def forward(self, idx):
+        return self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        hidden = int(8 * width / 3)
+        self.gate, self.up = nn.Linear(width, hidden, bias=False), nn.Linear(width, hidden, bias=False)
+        self.proj = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.silu(self.gate(x)) * self.up(x))
+
+
+class ReLU2(M.MLP):
+    def forward(self, x):
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+def build(variant, config):
+    torch.manual_seed(0)
+    net = M.CharTransformer(config)
+    if variant.startswith("learned"):
+        net.tok_emb = LearnedPositions(net.tok_emb, config)
+        net.cos.fill_(1.0)  # a rotation by angle 0 leaves queries and keys as they are
+        net.sin.zero_()
+    for block in net.blocks:
+        if variant.endswith("swiglu"):
+            block.mlp = SwiGLU(config.hidden_size)
+        if variant.endswith("relu2"):
+            block.mlp = ReLU2(config)
+    return net
+
+
+def main(argv):
+    minutes = parse_options(argv, {"minutes": 2.5})["minutes"]
+    work = tempfile.mkdtemp(prefix="lumina-arch-")
+    split_text(work)
+    runtime = Train.Runtime(torch.device("cpu"), torch.float32)
+    cfg = Train.apply_preset({**Train.CONFIG, "max_minutes": minutes, "max_iters": 10 ** 9, "eval_interval": 10 ** 9,
+                              "probe_chars": 0, "eval_windows": 600, "log_interval": 10 ** 9, "out_dir": work},
+                             torch.device("cpu"))
+    data = Train.load_data(work, os.path.join(work, "cache"), 0.05, False, cfg["seed"])
+    config = M.ModelConfig(vocab_size=len(data.vocab), **{k: cfg[k] for k in ("seq_length", "hidden_size", "num_layers", "nhead")})
+    print(f"preset {config}, {minutes} min each, fp32, {torch.get_num_threads()} threads")
+    for variant in ("rotary+gelu", "learned+gelu", "rotary+swiglu", "rotary+relu2"):
+        net = build(variant, config)
+        result = Train.train(cfg, net, data.vocab, data, runtime, {"stage": "bench"},
+                             Train.output_files(work, prefix=variant.replace("+", "_")))
+        print(f"{variant:<16} {sum(p.numel() for p in net.parameters()):>10,} params | {result['steps']:>6} steps | "
+              f"val {result['val_loss'] / math.log(2):.3f} bits/char", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
