@@ -11,9 +11,10 @@ It defines, once:
 
 Importing it has no side effects:  python -c "import model"
 
-Design choice, measured (benchmarks/arch_choice.py, README "Architecture"): rotary positions and a
-GELU MLP. At the CPU preset, for the same 2.5 minutes, rotary positions reached 2.41 val bits/char
-against 2.58 for a learned position table. SwiGLU: see the MLP class.
+Design choice, measured (benchmarks/arch_choice.py, README "Choosing the architecture"): rotary
+positions and a SwiGLU MLP. At the CPU preset, each trained for the same 2.5 minutes, val bits/char
+was 2.241 for rotary + SwiGLU, 2.263 rotary + squared ReLU, 2.375 rotary + GELU and 2.688 for a
+learned position table + GELU.
 """
 import ast
 import dataclasses
@@ -191,13 +192,18 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU: a SiLU-gated product of two projections. Its width is 8/3 of the stream, so it has
+    the parameters of a 4x GELU MLP; it trained better per second than GELU or squared ReLU."""
+
     def __init__(self, config):
         super().__init__()
-        self.fc = nn.Linear(config.hidden_size, 4 * config.hidden_size, bias=False)
-        self.proj = nn.Linear(4 * config.hidden_size, config.hidden_size, bias=False)
+        width = 8 * config.hidden_size // 3
+        self.gate = nn.Linear(config.hidden_size, width, bias=False)
+        self.up = nn.Linear(config.hidden_size, width, bias=False)
+        self.proj = nn.Linear(width, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(F.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nn.Module):

@@ -3,9 +3,9 @@
 Each variant trains for the same wall-clock budget through Train.train (the real loop), at the CPU
 preset's shape, on the real text (../shared/data/oasst1/oasst1_train_en_text.jsonl, last 5% of
 rows held out), and reports val bits/char. Variants swap one piece of model.py's transformer:
-  rotary+gelu    model.py as it is: rotary positions on queries and keys, GELU MLP (4x width)
-  learned+gelu   a learned table of absolute positions added to the embeddings instead
-  rotary+swiglu  SwiGLU MLP with 8/3x width, so the parameter count matches
+  rotary+swiglu  model.py as it is: rotary positions on queries and keys, SwiGLU MLP (8/3x width)
+  learned+swiglu a learned table of absolute positions added to the embeddings instead of rotary
+  rotary+gelu    GELU MLP (4x width), so the parameter count matches
   rotary+relu2   squared-ReLU MLP (4x width), cheaper than GELU on CPU
 
 Run:  python benchmarks/arch_choice.py [--minutes=2.5]
@@ -42,20 +42,15 @@ class LearnedPositions(nn.Module):
         return self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, width):
+class GELU(nn.Module):
+    def __init__(self, config, activation=F.gelu):
         super().__init__()
-        hidden = int(8 * width / 3)
-        self.gate, self.up = nn.Linear(width, hidden, bias=False), nn.Linear(width, hidden, bias=False)
-        self.proj = nn.Linear(hidden, width, bias=False)
+        self.fc = nn.Linear(config.hidden_size, 4 * config.hidden_size, bias=False)
+        self.proj = nn.Linear(4 * config.hidden_size, config.hidden_size, bias=False)
+        self.activation = activation
 
     def forward(self, x):
-        return self.proj(F.silu(self.gate(x)) * self.up(x))
-
-
-class ReLU2(M.MLP):
-    def forward(self, x):
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(self.activation(self.fc(x)))
 
 
 def build(variant, config):
@@ -66,10 +61,10 @@ def build(variant, config):
         net.cos.fill_(1.0)  # a rotation by angle 0 leaves queries and keys as they are
         net.sin.zero_()
     for block in net.blocks:
-        if variant.endswith("swiglu"):
-            block.mlp = SwiGLU(config.hidden_size)
+        if variant.endswith("+gelu"):
+            block.mlp = GELU(config)
         if variant.endswith("relu2"):
-            block.mlp = ReLU2(config)
+            block.mlp = GELU(config, activation=lambda x: F.relu(x).square())
     return net
 
 
@@ -84,7 +79,7 @@ def main(argv):
     data = Train.load_data(work, os.path.join(work, "cache"), 0.05, False, cfg["seed"])
     config = M.ModelConfig(vocab_size=len(data.vocab), **{k: cfg[k] for k in ("seq_length", "hidden_size", "num_layers", "nhead")})
     print(f"preset {config}, {minutes} min each, fp32, {torch.get_num_threads()} threads")
-    for variant in ("rotary+gelu", "learned+gelu", "rotary+swiglu", "rotary+relu2"):
+    for variant in ("rotary+swiglu", "learned+swiglu", "rotary+gelu", "rotary+relu2"):
         net = build(variant, config)
         result = Train.train(cfg, net, data.vocab, data, runtime, {"stage": "bench"},
                              Train.output_files(work, prefix=variant.replace("+", "_")))
