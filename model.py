@@ -185,8 +185,9 @@ class CausalSelfAttention(nn.Module):
             cache.k[layer][:, :, start:end] = k
             cache.v[layer][:, :, start:end] = v
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-            # New query i sits at absolute position start+i and may see keys 0..start+i.
-            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            # New query i sits at absolute position start+i and may see keys 0..start+i; a single
+            # new position (every step after the prompt) may see all of them, so needs no mask.
+            mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -322,7 +323,7 @@ def window_start(length, seq_length):
     return rereads * stride
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None,
              repetition_penalty=1.0, generator=None, stop_ids=(END,), use_cache=True):
     """Yield new ids one at a time, stopping after a stop id or max_new_tokens.

@@ -19,14 +19,14 @@ VOCAB_SIZE = len(M.Vocab.from_text(TEXT))
 
 def endless_checkpoint(path, seq_length=64):
     """A tiny model that never ends a turn: its final hidden state is always v, and the rows of
-    <|end|> and the other special ids point against v, so their logits are hugely negative."""
+    <|end|>, the other special ids and newline point against v, so their logits are hugely negative."""
     vocab = M.Vocab.from_text(TEXT)
     net = tiny_model(vocab, seq_length=seq_length)
     with torch.no_grad():
         net.norm.weight.zero_()
         net.norm.bias.copy_(torch.randn(net.config.hidden_size))
-        for special in range(len(M.SPECIAL_TOKENS)):
-            net.tok_emb.weight[special] = -10 * net.norm.bias
+        for never in [*range(len(M.SPECIAL_TOKENS)), vocab.stoi["\n"]]:  # one reply, one output line
+            net.tok_emb.weight[never] = -10 * net.norm.bias
     M.save_checkpoint(str(path), {"stage": "train", "vocab": vocab.chars, "model": M.model_state(net),
                                   "model_config": M.dataclasses.asdict(net.config), "config": {}, "metrics": {}})
     return str(path)
