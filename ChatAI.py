@@ -32,7 +32,7 @@ CONFIG = {
     "prompt": None,             # a message: print one reply to it and exit
     # --- system ---
     "device": "auto",           # auto (cuda if present, else cpu), cpu, cuda or mps
-    "threads": 1,               # CPU threads; one stream of a small model runs fastest on 1 (README)
+    "threads": 1,               # CPU threads; one stream of a small model ran as fast on 1 as on 2 (README)
 }
 TYPES = {"seed": int, "prompt": str}
 DEFAULT_CHECKPOINTS = ["FineTuned_Model.pth", "Model.pth"]
