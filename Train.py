@@ -112,8 +112,6 @@ def check_config(cfg):
             raise SystemExit(f"error: {key} must be between {low} and {high}, got {cfg[key]}")
     if cfg["learning_rate"] is not None and cfg["learning_rate"] <= 0:
         raise SystemExit(f"error: learning_rate must be positive, got {cfg['learning_rate']}")
-    if cfg["hidden_size"] and cfg["nhead"] and cfg["hidden_size"] % cfg["nhead"]:
-        raise SystemExit(f"error: hidden_size ({cfg['hidden_size']}) must be divisible by nhead ({cfg['nhead']})")
     return cfg
 
 
@@ -748,8 +746,12 @@ def main(argv):
         net, _ = M.build_model(state)
         log(f"resuming from step {state['step']}")
     else:
-        net = M.CharTransformer(M.ModelConfig(
-            vocab_size=len(data.vocab), **{k: cfg[k] for k in ("seq_length", "hidden_size", "num_layers", "nhead", "dropout")}))
+        try:  # ModelConfig owns the shape rules (e.g. an even head size for rotary positions)
+            shape = M.ModelConfig(vocab_size=len(data.vocab),
+                                  **{k: cfg[k] for k in ("seq_length", "hidden_size", "num_layers", "nhead", "dropout")})
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        net = M.CharTransformer(shape)
     log(f"model: {net.num_params():,} parameters | {cfg['num_layers']} layers | width {cfg['hidden_size']} | "
         f"context {cfg['seq_length']}")
     # --- train ---

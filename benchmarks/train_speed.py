@@ -17,7 +17,6 @@ Run (about 2 x rounds x seconds + 2 x budget_minutes, plus start-up):
   python benchmarks/train_speed.py --seconds=20 --rounds=1 --budget_minutes=0   # a quick look
 """
 import json
-import math
 import os
 import re
 import subprocess

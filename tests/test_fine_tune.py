@@ -1,6 +1,4 @@
 """fine_tune.py: vocabulary growth, lower held-out loss, new characters in chat, bad input."""
-import json
-import math
 
 import pytest
 import torch

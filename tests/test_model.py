@@ -1,12 +1,11 @@
 """model.py: vocabulary, chat template, transformer, generation, checkpoints, expansion, config."""
 import os
-import pickle
 
 import pytest
 import torch
 
 import model as M
-from conftest import TINY, tiny_checkpoint, tiny_model
+from conftest import tiny_checkpoint, tiny_model
 
 
 # --- vocabulary and chat template ---------------------------------------------------------------

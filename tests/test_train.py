@@ -220,3 +220,9 @@ def test_two_gloo_processes_train_and_rank0_saves(tmp_path, chat_file):
     ckpt = M.load_checkpoint(str(tmp_path / "Model.pth"))
     M.build_model(ckpt)
     assert len(M.load_checkpoint(str(tmp_path / "train_state.pth"))["rng"]["sampler"]) == 2
+
+
+def test_a_shape_rotary_cannot_use_is_refused_without_a_traceback(tmp_path, chat_file):
+    out = run_script("Train.py", f"--data={chat_file}", f"--out_dir={tmp_path}", *TINY_ARGS,
+                     "--hidden_size=36", "--nhead=4", cwd=tmp_path)
+    assert out.returncode != 0 and "even head size" in out.stderr and "Traceback" not in out.stderr
