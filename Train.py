@@ -51,7 +51,7 @@ CONFIG = {
     "batch_size": None,            # sequences per micro-batch, per process
     "grad_accum": 1,               # micro-batches per optimizer step, summed over all processes
     "learning_rate": None,         # peak AdamW learning rate
-    "min_lr_ratio": 0.1,           # the cosine decays to learning_rate * this
+    "min_lr_ratio": 0.0,           # the cosine decays to learning_rate * this; 0 = all the way down
     "warmup_ratio": 0.05,          # share of training spent warming up (0-0.5)
     "weight_decay": 0.1,           # AdamW decay, applied to weight matrices only
     "beta2": 0.99,                 # AdamW beta2; 0.99 suits small batches
@@ -84,7 +84,7 @@ TYPES = {"hidden_size": int, "num_layers": int, "nhead": int, "seq_length": int,
 # bits/char, width 128 / batch 32 3.22, and width 128 / batch 8 2.47; context 128 keeps a
 # usable chat history. GPU: a larger model for the same 15 minutes (not measured here: no GPU).
 PRESETS = {
-    "cpu": dict(hidden_size=128, num_layers=4, nhead=4, seq_length=128, batch_size=8, learning_rate=3e-3),
+    "cpu": dict(hidden_size=128, num_layers=4, nhead=4, seq_length=256, batch_size=4, learning_rate=3e-3),
     "gpu": dict(hidden_size=512, num_layers=8, nhead=8, seq_length=512, batch_size=64, learning_rate=1e-3),
 }
 PROBES = ["Hello! How are you today?", "What is the capital of France?", "Give me a tip for learning Python."]

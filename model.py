@@ -135,21 +135,21 @@ class ModelConfig:
 
 
 def rotary_tables(seq_length, head_dim, base=10000.0):
-    """cos and sin of position * frequency, each (seq_length, head_dim // 2). Pair i of a head turns
-    at frequency base^(-i / (head_dim/2)): fast pairs tell near positions apart, slow ones far."""
+    """cos and sin tables, each (seq_length, head_dim), for apply_rotary. Pair i of a head (features
+    i and i + head_dim/2) turns at frequency base^(-i / (head_dim/2)): fast pairs tell near
+    positions apart, slow ones far. sin carries the rotation's sign: -sin for the first halves."""
     half = head_dim // 2
     freqs = base ** (-torch.arange(half, dtype=torch.float32) / half)
     angles = torch.outer(torch.arange(seq_length, dtype=torch.float32), freqs)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate pairs (x[..., i], x[..., i + half]) of x (B, nhead, T, head_dim) by each position's
-    angles (T, half). The dot product of a rotated query and key then depends only on how far
-    apart they are, not where they sit."""
-    a, b = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    """Rotate each pair (a, b) = (x[..., i], x[..., i + half]) of x (..., head_dim) by its angle:
+    (a cos - b sin, b cos + a sin). Rolling x by half a head puts b beside a, so the whole rotation
+    is two products and a sum. The dot product of a rotated query and key then depends only on how
+    far apart they are, not where they sit."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache:
@@ -174,10 +174,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rotary, cache=None, layer=0):
         B, T, C = x.shape
-        # (B, T, 3C) -> three (B, nhead, T, head_dim)
-        q, k, v = (t.view(B, T, self.nhead, C // self.nhead).transpose(1, 2)
-                   for t in self.qkv(x).split(C, dim=2))
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        qkv = self.qkv(x).view(B, T, 3, self.nhead, C // self.nhead)
+        # Rotate queries and keys together, then (B, T, nhead, head_dim) -> (B, nhead, T, head_dim).
+        q, k = apply_rotary(qkv[:, :, :2], *rotary).transpose(1, 3).unbind(dim=2)
+        v = qkv[:, :, 2].transpose(1, 2)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -199,12 +199,12 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         width = 8 * config.hidden_size // 3
-        self.gate = nn.Linear(config.hidden_size, width, bias=False)
-        self.up = nn.Linear(config.hidden_size, width, bias=False)
+        self.up = nn.Linear(config.hidden_size, 2 * width, bias=False)  # gate and value in one matmul
         self.proj = nn.Linear(width, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.proj(F.silu(self.gate(x)) * self.up(x))
+        gate, value = self.up(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * value)
 
 
 class Block(nn.Module):
@@ -228,9 +228,10 @@ class CharTransformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.hidden_size)
         # Positions enter as rotations of queries and keys (rotary), not as a learned table:
         # fixed tables, so they are buffers and never saved.
+        # Shaped (seq_length, 1, 1, head_dim) to broadcast over (batch, T, q/k, nhead, head_dim).
         cos, sin = rotary_tables(config.seq_length, config.hidden_size // config.nhead)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("cos", cos[:, None, None, :], persistent=False)
+        self.register_buffer("sin", sin[:, None, None, :], persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.LayerNorm(config.hidden_size)
@@ -284,26 +285,27 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1
     temperature 0 is greedy argmax; top_k keeps the k most likely ids; top_p keeps the smallest
     set of ids whose probability mass reaches p; repetition_penalty > 1 makes `recent_ids` rarer.
     """
-    logits = logits.detach().float().clone()
+    logits = logits.detach().float()
     if repetition_penalty != 1.0 and len(recent_ids):
-        seen = torch.tensor(sorted(set(recent_ids)), dtype=torch.long, device=logits.device)
+        seen = torch.tensor(list(set(recent_ids)), dtype=torch.long, device=logits.device)
         chosen = logits[seen]
         # Dividing a negative logit would raise it, so negative logits are multiplied instead.
-        logits[seen] = torch.where(chosen > 0, chosen / repetition_penalty, chosen * repetition_penalty)
+        # index_put (not index_put_) makes a new tensor: the caller's logits stay as they were.
+        logits = logits.index_put((seen,), torch.where(chosen > 0, chosen / repetition_penalty,
+                                                       chosen * repetition_penalty))
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    ids = None  # None: position i of `logits` is id i; else ids[i] is its id
     if top_k is not None and top_k < logits.numel():
-        keep = torch.zeros_like(logits, dtype=torch.bool)
-        keep[logits.topk(top_k).indices] = True
-        logits = logits.masked_fill(~keep, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
+        logits, ids = logits.topk(top_k)  # only the k survivors go on, most likely first
+    probs = F.softmax(logits / temperature, dim=-1)
     if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        mass_before = sorted_probs.cumsum(0) - sorted_probs
-        drop = order[mass_before >= top_p]  # everything after the mass has reached p
-        probs[drop] = 0.0
-    return int(torch.multinomial(probs, 1, generator=generator))
+        if ids is None:
+            probs, ids = probs.sort(descending=True)
+        mass_before = probs.cumsum(0) - probs
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)  # everything after the mass has reached p
+    choice = int(torch.multinomial(probs, 1, generator=generator))
+    return choice if ids is None else int(ids[choice])
 
 
 def window_start(length, seq_length):
@@ -361,7 +363,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top
 # 5. The checkpoint contract
 # ----------------------------------------------------------------------------------------------
 FORMAT = "luminaai"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: SwiGLU gate and value weights fused into one matrix (mlp.up)
 MAKER = {"FineTuned_Model.pth": "python fine_tune.py"}  # which script makes a missing file
 
 
@@ -418,7 +420,32 @@ def load_checkpoint(path, map_location="cpu"):
     if checkpoint.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format_version {checkpoint['format_version']}, newer than this "
                               f"code's {FORMAT_VERSION}: update LuminaAI to read it")
+    if checkpoint.get("format_version", 0) < FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version {checkpoint.get('format_version', 0)}, from an older "
+                              f"LuminaAI whose weights are laid out differently: retrain it with `python Train.py`")
+    check_weights(path, checkpoint)
     return checkpoint
+
+
+def check_weights(path, checkpoint):
+    """The weights must be exactly those of the model its config describes. Built on the meta
+    device, that model costs no memory, and a damaged or edited file fails here, by name, instead
+    of deep inside load_state_dict."""
+    try:
+        with torch.device("meta"):
+            expected = CharTransformer(ModelConfig(**checkpoint["model_config"])).state_dict()
+        weights, vocab = checkpoint["model"], checkpoint["vocab"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} lacks a usable model config, vocabulary or weights ({e}); "
+                              f"retrain or restore it") from None
+    for name, tensor in expected.items():
+        found = weights.get(name) if isinstance(weights, dict) else None
+        if not isinstance(found, torch.Tensor) or found.shape != tensor.shape:
+            raise CheckpointError(f"{path}: weight {name!r} is missing or misshapen for its own model config "
+                                  f"(want {tuple(tensor.shape)}); retrain or restore it")
+    if len(vocab) != checkpoint["model_config"]["vocab_size"] - len(SPECIAL_TOKENS):
+        raise CheckpointError(f"{path}: vocabulary of {len(vocab)} characters does not match the model's "
+                              f"vocab_size; retrain or restore it")
 
 
 def build_model(checkpoint):

@@ -1,5 +1,8 @@
-"""Generation speed of ChatAI's path (model.generate with the KV cache) against plain uncached
-generation that re-runs the model over the whole window for every character.
+"""Generation speed of ChatAI's path (model.generate with the KV cache) against uncached generation
+that re-runs the model over the whole context for every character. Two uncached peers:
+  plain     the textbook loop (nanoGPT's generate): the last seq_length ids, every character;
+  rule      model.generate(use_cache=False): the same window rule as the cached path (a re-read
+            keeps the most recent 3/4 window), so its contexts are 3/4 to 4/4 of a window.
 
 For a model of the default CPU preset's shape (random weights: speed does not depend on them) it
 reports, cached and uncached, taking turns:
@@ -8,7 +11,9 @@ reports, cached and uncached, taking turns:
     so the window rule's re-reads are included);
   - cached per-character cost at several context lengths, to show it stays flat.
 
-Run:  python benchmarks/chat_speed.py [--threads=1] [--rounds=3]
+The cached path is measured eager (ChatAI's default) and compiled (ChatAI --compile=True).
+
+Run:  python benchmarks/chat_speed.py [--threads=1] [--rounds=3] [--compile=False]
 """
 import os
 import sys
@@ -18,17 +23,27 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+import ChatAI  # noqa: E402
 import Train  # noqa: E402
 from common import parse_options  # noqa: E402
 
-SETTINGS = {"threads": 1, "rounds": 3, "chars": 200}
+SETTINGS = {"threads": 1, "rounds": 3, "chars": 200, "compile": True}
 
 
-def timed_generate(net, prompt, n, use_cache):
-    """(seconds to the first id, ids/s over the next n-1 ids)."""
+@torch.inference_mode()
+def plain_generate(net, prompt, n, generator):
+    """The textbook uncached loop: every new id re-runs the model over the last seq_length ids."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits, _ = net(torch.tensor([ids[-net.config.seq_length:]]))
+        ids.append(M.sample(logits[0, -1], 1.0, 40, generator=generator))
+        yield ids[-1]
+
+
+def timed_generate(stream_of, prompt, n):
+    """(seconds to the first id, ids/s over the next n-1 ids) of stream_of(prompt, n, generator)."""
     start = time.perf_counter()
-    stream = M.generate(net, prompt, n, temperature=1.0, top_k=40, stop_ids=(), use_cache=use_cache,
-                        generator=torch.Generator().manual_seed(0))
+    stream = stream_of(prompt, n, torch.Generator().manual_seed(0))
     next(stream)
     first = time.perf_counter()
     count = sum(1 for _ in stream)
@@ -44,27 +59,37 @@ def main(argv):
     T, n = shape["seq_length"], settings["chars"]
     prompt = lambda length: torch.randint(len(M.SPECIAL_TOKENS), 120, (length,)).tolist()
     print(f"model: CPU preset {shape}, {net.num_params():,} params | threads {settings['threads']} | torch {torch.__version__}")
+    cached = lambda model: lambda p, n, g: M.generate(model, p, n, 1.0, 40, stop_ids=(), generator=g)
+    ways = {"cached": cached(net),
+            "plain": lambda p, n, g: plain_generate(net, p, n, g),
+            "rule": lambda p, n, g: M.generate(net, p, n, 1.0, 40, stop_ids=(), generator=g, use_cache=False)}
+    if settings["compile"]:
+        start = time.perf_counter()
+        ways = {"compiled": cached(ChatAI.compile_for_chat(net, "cpu")), **ways}
+        print(f"compile_for_chat (ChatAI --compile=True): {time.perf_counter() - start:.1f} s")
+    ours = [way for way in ways if way in ("cached", "compiled")]
     cases = {"first char, 500-char prompt": (500, 1), "100-char context": (100, n), "full context": (T + 50, n)}
     results = {}
     for _ in range(settings["rounds"]):  # take turns, keep the best of each
         for name, (length, count) in cases.items():
-            for use_cache in (True, False):
-                first, rate = timed_generate(net, prompt(length), max(count, 2), use_cache)
-                key = (name, use_cache)
-                best = results.get(key, (float("inf"), 0.0))
-                results[key] = (min(best[0], first), max(best[1], rate))
+            for way, stream_of in ways.items():
+                first, rate = timed_generate(stream_of, prompt(length), max(count, 2))
+                best = results.get((name, way), (float("inf"), 0.0))
+                results[(name, way)] = (min(best[0], first), max(best[1], rate))
     for name in cases:
-        (c_first, c_rate), (u_first, u_rate) = results[(name, True)], results[(name, False)]
         if name.startswith("first"):
-            print(f"{name:<30} cached {c_first * 1000:7.1f} ms | uncached {u_first * 1000:7.1f} ms")
-        else:
-            print(f"{name:<30} cached {c_rate:7.0f} chars/s | uncached {u_rate:7.0f} chars/s | {c_rate / u_rate:.1f}x")
-    # Flat cost: cached ms per character while the context grows inside one window.
-    costs = []
-    for length in (8, T // 4, T // 2, T - 40):
-        _, rate = timed_generate(net, prompt(length), 32, True)
-        costs.append(f"{length} chars {1000 / rate:.2f} ms")
-    print("cached cost per character by context: " + " | ".join(costs))
+            print(f"{name}: " + " | ".join(f"{way} {results[(name, way)][0] * 1000:.1f} ms" for way in ways))
+            continue
+        print(f"{name}: " + " | ".join(f"{way} {results[(name, way)][1]:.0f} chars/s" for way in ways))
+        for way in ours:
+            rate = results[(name, way)][1]
+            print(f"  {way} vs uncached: " + " | ".join(f"{peer} {rate / results[(name, peer)][1]:.1f}x"
+                                                       for peer in ("plain", "rule")))
+    # Flat cost: ms per character while the context grows inside one window.
+    for way in ours:
+        costs = [f"{length} chars {1000 / timed_generate(ways[way], prompt(length), 32)[1]:.2f} ms"
+                 for length in (8, T // 4, T // 2, T - 40)]
+        print(f"{way} cost per character by context: " + " | ".join(costs))
 
 
 if __name__ == "__main__":

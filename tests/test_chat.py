@@ -74,6 +74,19 @@ def test_greedy_and_seeded_replies_repeat(ckpt):
     assert all(len(r) == len("AI: ") + 12 for r in replies)  # max_new_chars stops an endless reply
 
 
+def test_compiled_chat_writes_what_eager_chat_writes(ckpt):
+    """--compile=True runs the same model through torch.compile: past the window (a re-read) and
+    over two turns, greedy replies must be the eager ones, character for character."""
+    lines = ["greedy", "hello there", "and again"]
+    eager = chat(ckpt, lines, "--max_new_chars=80")
+    compiled = chat(ckpt, lines, "--max_new_chars=80", "--compile=True")
+    assert compiled.returncode == 0, compiled.stderr
+    assert "compiling the model" in compiled.stderr
+    replies = [l for l in compiled.stdout.splitlines() if l.startswith("AI: ")]
+    assert len(replies) == 2 and all(len(r) == len("AI: ") + 80 for r in replies)
+    assert compiled.stdout == eager.stdout
+
+
 def test_multi_turn_past_the_window_drops_whole_turns_and_save_keeps_all(ckpt, tmp_path):
     transcript = tmp_path / "talk.jsonl"
     messages = [f"message {chr(97 + i)} here" for i in range(6)]

@@ -186,7 +186,7 @@ class _Payload:
 
 def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):
     marker, path = tmp_path / "pwned", str(tmp_path / "evil.pth")
-    torch.save({"format": "luminaai", "format_version": 1, "x": _Payload(str(marker))}, path)
+    torch.save({"format": "luminaai", "format_version": M.FORMAT_VERSION, "x": _Payload(str(marker))}, path)
     with pytest.raises(M.CheckpointError, match="could run code"):
         M.load_checkpoint(path)
     assert not marker.exists()
@@ -215,6 +215,26 @@ def test_missing_foreign_and_newer_files_get_a_message(tmp_path):
     torch.save({"format": "luminaai", "format_version": 99}, tmp_path / "new.pth")
     with pytest.raises(M.CheckpointError, match="newer"):
         M.load_checkpoint(str(tmp_path / "new.pth"))
+
+
+def test_older_format_and_misfit_weights_get_a_message(tmp_path):
+    path = str(tmp_path / "Model.pth")
+    tiny_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "format_version": 1}, tmp_path / "old.pth")
+    with pytest.raises(M.CheckpointError, match="older LuminaAI.*retrain"):
+        M.load_checkpoint(str(tmp_path / "old.pth"))
+    weights = dict(ckpt["model"])
+    weights["blocks.0.mlp.up.weight"] = weights["blocks.0.mlp.up.weight"][:, :3]
+    torch.save({**ckpt, "model": weights}, tmp_path / "misshapen.pth")
+    with pytest.raises(M.CheckpointError, match="blocks.0.mlp.up.weight.*misshapen"):
+        M.load_checkpoint(str(tmp_path / "misshapen.pth"))
+    torch.save({**ckpt, "vocab": ckpt["vocab"][:-1]}, tmp_path / "short_vocab.pth")
+    with pytest.raises(M.CheckpointError, match="vocabulary"):
+        M.load_checkpoint(str(tmp_path / "short_vocab.pth"))
+    torch.save({k: v for k, v in ckpt.items() if k != "model_config"}, tmp_path / "no_config.pth")
+    with pytest.raises(M.CheckpointError, match="model config"):
+        M.load_checkpoint(str(tmp_path / "no_config.pth"))
 
 
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
