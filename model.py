@@ -149,6 +149,7 @@ def apply_rotary(x, cos, sin):
     (a cos - b sin, b cos + a sin). Rolling x by half a head puts b beside a, so the whole rotation
     is two products and a sum. The dot product of a rotated query and key then depends only on how
     far apart they are, not where they sit."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast, keep q and k in bf16/fp16, not fp32
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
