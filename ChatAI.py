@@ -33,8 +33,8 @@ CONFIG = {
     # --- system ---
     "device": "auto",           # auto (cuda if present, else cpu), cpu, cuda or mps
     "threads": 1,               # CPU threads; one stream of a small model ran as fast on 1 as on 2 (README)
-    "compile": False,           # torch.compile the model: each character about 2x cheaper, after a one-off
-                                # compile at start (~30 s on a 2-core CPU; README "Performance")
+    "compile": False,           # torch.compile the model: each character about 2x cheaper, after a compile
+                                # at start (2 cores: ~35 s the first time, ~12 s later; README "Performance")
 }
 TYPES = {"seed": int, "prompt": str}
 DEFAULT_CHECKPOINTS = ["FineTuned_Model.pth", "Model.pth"]

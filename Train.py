@@ -81,8 +81,9 @@ TYPES = {"hidden_size": int, "num_layers": int, "nhead": int, "seq_length": int,
 # Model shapes and batch sizes that suit each device; any key set above wins over the preset.
 # CPU: on 2 cores a 10-15 minute run is short, and many small steps beat a wider model. In 3-minute
 # runs on the real text (README, "Choosing the CPU preset") width 256 / batch 32 reached 3.84
-# bits/char, width 128 / batch 32 3.22, and width 128 / batch 8 2.47; context 128 keeps a
-# usable chat history. GPU: a larger model for the same 15 minutes (not measured here: no GPU).
+# bits/char, width 128 / batch 32 3.22, and width 128 / batch 8 2.47. In 10-minute runs context
+# 256 / batch 4 matched context 128 / batch 8 (1.949 and 1.948) and holds twice the chat history.
+# GPU: a larger model for the same 15 minutes (not measured here: no GPU).
 PRESETS = {
     "cpu": dict(hidden_size=128, num_layers=4, nhead=4, seq_length=256, batch_size=4, learning_rate=3e-3),
     "gpu": dict(hidden_size=512, num_layers=8, nhead=8, seq_length=512, batch_size=64, learning_rate=1e-3),

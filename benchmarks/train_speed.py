@@ -115,5 +115,6 @@ def throughput(settings, data, work, peaks):
         print(f"  MFU vs {name} peak: ref {ref_tok * flops_per_token(ref_runs[0]['params'], 4, 128, 64) / peak:.1%} | "
               f"Train.py {our_tok * flops_per_token(our_runs[0]['params'], 4, 128, 64) / peak:.1%}")
 
+
 if __name__ == "__main__":
     main(sys.argv[1:])
