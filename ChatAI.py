@@ -10,13 +10,13 @@ Run:
   printf 'temp 0.5\\nhello\\nquit\\n' | python ChatAI.py   # piped input, line by line
 """
 import dataclasses
-import json
-import os
 import sys
 
 import torch
 
+import data
 import model as M
+from config import parse_cli
 
 CONFIG = {
     # --- sampling (each can be changed while chatting; see `help`) ---
@@ -31,13 +31,13 @@ CONFIG = {
     "system_prompt": "",        # optional first turn that frames every conversation
     "prompt": None,             # a message: print one reply to it and exit
     # --- system ---
-    "device": "auto",           # auto (cuda if present, else cpu), cpu, cuda or mps
-    "threads": 1,               # CPU threads; one stream of a small model ran as fast on 1 as on 2 (README)
+    "device": "auto",           # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps
+    "threads": 1,               # CPU threads; one stream of a small model ran as fast on 1 as on 2 (benchmarks/README.md)
     "compile": False,           # torch.compile the model: each character about 2x cheaper, after a compile
-                                # at start (2 cores: ~35 s the first time, ~12 s later; README "Performance")
+                                # at start (2 cores: ~35 s the first time, ~12 s later; benchmarks/README.md)
 }
 TYPES = {"seed": int, "prompt": str}
-DEFAULT_CHECKPOINTS = ["FineTuned_Model.pth", "Model.pth"]
+RULES = {"mode": ("topk", "nucleus", "greedy"), "threads": (1, 1024)}
 REPLY_RESERVE = 4  # keep 1/4 of the window free for the reply when dropping old turns
 
 
@@ -45,7 +45,7 @@ REPLY_RESERVE = 4  # keep 1/4 of the window free for the reply when dropping old
 class Session:
     model: M.CharTransformer
     vocab: M.Vocab
-    settings: dict
+    config: dict  # CONFIG with the command line and the chat commands applied
     history: list = dataclasses.field(default_factory=list)  # every message, for `save`
     start: int = 0  # the model sees history[start:]: older turns no longer fit its window
 
@@ -58,7 +58,7 @@ class Quit(Exception):
 
 
 def number_setter(key, kind, low, high, mode=None):
-    """A command that sets settings[key] to a number in [low, high] (high may depend on the session)."""
+    """A command that sets config[key] to a number in [low, high] (high may depend on the session)."""
     def command(session, arg):
         top = high(session) if callable(high) else high
         try:
@@ -67,26 +67,26 @@ def number_setter(key, kind, low, high, mode=None):
             value = None
         if value is None or not low <= value <= top:
             raise ValueError(f"needs a{'n integer' if kind is int else ' number'} from {low} to {top}, got {arg!r}")
-        session.settings[key] = value
+        session.config[key] = value
         if mode:
-            session.settings["mode"] = mode
+            session.config["mode"] = mode
         return f"{key} set to {value}" + (f" ({mode} sampling)" if mode else "")
     return command
 
 
 def set_mode(mode, **values):
     def command(session, arg):
-        session.settings.update(mode=mode, **values)
+        session.config.update(mode=mode, **values)
         return f"switched to {mode} sampling" + "".join(f" ({k}={v})" for k, v in values.items())
     return command
 
 
 def set_seed(session, arg):
     if arg.lower() in ("none", "off"):
-        session.settings["seed"] = None
+        session.config["seed"] = None
         return "seed off: replies vary"
     try:
-        session.settings["seed"] = int(arg)
+        session.config["seed"] = int(arg)
     except ValueError:
         raise ValueError(f"needs an integer, or 'off', got {arg!r}") from None
     return f"seed set to {arg}: the same message gets the same reply"
@@ -99,15 +99,14 @@ def clear(session, arg):
 
 
 def show_settings(session, arg):
-    return "\n".join(f"  {k} = {v}" for k, v in session.settings.items() if k != "prompt")
+    return "\n".join(f"  {k} = {v}" for k, v in session.config.items() if k != "prompt")
 
 
 def save_transcript(session, arg):
     if not arg:
         raise ValueError("needs a file name, e.g. save chat.jsonl")
-    line = json.dumps({"messages": conversation(session, full=True)}, ensure_ascii=False) + "\n"
     try:
-        M.atomic_write(arg, lambda tmp: open(tmp, "w", encoding="utf-8").write(line))
+        data.write_jsonl(arg, [{"messages": conversation(session, full=True)}])
     except OSError as e:
         raise ValueError(f"could not write {arg}: {e.strerror or e}") from None
     return f"saved {len(session.history)} messages to {arg} (chat JSONL)"
@@ -163,7 +162,7 @@ def run_command(session, line):
 # ----------------------------------------------------------------------------------------------
 def conversation(session, full=False):
     """The messages the model sees, or with full=True every message of the session."""
-    system = session.settings["system_prompt"]
+    system = session.config["system_prompt"]
     return ([{"role": "system", "content": system}] if system else []) + session.history[0 if full else session.start:]
 
 
@@ -181,21 +180,20 @@ def fit_history(session):
     return dropped
 
 
-def sampling_args(settings):
-    mode = settings["mode"]
-    return dict(temperature=0 if mode == "greedy" else settings["temperature"],
-                top_k=settings["top_k"] if mode == "topk" else None,
-                top_p=settings["top_p"] if mode == "nucleus" else None,
-                repetition_penalty=settings["repetition_penalty"])
+def sampling_args(config):
+    mode = config["mode"]
+    return dict(temperature=0 if mode == "greedy" else config["temperature"],
+                top_k=config["top_k"] if mode == "topk" else None,
+                top_p=config["top_p"] if mode == "nucleus" else None,
+                repetition_penalty=config["repetition_penalty"])
 
 
 def respond(session, text, write, notice, prefix=""):
     """Add the user's message, stream the reply through write(), and keep it in the history.
     Ctrl-C stops the reply early; what was written stays as the assistant's turn."""
-    unknown = session.vocab.unknown_chars(text)
+    text, unknown = M.unknown_chars_dropped(text, session.vocab)
     if unknown:
         notice(f"note: the model has never seen {', '.join(map(repr, unknown))}; left out of your message")
-        text = "".join(c for c in text if c not in unknown)
         if not text.strip():
             return ""
     session.history.append({"role": "user", "content": text})
@@ -204,12 +202,12 @@ def respond(session, text, write, notice, prefix=""):
         notice(f"note: dropped the {dropped} oldest messages to fit the {session.model.config.seq_length}-character context")
     ids, _ = M.render_chat(conversation(session), session.vocab, add_generation_prompt=True)
     write(prefix)
-    seed = session.settings["seed"]
+    seed = session.config["seed"]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     reply = []
     try:
-        for i in M.generate(session.model, ids, session.settings["max_new_chars"], generator=generator,
-                            stop_ids=(M.END, M.USER, M.BOT, M.SYSTEM), **sampling_args(session.settings)):
+        for i in M.generate(session.model, ids, session.config["max_new_chars"], generator=generator,
+                            stop_ids=(M.END, M.USER, M.BOT, M.SYSTEM), **sampling_args(session.config)):
             if i >= len(M.SPECIAL_TOKENS):
                 reply.append(session.vocab.itos[i])
                 write(reply[-1])
@@ -222,64 +220,33 @@ def respond(session, text, write, notice, prefix=""):
 # ----------------------------------------------------------------------------------------------
 # Start-up and the loop
 # ----------------------------------------------------------------------------------------------
-def split_args(argv):
-    """(checkpoint path or None, --key=value list). Accepts `--prompt TEXT` as well as `--prompt=TEXT`."""
-    path, overrides, i = None, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--prompt" and i + 1 < len(argv):
-            overrides.append(f"--prompt={argv[i + 1]}")
-            i += 1
-        elif arg.startswith("-"):
-            overrides.append(arg)
-        elif path is None:
-            path = arg
-        else:
-            sys.exit(f"error: unexpected argument {arg!r}; give at most one checkpoint path")
-        i += 1
-    return path, overrides
-
-
-def check_settings(settings):
+def check_config(config):
     """Command-line values get the same range checks as the commands that change them later."""
-    scratch = Session(None, M.Vocab([]), dict(settings))
+    scratch = Session(None, M.Vocab([]), dict(config))
     for command, key in (("temp", "temperature"), ("topp", "top_p"), ("rep", "repetition_penalty"),
                          ("max", "max_new_chars")):
         try:
-            DISPATCH[command][1](scratch, str(settings[key]))
+            DISPATCH[command][1](scratch, str(config[key]))
         except ValueError as e:
             sys.exit(f"error: --{key} {e}")
-    if settings["top_k"] < 1:
-        sys.exit(f"error: --top_k must be at least 1, got {settings['top_k']}")
-    if settings["mode"] not in ("topk", "nucleus", "greedy"):
-        sys.exit(f"error: --mode must be topk, nucleus or greedy, got {settings['mode']!r}")
+    if config["top_k"] < 1:
+        sys.exit(f"error: --top_k must be at least 1, got {config['top_k']}")
 
 
-def pick_checkpoint(path):
-    if path:
-        return path
-    return next((p for p in DEFAULT_CHECKPOINTS if os.path.exists(p)), DEFAULT_CHECKPOINTS[-1])
-
-
-def load_session(path, settings):
-    device = settings["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+def load_session(path, config):
     try:
+        device = M.pick_device(config["device"])
         checkpoint = M.load_checkpoint(path)
-    except M.CheckpointError as e:
+    except (ValueError, M.CheckpointError) as e:
         sys.exit(f"error: {e}")
     net, vocab = M.build_model(checkpoint)
-    try:
-        net.to(device).eval()
-    except (RuntimeError, AssertionError) as e:
-        sys.exit(f"error: device {device!r} is not usable here ({e}); use --device=cpu")
+    net.to(device).eval()
     info = (f"LuminaAI | {path} | stage {checkpoint.get('stage', '?')} | {net.num_params():,} parameters | "
             f"context {net.config.seq_length} | vocabulary {len(vocab)} | device {device}")
-    if settings["compile"]:
+    if config["compile"]:
         print("compiling the model (a one-off wait; later runs reuse torch's compile cache)...", file=sys.stderr)
-        net = compile_for_chat(net, device)
-    return Session(net, vocab, settings), info
+        net = compile_for_chat(net, device.type)
+    return Session(net, vocab, config), info
 
 
 def compile_for_chat(net, device):
@@ -320,14 +287,13 @@ def repl(session, interactive):
 
 
 def main(argv):
-    path, overrides = split_args(argv)
-    settings, _ = M.parse_cli(overrides, CONFIG, __file__, types=TYPES)
-    check_settings(settings)
-    torch.set_num_threads(settings["threads"])
-    session, info = load_session(pick_checkpoint(path), settings)
+    config, _, paths = parse_cli(argv, CONFIG, __file__, types=TYPES, rules=RULES, positional=1)
+    check_config(config)
+    torch.set_num_threads(config["threads"])
+    session, info = load_session(M.default_checkpoint(paths[0] if paths else None), config)
     print(info, file=sys.stderr)
-    if settings["prompt"] is not None:
-        respond(session, settings["prompt"], lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+    if config["prompt"] is not None:
+        respond(session, config["prompt"], lambda t: (sys.stdout.write(t), sys.stdout.flush()),
                 lambda note: print(note, file=sys.stderr))
         print()
         return

@@ -20,7 +20,9 @@ import os
 import sys
 
 import Train
+import data
 import model as M
+from config import ConfigError, check_rules, parse_cli
 
 CONFIG = {
     # --- model and data ---
@@ -57,17 +59,21 @@ CONFIG = {
 }
 TYPES = {k: float if k in ("min_lr_ratio", "weight_decay", "beta2", "grad_clip", "label_smoothing") else int
          for k, v in CONFIG.items() if v is None}
+RULES = {k: v for k, v in Train.RULES.items() if k in CONFIG}
 
 
-def training_config(cfg, base):
+def training_config(config, base):
     """Train.py's config for this run: the base run's values, then every key set here.
     Returns (config, names of inherited keys)."""
-    inherited = [k for k, v in cfg.items() if v is None]
-    merged = {**Train.CONFIG, **base["config"], **{k: v for k, v in cfg.items() if v is not None and k in Train.CONFIG}}
+    inherited = [k for k, v in config.items() if v is None]
+    merged = {**Train.CONFIG, **base["config"], **{k: v for k, v in config.items() if v is not None and k in Train.CONFIG}}
     merged.update({k: base["model_config"][k] for k in ("seq_length", "hidden_size", "num_layers", "nhead", "dropout")})
-    merged["out_dir"] = os.path.dirname(os.path.abspath(cfg["output"]))
-    merged["assistant_only_loss"] = cfg["assistant_only_loss"]
-    return merged, inherited
+    merged["out_dir"] = os.path.dirname(os.path.abspath(config["output"]))
+    merged["assistant_only_loss"] = config["assistant_only_loss"]
+    try:
+        return check_rules(merged, Train.RULES), inherited
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def grow_vocabulary(net, vocab, new_chars, limit, log):
@@ -84,64 +90,64 @@ def grow_vocabulary(net, vocab, new_chars, limit, log):
     return M.expand_vocab(net, vocab, list(new_chars))
 
 
-def report(net, vocab, data, cfg, runtime, label, log):
+def report(net, found, config, runtime, label, log):
     """Val loss and bits/char on the held-out fine-tuning data, and the probe replies."""
-    loss = Train.evaluate(net, data.val, data.val_mask, cfg, runtime)
+    loss = Train.evaluate(net, found.val, found.val_mask, config, runtime)
     log(f"{label}: val {loss:.4f} | {loss / math.log(2):.3f} bits/char")
-    replies = Train.probe_replies(net, vocab, cfg["probe_chars"]) if cfg["probe_chars"] else []
+    replies = Train.probe_replies(net, found.vocab, config["probe_chars"]) if config["probe_chars"] else []
     return loss, replies
 
 
 def main(argv):
-    cfg, flags = M.parse_cli(argv, CONFIG, __file__, flags=("resume", "overwrite"), types=TYPES)
-    cfg["overwrite"] = cfg["overwrite"] or flags["overwrite"]
-    if os.path.abspath(cfg["output"]) == os.path.abspath(cfg["base_model"]) and not cfg["overwrite"]:
-        sys.exit(f"error: output {cfg['output']} is the base model itself; choose another --output, "
+    config, flags, _ = parse_cli(argv, CONFIG, __file__, types=TYPES, rules=RULES, flags=("resume",))
+    if os.path.abspath(config["output"]) == os.path.abspath(config["base_model"]) and not config["overwrite"]:
+        sys.exit(f"error: output {config['output']} is the base model itself; choose another --output, "
                  f"or pass --overwrite to replace it")
-    files = Train.output_files(os.path.dirname(os.path.abspath(cfg["output"])), os.path.basename(cfg["output"]),
+    files = Train.output_files(os.path.dirname(os.path.abspath(config["output"])), os.path.basename(config["output"]),
                                prefix="fine_tune")
     # --- checkpoints ---
     try:
-        base = M.load_checkpoint(cfg["base_model"])
+        base = M.load_checkpoint(config["base_model"])
         state = M.load_checkpoint(files["state"]) if flags["resume"] else None
     except M.CheckpointError as e:
         sys.exit(f"error: {e}")
-    train_cfg, inherited = training_config(cfg, base)
-    train_cfg = Train.check_config(train_cfg)
-    runtime = Train.setup_runtime(train_cfg)
+    train_config, inherited = training_config(config, base)
+    runtime = Train.setup_runtime(train_config)
     log = print if runtime.is_main else (lambda *a: None)
-    log(f"base model {cfg['base_model']} (stage {base.get('stage')}) | inherited: "
-        + ", ".join(f"{k}={train_cfg[k]}" for k in inherited))
-    log("set here: " + ", ".join(f"{k}={cfg[k]}" for k in CONFIG if cfg[k] is not None and k in Train.CONFIG))
+    log(f"base model {config['base_model']} (stage {base.get('stage')}) | inherited: "
+        + ", ".join(f"{k}={train_config[k]}" for k in inherited))
+    log("set here: " + ", ".join(f"{k}={config[k]}" for k in CONFIG if config[k] is not None and k in Train.CONFIG))
     # --- data ---
-    start = state or base
-    net, vocab = M.build_model(start)
+    net, vocab = M.build_model(state or base)
     try:
-        data = Train.load_data(cfg["data"], os.path.join(train_cfg["out_dir"], ".lumina_cache"), cfg["val_fraction"],
-                               cfg["assistant_only_loss"], cfg["seed"], vocab, log)
-    except Train.DataError as e:
+        found = Train.load_data(config["data"], os.path.join(train_config["out_dir"], ".lumina_cache"),
+                                config["val_fraction"], config["assistant_only_loss"], config["seed"], vocab, log)
+    except data.DataError as e:
         sys.exit(f"error: {e}")
-    Train.report_data(data, log)
-    if state and data.new_chars:
+    Train.report_data(found, log)
+    if state and found.new_chars:
         sys.exit("error: the data changed since the fine-tune was interrupted; resume with the same --data")
     # --- vocabulary ---
     old_size = len(M.Vocab(base["vocab"]))
-    vocab = grow_vocabulary(net, vocab, data.new_chars, cfg["max_new_chars"], log)
+    grow_vocabulary(net, vocab, found.new_chars, config["max_new_chars"], log)
     net.to(runtime.device)
     # --- before ---
-    before, base_replies = report(net, vocab, data, train_cfg, runtime, "before fine-tuning", log)
-    meta = {"stage": "fine_tune", "base_model": os.path.abspath(cfg["base_model"]), "old_vocab_size": old_size,
-            "new_vocab_size": len(vocab), "val_loss_before": state["val_loss_before"] if state else before}
+    before, base_replies = report(net, found, train_config, runtime, "before fine-tuning", log)
+    meta = {"stage": "fine_tune", "base_model": os.path.abspath(config["base_model"]), "old_vocab_size": old_size,
+            "new_vocab_size": len(found.vocab), "val_loss_before": state["val_loss_before"] if state else before}
     # --- train ---
-    Train.train(train_cfg, net, vocab, data, runtime, meta, files, state)
+    trainer = Train.Trainer(train_config, net, found, runtime, files, meta)
+    if state:
+        trainer.resume(state)
+    trainer.run()
     # --- after ---
     if runtime.is_main:
         best, _ = M.build_model(M.load_checkpoint(files["best"]))
-        after, tuned_replies = report(best.to(runtime.device), vocab, data, train_cfg, runtime, "after fine-tuning", log)
+        after, tuned_replies = report(best.to(runtime.device), found, train_config, runtime, "after fine-tuning", log)
         for (prompt, old), (_, new) in zip(base_replies, tuned_replies):
             log(f"probe | {prompt}\n  base:       {old!r}\n  fine-tuned: {new!r}")
         log(f"val bits/char {meta['val_loss_before'] / math.log(2):.3f} -> {after / math.log(2):.3f} | "
-            f"wrote {cfg['output']}")
+            f"wrote {config['output']}")
 
 
 if __name__ == "__main__":

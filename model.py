@@ -5,9 +5,9 @@ It defines, once:
   2. the chat template that turns a conversation into ids (training and chat both use it);
   3. a small decoder-only transformer (pre-norm, SDPA attention, tied embeddings, KV cache);
   4. sampling and streaming, KV-cached generation;
-  5. the `.pth` checkpoint contract: save_checkpoint / load_checkpoint;
+  5. the `.pth` checkpoint contract: save_checkpoint / load_checkpoint, and which one a stage opens;
   6. vocabulary expansion for fine-tuning;
-  7. `--key=value` overrides of a script's CONFIG dict.
+  7. the device rule every stage follows.
 
 Importing it has no side effects:  python -c "import model"
 
@@ -16,17 +16,17 @@ positions and a SwiGLU MLP. At the CPU preset, each trained for the same 2.5 min
 was 2.241 for rotary + SwiGLU, 2.263 rotary + squared ReLU, 2.375 rotary + GELU and 2.688 for a
 learned position table + GELU.
 """
-import ast
 import dataclasses
 import math
 import os
 import pickle
-import sys
-import tempfile
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data import atomic_write
 
 # ----------------------------------------------------------------------------------------------
 # 1. Vocabulary
@@ -114,6 +114,21 @@ def parse_chat(ids, vocab):
         elif i != END and messages:
             messages[-1]["content"] += vocab.itos[i]
     return messages
+
+
+def encode_documents(documents, vocab, assistant_only):
+    """data.py's documents -> one int32 array of ids and a bool array, True where the next-id loss
+    counts. Chats go through the template; prose (and, unless assistant_only, every turn) trains."""
+    ids, mask = [], []
+    for kind, doc in documents:
+        if kind == "chat":
+            doc_ids, doc_mask = render_chat(doc, vocab)
+            mask += doc_mask if assistant_only else [True] * len(doc_ids)
+        else:
+            doc_ids = vocab.encode(doc + "\n\n")  # a blank line between paragraphs, as in the file
+            mask += [True] * len(doc_ids)
+        ids += doc_ids
+    return np.array(ids, dtype=np.int32), np.array(mask, dtype=bool)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,28 +381,11 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top
 FORMAT = "luminaai"
 FORMAT_VERSION = 2  # 2: SwiGLU gate and value weights fused into one matrix (mlp.up)
 MAKER = {"FineTuned_Model.pth": "python fine_tune.py"}  # which script makes a missing file
+DEFAULT_CHECKPOINTS = ["FineTuned_Model.pth", "Model.pth"]  # what ChatAI.py and serve.py open by default
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message says why and what to do."""
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename over `path`: a crash leaves the old file or the new one,
-    never half of one. The temporary file sits in the same folder so the rename is atomic."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the usual mode
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path, checkpoint):
@@ -489,62 +487,32 @@ def expand_vocab(model, vocab, new_chars):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Configuration from the command line
+# 7. Devices: one rule for every stage
 # ----------------------------------------------------------------------------------------------
-class ConfigError(Exception):
-    """A bad --key=value; the message names the valid keys or the expected type."""
+def default_checkpoint(path=None):
+    """The checkpoint a chat stage opens: the given path, else the fine-tuned model when there is
+    one, else Model.pth (whose absence load_checkpoint then explains)."""
+    if path:
+        return path
+    return next((p for p in DEFAULT_CHECKPOINTS if os.path.exists(p)), DEFAULT_CHECKPOINTS[-1])
 
 
-def parse_value(text):
-    """'3e-4' -> 3e-4, 'true' -> True, 'none' -> None, "['en','de']" -> list; else the string."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false", "none", "null"):
-        return {"true": True, "false": False}.get(lowered)
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+def pick_device(name, local_rank=0):
+    """auto: CUDA, then Apple's MPS, then the CPU. A named device that is not there is an error,
+    never a silent fallback. Under torchrun, plain "cuda" means this process's own GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = name.split(":")[0]
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if kind not in available:
+        raise ValueError(f"device must be auto, cuda, cuda:N, mps or cpu, got {name!r}")
+    if not available[kind]:
+        raise ValueError(f"device {name!r} is not available on this machine; use --device=auto or cpu")
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
 
 
-def apply_overrides(config, args, types=None):
-    """Return a copy of `config` with `--key=value` args applied. A key whose default is None takes
-    its type from `types` (a dict of key -> type) when given, else any literal."""
-    config, types = dict(config), types or {}
-    for arg in args:
-        key, sep, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if not sep:
-            raise ConfigError(f"cannot read {arg!r}: write overrides as --key=value")
-        if key not in config:
-            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(config)}")
-        value = parse_value(text)
-        want = types.get(key, type(config[key]) if config[key] is not None else None)
-        if want is float and type(value) is int:
-            value = float(value)
-        if want is not None and value is not None and type(value) is not want:
-            raise ConfigError(f"--{key} expects {want.__name__}, got {text!r}")
-        config[key] = value
-    return config
-
-
-def config_help(path):
-    """The CONFIG block of a script, comments and all: the best documentation of its keys."""
-    lines = open(path, encoding="utf-8").read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("CONFIG = {"))
-    end = next(i for i in range(start, len(lines)) if lines[i].startswith("}"))
-    return "\n".join(lines[start:end + 1])
-
-
-def parse_cli(argv, config, script_path, flags=(), types=None):
-    """Split argv into --flags and --key=value overrides; print help and exit on --help.
-    Exits with code 2 and a one-line message on a bad argument."""
-    if "--help" in argv or "-h" in argv:
-        print(sys.modules["__main__"].__doc__ or "")
-        print("Every key can be set with --key=value:\n")
-        print(config_help(script_path))
-        sys.exit(0)
-    chosen = {flag: ("--" + flag) in argv for flag in flags}
-    rest = [a for a in argv if a.lstrip("-") not in flags]
-    try:
-        return apply_overrides(config, rest, types), chosen
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+def unknown_chars_dropped(text, vocab):
+    """(text without the characters the model never saw, those characters in order of appearance).
+    Chat stages drop them and say so, rather than feeding the model <|unk|>."""
+    unknown = vocab.unknown_chars(text)
+    return "".join(c for c in text if c not in unknown), unknown

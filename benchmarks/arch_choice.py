@@ -19,10 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import split_text  # noqa: E402  (common puts the project on sys.path)
 import model as M  # noqa: E402
 import Train  # noqa: E402
-from common import parse_options, split_text  # noqa: E402
+from config import parse_cli  # noqa: E402
+
+CONFIG = {
+    "minutes": 2.5,  # training time of each variant
+}
 
 
 class LearnedPositions(nn.Module):
@@ -69,20 +73,20 @@ def build(variant, config):
 
 
 def main(argv):
-    minutes = parse_options(argv, {"minutes": 2.5})["minutes"]
+    minutes = parse_cli(argv, CONFIG, __file__)[0]["minutes"]
     work = tempfile.mkdtemp(prefix="lumina-arch-")
     split_text(work)
     runtime = Train.Runtime(torch.device("cpu"), torch.float32)
-    cfg = Train.apply_preset({**Train.CONFIG, "max_minutes": minutes, "max_iters": 10 ** 9, "eval_interval": 10 ** 9,
-                              "probe_chars": 0, "eval_windows": 600, "log_interval": 10 ** 9, "out_dir": work},
-                             torch.device("cpu"))
-    data = Train.load_data(work, os.path.join(work, "cache"), 0.05, False, cfg["seed"])
-    config = M.ModelConfig(vocab_size=len(data.vocab), **{k: cfg[k] for k in ("seq_length", "hidden_size", "num_layers", "nhead")})
-    print(f"preset {config}, {minutes} min each, fp32, {torch.get_num_threads()} threads")
+    train_config = {**Train.CONFIG, **Train.PRESETS["cpu"], "max_minutes": minutes, "max_iters": 10 ** 9,
+                    "eval_interval": 10 ** 9, "probe_chars": 0, "eval_windows": 600, "log_interval": 10 ** 9, "out_dir": work}
+    found = Train.load_data(work, os.path.join(work, "cache"), 0.05, False, train_config["seed"])
+    shape = M.ModelConfig(vocab_size=len(found.vocab),
+                          **{k: train_config[k] for k in ("seq_length", "hidden_size", "num_layers", "nhead")})
+    print(f"preset {shape}, {minutes} min each, fp32, {torch.get_num_threads()} threads")
     for variant in ("rotary+swiglu", "learned+swiglu", "rotary+gelu", "rotary+relu2"):
-        net = build(variant, config)
-        result = Train.train(cfg, net, data.vocab, data, runtime, {"stage": "bench"},
-                             Train.output_files(work, prefix=variant.replace("+", "_")))
+        net = build(variant, shape)
+        files = Train.output_files(work, prefix=variant.replace("+", "_"))
+        result = Train.Trainer(train_config, net, found, runtime, files, {"stage": "bench"}).run()
         print(f"{variant:<16} {sum(p.numel() for p in net.parameters()):>10,} params | {result['steps']:>6} steps | "
               f"val {result['val_loss'] / math.log(2):.3f} bits/char", flush=True)
 

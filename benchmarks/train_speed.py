@@ -27,11 +27,18 @@ import time
 
 import torch
 
-from common import ROOT, TEXT, parse_options, split_text
+from common import ROOT, TEXT, split_text
+from config import parse_cli
 
 REF = os.path.join(ROOT, "..", "shared", "bench", "ref_gpt.py")
 NANOGPT_SHAPE = dict(num_layers=4, nhead=4, hidden_size=128, seq_length=64, batch_size=12)
-SETTINGS = {"seconds": 60.0, "rounds": 2, "budget_minutes": 10.0, "budget_rounds": 1, "compile": False}
+CONFIG = {
+    "seconds": 60.0,         # length of each throughput run
+    "rounds": 2,             # throughput pairs at the nanoGPT shape, taking turns; 0 skips part 1
+    "budget_minutes": 10.0,  # training budget of each bits/char run; 0 skips part 2
+    "budget_rounds": 1,      # bits/char pairs, taking turns
+    "compile": False,        # Train.py --compile
+}
 
 
 def matmul_peak(dtype, n=1024, seconds=3.0):
@@ -70,7 +77,8 @@ def run_ours(data, out_dir, minutes, shape, compile_, eval_windows=64):
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"Train.py failed:\n{out.stderr[-3000:]}")
-    rows = [json.loads(l) for l in open(os.path.join(out_dir, "train_metrics.jsonl"))]
+    with open(os.path.join(out_dir, "train_metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     logs = [r for r in rows if "tok_s" in r]
     steady = logs[1:] or logs
     params = int(re.search(r"model: ([\d,]+) parameters", out.stdout)[1].replace(",", ""))
@@ -79,7 +87,7 @@ def run_ours(data, out_dir, minutes, shape, compile_, eval_windows=64):
 
 
 def main(argv):
-    settings = parse_options(argv, SETTINGS)
+    settings = parse_cli(argv, CONFIG, __file__)[0]
     work = tempfile.mkdtemp(prefix="lumina-bench-")
     data = split_text(work)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")

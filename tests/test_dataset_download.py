@@ -1,7 +1,10 @@
 """Dataset_download.py: sources, validation counts, threads by parent_id, outputs and reruns."""
 import gzip
+import hashlib
 import json
 import os
+import socket
+import time
 
 import datasets
 import pytest
@@ -76,7 +79,7 @@ def test_counts_every_drop_reason_and_threads_by_parent(tmp_path):
 
 def test_all_mode_gives_every_path_and_languages_none_keeps_german(tmp_path):
     src = write_jsonl(tmp_path / "train.jsonl", ROWS)
-    manifest, threads = run_main(tmp_path, src, "--threads=all", "--languages=None")
+    manifest, threads = run_main(tmp_path, src, "--branches=all", "--languages=None")
     replies = sorted(tuple(m["content"] for m in t["messages"] if m["role"] == "assistant") for t in threads)
     assert replies == [("Apple.",), ("Five.",), ("Gut.",), ("It is 4.", "It is 6."), ("It is 4.", "Six.")]
     assert "language" not in manifest["counts"]["train"]["dropped"]
@@ -151,7 +154,7 @@ def test_release_trees_and_messages_gz_files(tmp_path):
 def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
     out, out_dir = prepare(tmp_path, rows=[ROWS[0], "{not json", ROWS[1], "[1, 2]"])
     assert out.returncode == 0, out.stderr
-    assert "train.jsonl:2: malformed JSON" in out.stdout and "train.jsonl:4: expected a JSON object" in out.stdout
+    assert "train.jsonl:2: not valid JSON" in out.stdout and "train.jsonl:4: expected a JSON object" in out.stdout
     problems = json.load(open(out_dir / "manifest.json"))["problems"]
     assert len(problems) == 2
 
@@ -163,10 +166,12 @@ def test_an_empty_file_is_an_error(tmp_path):
 
 
 def test_bad_options_are_refused(tmp_path):
-    out, _ = prepare(tmp_path, "--threads=some")
-    assert out.returncode != 0 and "threads must be best or all" in out.stderr
+    out, _ = prepare(tmp_path, "--branches=some")
+    assert out.returncode != 0 and "branches must be one of best, all, got 'some'" in out.stderr
     out, _ = prepare(tmp_path, "--bogus=1")
-    assert out.returncode != 0 and "valid" not in out.stdout and "key from: source" in out.stderr
+    assert out.returncode != 0 and "valid" not in out.stdout and "valid keys: source" in out.stderr
+    out, _ = prepare(tmp_path, "--threads=all")  # the old name of branches
+    assert out.returncode != 0 and "--threads was renamed: use --branches=best or --branches=all" in out.stderr
 
 
 # --- outputs -------------------------------------------------------------------------------------
@@ -175,7 +180,7 @@ def test_one_split_is_held_out_by_whole_tree(tmp_path):
                                            msg(f"a{i}", f"q{i}", "assistant", f"answer {i}", tree=f"t{i}", rank=0),
                                            msg(f"f{i}", f"a{i}", "prompter", "more", tree=f"t{i}"),
                                            msg(f"b{i}", f"f{i}", "assistant", "sure", tree=f"t{i}", rank=0))]
-    out, out_dir = prepare(tmp_path, "--val_fraction=0.25", "--threads=all", rows=rows)
+    out, out_dir = prepare(tmp_path, "--val_fraction=0.25", "--branches=all", rows=rows)
     assert out.returncode == 0
     train, val = read(out_dir / "train.jsonl"), read(out_dir / "validation.jsonl")
     assert len(val) == 10 and len(train) == 30
@@ -196,7 +201,7 @@ def test_rerun_does_nothing_until_forced_or_outputs_change(tmp_path):
     assert "wrote" in out.stdout
     out, _ = prepare(tmp_path, "--force")
     assert "wrote" in out.stdout and "example conversation" in out.stdout
-    out, _ = prepare(tmp_path, "--threads=all")  # other settings, other outputs
+    out, _ = prepare(tmp_path, "--branches=all")  # other settings, other outputs
     assert "wrote" in out.stdout
     assert [f for f in os.listdir(out_dir) if f.startswith(".tmp")] == []
 
@@ -204,7 +209,7 @@ def test_rerun_does_nothing_until_forced_or_outputs_change(tmp_path):
 # --- the real rows -------------------------------------------------------------------------------
 @pytest.mark.skipif(not os.path.exists(SAMPLE), reason="../shared/data/oasst1 sample is absent on this machine")
 def test_real_sample_threads_alternate_and_answer_their_parent(tmp_path):
-    manifest, threads = run_main(tmp_path, SAMPLE, "--threads=all")
+    manifest, threads = run_main(tmp_path, SAMPLE, "--branches=all")
     rows = {r["message_id"]: r for r in map(json.loads, open(SAMPLE, encoding="utf-8"))}
     by_text = {}
     for r in rows.values():
@@ -222,3 +227,46 @@ def test_real_sample_threads_alternate_and_answer_their_parent(tmp_path):
     counts = manifest["counts"]["validation"]
     assert counts["rows_in"] == 608 == counts["messages_kept"] + sum(counts["dropped"].values())
     assert counts["dropped"]["deleted"] == 3 and counts["dropped"]["rejected"] == 15
+
+
+# --- no network: the bundled sample ---------------------------------------------------------------
+SAMPLE_SHA256 = "e5e0fc2db5a74b865365fc6aebe97e4e54cfcae0a1fef8862a0a41bd9f736470"  # ../shared/data/oasst1/README.md
+
+
+def test_the_bundled_sample_is_the_real_validation_sample():
+    assert os.path.getsize(D.SAMPLE) < 2_000_000
+    with gzip.open(D.SAMPLE, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == SAMPLE_SHA256
+    with open(os.path.join(os.path.dirname(D.SAMPLE), "README.md"), encoding="utf-8") as f:
+        assert "Apache-2.0" in f.read()
+
+
+def offline_run(tmp_path, endpoint, *args):
+    start = time.monotonic()
+    out = run_script("Dataset_download.py", f"--out_dir={tmp_path / 'out'}", *args, cwd=tmp_path,
+                     env={"HF_ENDPOINT": endpoint})
+    return out, time.monotonic() - start
+
+
+def test_an_unreachable_hub_falls_back_to_the_sample_within_seconds(tmp_path):
+    with socket.socket() as closed:  # a port nobody listens on: connections are refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    out, seconds = offline_run(tmp_path, f"http://127.0.0.1:{port}")
+    assert out.returncode == 0, out.stderr
+    assert seconds < 10 and "hub cannot be reached" in out.stdout and "small offline sample" in out.stdout
+    train = read(tmp_path / "out" / "train.jsonl")
+    assert len(train) + len(read(tmp_path / "out" / "validation.jsonl")) == 58
+    assert json.load(open(tmp_path / "out" / "manifest.json"))["source"] == "sample"
+    # A rerun tries the hub again rather than calling the sample final.
+    out, _ = offline_run(tmp_path, f"http://127.0.0.1:{port}")
+    assert "nothing to do" not in out.stdout and "hub cannot be reached" in out.stdout
+
+
+def test_a_hub_that_never_answers_times_out_quickly(tmp_path):
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        out, seconds = offline_run(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}", "--hub_timeout=1")
+    assert out.returncode == 0, out.stderr
+    assert seconds < 10 and "no answer within 1 s" in out.stdout

@@ -269,18 +269,22 @@ def test_expansion_keeps_old_rows_and_logits(vocab):
     assert torch.allclose(new_rows[0], old_rows[len(M.SPECIAL_TOKENS):].mean(0))
 
 
-# --- configuration ------------------------------------------------------------------------------
-def test_overrides_parse_types_and_refuse_bad_keys():
-    config = {"lr": 1e-3, "layers": 2, "compile": False, "name": "x", "langs": ["en"]}
-    out = M.apply_overrides(config, ["--lr=3e-4", "--layers=4", "--compile=true", "--langs=None"])
-    assert out == {"lr": 3e-4, "layers": 4, "compile": True, "name": "x", "langs": None}
-    assert M.apply_overrides(config, ["--lr=1"])["lr"] == 1.0
-    with pytest.raises(M.ConfigError, match="unknown config key 'lrr'; valid keys: lr, layers"):
-        M.apply_overrides(config, ["--lrr=1"])
-    with pytest.raises(M.ConfigError, match="--layers expects int, got 'abc'"):
-        M.apply_overrides(config, ["--layers=abc"])
-    with pytest.raises(M.ConfigError, match="--key=value"):
-        M.apply_overrides(config, ["layers"])
+# --- devices and default checkpoints --------------------------------------------------------------
+def test_an_unavailable_device_is_an_error_not_a_fallback():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="not available"):
+        M.pick_device("cuda")
+    with pytest.raises(ValueError, match="device must be auto, cuda, cuda:N, mps or cpu"):
+        M.pick_device("tpu")
+    assert M.pick_device("auto").type in ("mps", "cpu")
+
+
+def test_default_checkpoint_prefers_the_fine_tuned_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert M.default_checkpoint() == "Model.pth" and M.default_checkpoint("x.pth") == "x.pth"
+    (tmp_path / "FineTuned_Model.pth").write_bytes(b"")
+    assert M.default_checkpoint() == "FineTuned_Model.pth"
 
 
 def test_importing_model_has_no_side_effects(tmp_path):

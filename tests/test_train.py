@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import data
 import model as M
 import Train
 from conftest import CHATS, ROOT, run_script, tiny_model, write_jsonl
@@ -67,34 +68,7 @@ def test_bad_config_keys_and_values_are_refused(tmp_path):
     assert out.returncode == 0 and '"max_minutes": 15.0,' in out.stdout and "wall-clock budget" in out.stdout
 
 
-# --- data formats -------------------------------------------------------------------------------
-def test_custom_formats_load(tmp_path):
-    problems = []
-    chat = write_jsonl(tmp_path / "a.jsonl", [{"messages": CHATS[0]}, "{broken", {"other": 1}])
-    docs = Train.read_file(chat, problems)
-    assert docs == [("chat", CHATS[0])]
-    assert problems[0].endswith("a.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes)")
-    assert problems[1].endswith("a.jsonl:3: no 'messages' list or 'text' string")
-
-    rows = [{"message_id": "r", "parent_id": None, "text": "Q?", "role": "prompter"},
-            {"message_id": "b", "parent_id": "r", "text": "worse", "role": "assistant", "rank": 1},
-            {"message_id": "a", "parent_id": "r", "text": "best", "role": "assistant", "rank": 0},
-            {"message_id": "c", "parent_id": "a", "text": "more?", "role": "prompter", "rank": None}]
-    docs = Train.read_file(write_jsonl(tmp_path / "oasst.jsonl", rows), problems)
-    assert docs == [("chat", [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "best"},
-                              {"role": "user", "content": "more?"}])]
-
-    marked = tmp_path / "marked.txt"
-    marked.write_text("<|user|>Hi\n<|bot|>Hello,\nsecond line\n<|user|>Bye\n<|bot|>See you\n")
-    docs = Train.read_file(str(marked), problems)
-    assert docs == [("chat", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello,\nsecond line"}]),
-                    ("chat", [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you"}])]
-
-    prose = tmp_path / "book.txt"
-    prose.write_text("First paragraph.\n\nSecond one.\n")
-    assert Train.read_file(str(prose), problems) == [("text", "First paragraph."), ("text", "Second one.\n")]
-
-
+# --- data -------------------------------------------------------------------------------------
 def test_load_data_splits_by_document_masks_and_caches(tmp_path, chat_file):
     cache = tmp_path / "cache"
     data = Train.load_data(chat_file, str(cache), 0.1, True, 0)
@@ -114,7 +88,7 @@ def test_load_data_splits_by_document_masks_and_caches(tmp_path, chat_file):
 
 def test_a_file_with_no_usable_text_is_an_error(tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", ["{bad", {"x": 1}])
-    with pytest.raises(Train.DataError, match="no usable text.*empty.jsonl:1"):
+    with pytest.raises(data.DataError, match="no usable text.*empty.jsonl:1"):
         Train.load_data(empty, str(tmp_path / "c"), 0.1, False, 0)
 
 
@@ -201,13 +175,6 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert math.isclose(Train.lr_at(1.0, cfg), 1e-4)
 
 
-def test_unavailable_device_is_an_error_not_a_fallback():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    with pytest.raises(SystemExit, match="not available"):
-        Train.pick_device("cuda", 0)
-
-
 # --- beyond one process --------------------------------------------------------------------------
 def test_two_gloo_processes_train_and_rank0_saves(tmp_path, chat_file):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
@@ -226,3 +193,91 @@ def test_a_shape_rotary_cannot_use_is_refused_without_a_traceback(tmp_path, chat
     out = run_script("Train.py", f"--data={chat_file}", f"--out_dir={tmp_path}", *TINY_ARGS,
                      "--hidden_size=36", "--nhead=4", cwd=tmp_path)
     assert out.returncode != 0 and "even head size" in out.stderr and "Traceback" not in out.stderr
+
+
+# --- faults: SIGKILL at chosen moments, then resume ----------------------------------------------
+# Runs Train.main in a process that kills itself with SIGKILL at the n-th optimizer step (after the
+# backward pass, before the update), evaluation, or write of a named checkpoint (half written).
+KILLER = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import torch, Train
+kind, n, argv = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+calls = []
+
+def kill_on_nth(name):
+    calls.append(name)
+    if calls.count(name) == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+real_step, real_eval, real_save = Train.forward_backward, Train.evaluate, torch.save
+
+def step(*a, **k):
+    loss = real_step(*a, **k)
+    kill_on_nth("step")
+    return loss
+
+def evaluate(*a, **k):
+    loss = real_eval(*a, **k)
+    kill_on_nth("eval")
+    return loss
+
+def save(obj, f, *a, **k):
+    for name in ("train_state", "Model.pth"):
+        if name in os.path.basename(f) and kind == "write:" + name:
+            with open(f, "wb") as half:
+                half.write(b"PK\x03\x04 half of a checkpoint")
+            kill_on_nth(kind)
+    return real_save(obj, f, *a, **k)
+
+Train.forward_backward, Train.evaluate, torch.save = step, evaluate, save
+Train.main(argv)
+"""
+# (moment, n) in order; each run resumes from the last train_state.pth (saved every 5 steps).
+KILLS = [("step", 8), ("write:Model.pth", 1), ("eval", 1), ("write:train_state", 1), ("write:train_state", 2),
+         ("step", 4), ("eval", 1), ("write:train_state", 3), ("step", 9), ("eval", 1)]
+
+
+def metric_records(out_dir):
+    """The metrics file's records; every line must be whole JSON and no step logged twice."""
+    with open(os.path.join(out_dir, "train_metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]  # a torn line would raise here
+    for kind in ("loss", "val"):
+        steps = [r["step"] for r in records if kind in r]
+        assert len(steps) == len(set(steps)), f"a {kind} step appears twice: {steps}"
+    return records
+
+
+def test_sigkill_at_ten_moments_then_resume_continues_the_same_run(tmp_path, chat_file):
+    args = [f"--data={chat_file}", "--max_iters=40", "--log_interval=1", "--eval_interval=10",
+            "--checkpoint_interval=5", "--dropout=0.1", "--threads=1", *TINY_ARGS, "--probe_chars=0"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    out = run_script("Train.py", *args, f"--out_dir={straight}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for i, (moment, n) in enumerate(KILLS):
+        resume = ["--resume"] if i else []
+        proc = subprocess.run([sys.executable, "-c", KILLER, ROOT, moment, str(n), *args, f"--out_dir={broken}", *resume],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (moment, n, proc.stderr[-2000:])
+        state = M.load_checkpoint(str(broken / "train_state.pth"))  # never torn, whatever the moment
+        assert state["step"] % 5 == 0
+        if (broken / "Model.pth").exists():
+            M.build_model(M.load_checkpoint(str(broken / "Model.pth")))
+        metric_records(broken)
+    out = run_script("Train.py", *args, f"--out_dir={broken}", "--resume", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    records = metric_records(broken)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
+    a, b = losses(straight), losses(broken)
+    for step in a:
+        assert math.isclose(a[step], b[step], rel_tol=1e-5, abs_tol=1e-6), step
+    assert M.load_checkpoint(str(broken / "Model.pth"))["metrics"]["val_loss"] == \
+        M.load_checkpoint(str(straight / "Model.pth"))["metrics"]["val_loss"]
+
+
+def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path, chat_file):
+    (tmp_path / "train_metrics.jsonl").write_text('{"step": 999, "loss": 1.0}\n{"step": 3, "lo')
+    out = run_script("Train.py", f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=4", "--log_interval=2",
+                     "--eval_interval=4", *TINY_ARGS, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [r["step"] for r in metric_records(tmp_path)] == [2, 4, 4]

@@ -1,0 +1,418 @@
+"""data.py: everything that turns files into conversations, once. It imports no torch.
+
+A document is ("chat", [{"role", "content"}, ...]) or ("text", "prose"). Readers for every input
+format end there:
+  - chat JSONL, one conversation per line: {"messages": [{"role", "content"}, ...]}
+  - OASST message rows, one message per line ({"message_id", "parent_id", "text", "role", ...}),
+    as the hub's OpenAssistant/oasst1 serves them; the release's nested trees files are flattened
+  - rows of {"text"} alone: prose
+  - text with <|user|> / <|bot|> at the start of a line; any other text file is prose
+OASST rows are validated (every dropped message counted under its reason) and threaded by
+parent_id, never by row order. Files are written atomically: a crash leaves the old file or the new
+one, never half of one. Turning documents into ids needs the vocabulary, so that is model.py's.
+"""
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from collections import Counter, defaultdict
+
+ROLES = {"prompter": "user", "user": "user", "assistant": "assistant", "system": "system"}
+BRANCHES = ("best", "all")  # which root-to-leaf paths of an OASST tree become conversations
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".txt")
+
+
+class DataError(Exception):
+    """Data that cannot be used; the message says what and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Files on disk: where they are, which are validation, and writing them safely
+# ----------------------------------------------------------------------------------------------
+VALIDATION_WORDS = {"val", "valid", "validation", "test"}
+
+
+def is_validation_file(path):
+    """The one rule for telling a validation file by its name: one of its words (split at anything
+    but letters and digits) is val, valid, validation or test. "interval.txt" is not one."""
+    return bool(VALIDATION_WORDS & set(re.split(r"[^a-z0-9]+", os.path.basename(path).lower())))
+
+
+def data_files(path, suffixes=DATA_SUFFIXES):
+    """The data files at `path` (a file, or a folder's files with these suffixes), sorted."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise DataError(f"{path} does not exist")
+    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(suffixes))
+    if not files:
+        raise DataError(f"{path} holds no {', '.join(suffixes)} files")
+    return files
+
+
+def split_files(path):
+    """(train files, validation files) for training. Dataset_download.py's folder has its own
+    train.jsonl / validation.jsonl (and raw_*.jsonl beside them, which are not training data)."""
+    prepared = os.path.join(path, "train.jsonl")
+    if os.path.isdir(path) and os.path.exists(prepared):
+        val = os.path.join(path, "validation.jsonl")
+        return [prepared], [val] if os.path.exists(val) else []
+    files = data_files(path)
+    return [f for f in files if not is_validation_file(f)], [f for f in files if is_validation_file(f)]
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over `path`: a crash leaves the old file or the new one,
+    never half of one. The temporary file sits in the same folder so the rename is atomic, and it
+    gets the mode any new file would get (mkstemp alone makes private files)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path, rows):
+    """Rows as JSON lines, atomically. Returns the sha256 of what was written."""
+    digest = hashlib.sha256()
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                line = json.dumps(row, ensure_ascii=False, default=str) + "\n"
+                f.write(line)
+                digest.update(line.encode("utf-8"))
+
+    atomic_write(path, write)
+    return digest.hexdigest()
+
+
+def write_text(path, text):
+    """A text file, atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading: JSONL rows, release trees, marked text
+# ----------------------------------------------------------------------------------------------
+def read_jsonl(path, problems):
+    """[(line number, row dict)] of a .jsonl or .jsonl.gz file. A line that is not a JSON object
+    goes to `problems` as "file:line: reason" and is skipped. A line holding one of the release's
+    nested trees ({"prompt": {..., "replies": [...]}}) becomes its flattened messages."""
+    opener = gzip.open if path.endswith(".gz") else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{number}: not valid JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            elif isinstance(row.get("prompt"), dict):
+                rows += [(number, r) for r in flatten_tree(row["prompt"], None, row.get("message_tree_id"))]
+            else:
+                rows.append((number, row))
+    return rows
+
+
+def flatten_tree(node, parent_id, tree_id):
+    """A nested {..., "replies": [...]} tree as flat rows with parent_id set from the nesting."""
+    row = {k: v for k, v in node.items() if k != "replies"}
+    row["parent_id"] = parent_id
+    row["message_tree_id"] = tree_id or row.get("message_tree_id") or row.get("message_id")
+    rows = [row]
+    for reply in node.get("replies") or []:
+        rows += flatten_tree(reply, row.get("message_id"), row["message_tree_id"])
+    return rows
+
+
+def parse_marked_text(text, path, problems):
+    """<|user|> and <|bot|> at a line's start open a turn; other lines continue it. Each user turn
+    and the bot turns after it form one conversation."""
+    chats = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        marker = next((m for m in ("<|user|>", "<|bot|>") if line.startswith(m)), None)
+        if marker == "<|user|>" or (marker and not chats):
+            chats.append([])
+        if marker:
+            role = "user" if marker == "<|user|>" else "assistant"
+            chats[-1].append({"role": role, "content": line[len(marker):].strip()})
+        elif chats:
+            chats[-1][-1]["content"] += "\n" + line
+        elif line.strip():
+            problems.append(f"{path}:{number}: text before the first <|user|> or <|bot|> marker")
+    return [("chat", [{**m, "content": m["content"].strip()} for m in chat]) for chat in chats]
+
+
+def read_documents(path, problems):
+    """The documents in one file, whatever its format. Bad lines go to `problems`."""
+    if path.endswith((".jsonl", ".jsonl.gz", ".json")):
+        return rows_to_documents(read_jsonl(path, problems), path, problems)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if any(line.startswith(("<|user|>", "<|bot|>")) for line in text.splitlines()):
+        return parse_marked_text(text, path, problems)
+    return [("text", p) for p in text.split("\n\n") if p.strip()]
+
+
+def rows_to_documents(rows, path, problems):
+    """Chat rows become chats, OASST message rows are validated and threaded, bare text rows are
+    prose."""
+    documents, messages = [], []
+    for number, row in rows:
+        if isinstance(row.get("messages"), list):
+            chat = clean_chat(row["messages"])
+            if chat:
+                documents.append(("chat", chat))
+            else:
+                problems.append(f"{path}:{number}: 'messages' needs role/content objects with text")
+        elif isinstance(row.get("text"), str) and row.get("role") in ROLES:
+            messages.append(row)
+        elif isinstance(row.get("text"), str):
+            if row["text"].strip():
+                documents.append(("text", row["text"]))
+        else:
+            problems.append(f"{path}:{number}: no 'messages' list or 'text' string")
+    return documents + [("chat", c["messages"]) for c in message_rows_to_conversations(messages)]
+
+
+def clean_chat(messages):
+    """Keep well-formed messages, renaming OASST's 'prompter' to 'user'; [] if any is malformed."""
+    chat = [{"role": ROLES[m["role"]], "content": m["content"]} for m in messages
+            if isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)]
+    return chat if len(chat) == len(messages) else []
+
+
+def message_rows_to_conversations(rows, branches="best"):
+    """Message rows given straight to training. With ids they are validated (deleted, rejected and
+    empty messages dropped, any language kept) and threaded by parent_id; without ids (the original
+    project's format) each user row opens a conversation that the rows after it continue."""
+    if rows and all("message_id" in r and "parent_id" in r for r in rows):
+        messages, _ = validate(rows, {**FILTERS, "languages": None})
+        return conversations(messages, branches)
+    chats = []
+    for r in rows:
+        if ROLES[r["role"]] == "user" or not chats:
+            chats.append({"messages": []})
+        chats[-1]["messages"].append({"role": ROLES[r["role"]], "content": r["text"]})
+    return chats
+
+
+# ----------------------------------------------------------------------------------------------
+# OASST validation: every message is kept or counted under one reason
+# ----------------------------------------------------------------------------------------------
+REQUIRED = {"message_id": (str,), "parent_id": (str, type(None)), "text": (str,), "role": (str,)}
+OPTIONAL = {"lang": (str, type(None)), "deleted": (bool, type(None)), "review_result": (bool, type(None)),
+            "rank": (int, type(None)), "message_tree_id": (str, type(None))}
+OASST_ROLES = ("prompter", "assistant")
+FILTERS = {"languages": ["en"], "drop_deleted": True, "drop_rejected": True, "drop_empty": True}
+
+
+def schema_problem(row):
+    for field, types in REQUIRED.items():
+        if not isinstance(row.get(field), types):
+            return f"missing_or_bad_{field}"
+    for field, types in OPTIONAL.items():
+        if not isinstance(row.get(field), types):
+            return f"bad_{field}"
+    return None if row["role"] in OASST_ROLES else "bad_role"
+
+
+def filter_reason(row, filters):
+    """Why `filters` (a dict shaped like FILTERS) drops this message, or None."""
+    if filters["drop_deleted"] and row.get("deleted"):
+        return "deleted"
+    if filters["drop_rejected"] and row.get("review_result") is False:
+        return "rejected"
+    if filters["drop_empty"] and not row["text"].strip():
+        return "empty_text"
+    if filters["languages"] is not None and row.get("lang") not in filters["languages"]:
+        return "language"
+    return None
+
+
+def validate(rows, filters):
+    """(kept messages by id, Counter of drop reasons). Fields, duplicates and filters are checked
+    per message; then structure: only messages reachable from a prompter root through replies of
+    the other role are kept. A message below a dropped one is an orphan; a loop of parents, a cycle."""
+    dropped, kept = Counter(), {}
+    for row in rows:
+        reason = schema_problem(row) or ("duplicate_id" if row["message_id"] in kept else None)
+        reason = reason or filter_reason(row, filters)
+        if reason:
+            dropped[reason] += 1
+        else:
+            kept[row["message_id"]] = row
+    reachable, counted = reachable_messages(kept, dropped)
+    for row in kept.values():
+        if row["message_id"] not in reachable and row["message_id"] not in counted and row["parent_id"] is not None:
+            dropped[structure_reason(row, kept)] += 1
+    return reachable, +dropped
+
+
+def reachable_messages(kept, dropped):
+    """Messages reachable from a prompter root through alternating roles, and the ids already
+    counted in `dropped` on the way (roots that are not prompters, replies of the same role)."""
+    children = defaultdict(list)
+    for row in kept.values():
+        children[row["parent_id"]].append(row)
+    reachable, stack, counted = {}, [], set()
+    for root in children[None]:
+        if root["role"] == "prompter":
+            stack.append(root)
+        else:
+            dropped["root_not_prompter"] += 1
+    while stack:
+        row = stack.pop()
+        reachable[row["message_id"]] = row
+        for child in children[row["message_id"]]:
+            if child["role"] == row["role"]:
+                dropped["roles_not_alternating"] += 1  # its replies become orphans
+                counted.add(child["message_id"])
+            else:
+                stack.append(child)
+    return reachable, counted
+
+
+def structure_reason(row, kept):
+    """'cycle' when following parents loops, else 'orphan' (some ancestor is missing or dropped)."""
+    seen = set()
+    while row is not None and row["parent_id"] is not None:
+        if row["message_id"] in seen:
+            return "cycle"
+        seen.add(row["message_id"])
+        row = kept.get(row["parent_id"])
+    return "orphan"
+
+
+# ----------------------------------------------------------------------------------------------
+# Threading trees into conversations
+# ----------------------------------------------------------------------------------------------
+def rank_key(row):
+    """Rank 0 is the best reply; unranked replies come after every ranked one, then by date and id,
+    so the order never depends on the order of the rows in the file."""
+    return (row.get("rank") is None, row.get("rank") or 0, row.get("created_date") or "", row["message_id"])
+
+
+def conversations(messages, branches="best"):
+    """Conversations as {"id", "lang", "messages"} from validated messages by id: with branches
+    "best" one per tree along the best replies, with "all" one per root-to-leaf path. A trailing
+    unanswered user turn is cut off; a conversation needs a user turn and its answer."""
+    children = defaultdict(list)
+    for row in messages.values():
+        children[row["parent_id"]].append(row)
+    for siblings in children.values():
+        siblings.sort(key=rank_key)
+    found, seen = [], set()
+    for root in children[None]:
+        for path in paths_from(root, children, branches):
+            while path and path[-1]["role"] == "prompter":
+                path = path[:-1]
+            key = tuple(r["message_id"] for r in path)
+            if len(path) >= 2 and key not in seen:
+                seen.add(key)
+                found.append({"id": path[-1]["message_id"], "lang": root.get("lang"),
+                              "messages": [{"role": ROLES[r["role"]], "content": r["text"]} for r in path]})
+    return found
+
+
+def paths_from(root, children, branches):
+    """Root-to-leaf paths: the best-ranked one, or all of them (children are sorted best first)."""
+    if branches == "best":
+        path = [root]
+        while children[path[-1]["message_id"]]:
+            path.append(children[path[-1]["message_id"]][0])
+        return [path]
+    paths, stack = [], [[root]]
+    while stack:
+        path = stack.pop()
+        replies = children[path[-1]["message_id"]]
+        if not replies:
+            paths.append(path)
+        stack += [path + [reply] for reply in reversed(replies)]
+    return paths
+
+
+def tree_ids(messages):
+    """message_id -> the id of its tree's root."""
+    root = {}
+    for message_id, row in messages.items():
+        chain = []
+        while message_id not in root and row["parent_id"] is not None:
+            chain.append(message_id)
+            message_id, row = row["parent_id"], messages[row["parent_id"]]
+        top = root.get(message_id, message_id)
+        root[message_id] = top
+        root.update(dict.fromkeys(chain, top))
+    return root
+
+
+def hold_out(items, group_of, fraction, seed):
+    """Split items into (train, validation) by whole group (an OASST tree, a document), so that no
+    group is in both. At least one group is held out when there are two or more."""
+    groups = sorted({group_of(item) for item in items})
+    random.Random(seed).shuffle(groups)
+    count = min(len(groups) - 1, max(1, round(len(groups) * fraction))) if fraction > 0 else 0
+    val_groups = set(groups[:count])
+    return ([i for i in items if group_of(i) not in val_groups], [i for i in items if group_of(i) in val_groups])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training documents
+# ----------------------------------------------------------------------------------------------
+def training_documents(path, val_fraction, seed, problems):
+    """(train documents, validation documents) from a file or folder. Without a validation file,
+    a val_fraction of whole documents is held out, so no conversation sits in both."""
+    if not os.path.exists(path):
+        hint = " Run `python Dataset_download.py` first." if os.path.basename(path.rstrip("/")) == "oasst1_data" else ""
+        raise DataError(f"data path {path} does not exist.{hint}")
+    try:
+        train_files, val_files = split_files(path)
+    except DataError as e:
+        raise DataError(f"{e}. For OASST1, run `python Dataset_download.py` first.") from None
+    train = [d for f in train_files for d in read_documents(f, problems)]
+    val = [d for f in val_files for d in read_documents(f, problems)]
+    if not val:
+        numbered = list(enumerate(train))
+        kept, held = hold_out(numbered, lambda item: item[0], val_fraction, seed)
+        train, val = [d for _, d in kept], [d for _, d in held]
+    if not train:
+        raise DataError(f"no usable text in {path}" + (f"; first problem: {problems[0]}" if problems else ""))
+    return train, val
+
+
+def document_chars(documents):
+    """Counter of every character in the documents' text."""
+    counts = Counter()
+    for kind, doc in documents:
+        for text in [doc] if kind == "text" else [m["content"] for m in doc]:
+            counts.update(text)
+    return counts
+
