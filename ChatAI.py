@@ -38,7 +38,6 @@ CONFIG = {
 }
 TYPES = {"seed": int, "prompt": str}
 RULES = {"mode": ("topk", "nucleus", "greedy"), "threads": (1, 1024)}
-REPLY_RESERVE = 4  # keep 1/4 of the window free for the reply when dropping old turns
 
 
 @dataclasses.dataclass
@@ -167,16 +166,11 @@ def conversation(session, full=False):
 
 
 def fit_history(session):
-    """Drop the oldest turns whole (never part of one) until the prompt leaves a quarter of the
-    window for the reply. Returns how many messages were dropped; the newest message always stays."""
-    budget = session.model.config.seq_length * (REPLY_RESERVE - 1) // REPLY_RESERVE
-    dropped = 0
-    while session.start < len(session.history) - 1:
-        ids, _ = M.render_chat(conversation(session), session.vocab, add_generation_prompt=True)
-        if len(ids) <= budget:
-            break
-        session.start += 1
-        dropped += 1
+    """Drop the oldest turns whole until the prompt leaves a quarter of the window for the reply
+    (model.turns_to_drop). Returns how many messages were dropped; they stay in `save`."""
+    pinned = 1 if session.config["system_prompt"] else 0
+    dropped = M.turns_to_drop(conversation(session), session.vocab, session.model.config.seq_length, pinned)
+    session.start += dropped
     return dropped
 
 
@@ -235,12 +229,10 @@ def check_config(config):
 
 def load_session(path, config):
     try:
-        device = M.pick_device(config["device"])
-        checkpoint = M.load_checkpoint(path)
+        net, vocab, checkpoint = M.load_for_chat(path, config["device"])
     except (ValueError, M.CheckpointError) as e:
         sys.exit(f"error: {e}")
-    net, vocab = M.build_model(checkpoint)
-    net.to(device).eval()
+    device = net.tok_emb.weight.device
     info = (f"LuminaAI | {path} | stage {checkpoint.get('stage', '?')} | {net.num_params():,} parameters | "
             f"context {net.config.seq_length} | vocabulary {len(vocab)} | device {device}")
     if config["compile"]:

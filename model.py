@@ -104,6 +104,23 @@ def render_chat(messages, vocab, add_generation_prompt=False):
     return ids, mask
 
 
+REPLY_RESERVE = 4  # when old turns must go, keep 1/4 of the window free for the reply
+
+
+def turns_to_drop(messages, vocab, seq_length, pinned=0):
+    """How many messages after the first `pinned` (a system prompt) to drop, oldest first and whole,
+    so that the rendered prompt leaves a quarter of the window for the reply. The newest message
+    always stays; a turn is never cut in half."""
+    budget = seq_length * (REPLY_RESERVE - 1) // REPLY_RESERVE
+    dropped = 0
+    while pinned + dropped < len(messages) - 1:
+        ids, _ = render_chat(messages[:pinned] + messages[pinned + dropped:], vocab, add_generation_prompt=True)
+        if len(ids) <= budget:
+            break
+        dropped += 1
+    return dropped
+
+
 def parse_chat(ids, vocab):
     """Inverse of render_chat: ids back to a list of messages (a trailing open turn is kept)."""
     roles = {token: role for role, token in ROLE_TOKENS.items()}
@@ -169,16 +186,17 @@ def apply_rotary(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated to the window.
+    """Keys and values of every layer for several sequences at once, preallocated to the window.
 
-    k[layer] has shape (batch, nhead, seq_length, head_dim); `pos` counts the filled positions.
+    k[layer] has shape (slots, nhead, seq_length, head_dim): one slot per sequence being generated.
+    lengths[slot] counts the positions filled in that slot; each sequence advances on its own.
     """
 
-    def __init__(self, config, batch_size=1, device="cpu", dtype=torch.float32):
-        shape = (batch_size, config.nhead, config.seq_length, config.hidden_size // config.nhead)
+    def __init__(self, config, slots=1, device="cpu", dtype=torch.float32):
+        shape = (slots, config.nhead, config.seq_length, config.hidden_size // config.nhead)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.pos = 0
+        self.lengths = [0] * slots  # plain ints: the bookkeeping of a step should not launch tensor ops
 
 
 class CausalSelfAttention(nn.Module):
@@ -188,7 +206,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, x, rotary, cache=None, layer=0):
+    def forward(self, x, rotary, cache=None, layer=0, step=None):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.nhead, C // self.nhead)
         # Rotate queries and keys together, then (B, T, nhead, head_dim) -> (B, nhead, T, head_dim).
@@ -197,15 +215,44 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            start, end = cache.pos, cache.pos + T
-            cache.k[layer][:, :, start:end] = k
-            cache.v[layer][:, :, start:end] = v
-            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-            # New query i sits at absolute position start+i and may see keys 0..start+i; a single
-            # new position (every step after the prompt) may see all of them, so needs no mask.
-            mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            k, v, mask = cached_keys(cache, layer, step, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class CacheStep:
+    """Where one forward pass reads and writes in a KVCache: the same for every layer, so it is
+    worked out once per pass. Row b's new query t sits at absolute position starts[b] + t and may
+    see the keys up to there. One sequence (every chat step) needs no index tensors, and no mask
+    for a single new position; a batch of sequences of different lengths reads up to the longest
+    and masks each row's unfilled tail."""
+
+    def __init__(self, cache, slots, T, device):
+        self.slots, self.starts = slots, [cache.lengths[s] for s in slots]
+        self.end = max(self.starts) + T
+        self.rows = self.positions = self.mask = None
+        if len(slots) == 1 and T > 1:
+            self.mask = torch.ones(T, self.end, dtype=torch.bool, device=device).tril(diagonal=self.starts[0])
+        elif len(slots) > 1:
+            # Rows in a run of neighbouring slots read their keys through a view; others are gathered.
+            contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+            self.rows = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=device)
+            self.slot_index = torch.tensor(slots, device=device)[:, None]
+            self.positions = torch.tensor(self.starts, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
+            self.mask = (torch.arange(self.end, device=device) <= self.positions[:, :, None])[:, None]  # (B, 1, T, end)
+
+
+def cached_keys(cache, layer, step, k, v):
+    """Write the new keys and values (B, nhead, T, head_dim) at each row's next positions in its
+    slot; return every key and value the rows may see, and the mask that says which."""
+    if step.rows is None:
+        (slot,), (start,), T = step.slots, step.starts, k.shape[2]
+        cache.k[layer][slot, :, start:start + T] = k[0]
+        cache.v[layer][slot, :, start:start + T] = v[0]
+        return cache.k[layer][slot:slot + 1, :, :step.end], cache.v[layer][slot:slot + 1, :, :step.end], step.mask
+    cache.k[layer][step.slot_index, :, step.positions] = k.transpose(1, 2)  # indexed as (B, T, nhead, head_dim)
+    cache.v[layer][step.slot_index, :, step.positions] = v.transpose(1, 2)
+    return cache.k[layer][step.rows, :, :step.end], cache.v[layer][step.rows, :, :step.end], step.mask
 
 
 class MLP(nn.Module):
@@ -232,8 +279,8 @@ class Block(nn.Module):
         self.attn, self.mlp = CausalSelfAttention(config), MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary, cache=None, layer=0):
-        x = x + self.drop(self.attn(self.norm1(x), rotary, cache, layer))
+    def forward(self, x, rotary, cache=None, layer=0, step=None):
+        x = x + self.drop(self.attn(self.norm1(x), rotary, cache, layer, step))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -267,19 +314,26 @@ class CharTransformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0):
+    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, slots=None):
         """idx (B, T) ids -> logits (B, T, vocab). With targets, also the mean loss over targets
-        that are not -1 (masked). With a cache, idx continues the cached positions."""
-        start = cache.pos if cache is not None else 0
+        that are not -1 (masked). With a cache, row b of idx continues the positions cached in
+        slot slots[b] (default: slot b)."""
         T = idx.shape[1]
-        if start + T > self.config.seq_length:
-            raise ValueError(f"{start + T} positions exceed the context window of {self.config.seq_length}")
-        rotary = (self.cos[start:start + T], self.sin[start:start + T])
+        step = None if cache is None else CacheStep(cache, slots or list(range(idx.shape[0])), T, idx.device)
+        end = step.end if step else T
+        if end > self.config.seq_length:
+            raise ValueError(f"{end} positions exceed the context window of {self.config.seq_length}")
+        if step is None or step.positions is None:  # every row at the same position: a slice
+            start = step.starts[0] if step else 0
+            rotary = (self.cos[start:start + T], self.sin[start:start + T])
+        else:  # each row its own positions: (B, T, 1, 1, head_dim)
+            rotary = (self.cos[step.positions], self.sin[step.positions])
         x = self.drop(self.tok_emb(idx))
         for layer, block in enumerate(self.blocks):
-            x = block(x, rotary, cache, layer)
+            x = block(x, rotary, cache, layer, step)
         if cache is not None:
-            cache.pos += T
+            for s in step.slots:
+                cache.lengths[s] += T
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None
@@ -341,38 +395,85 @@ def window_start(length, seq_length):
     return rereads * stride
 
 
+@dataclasses.dataclass
+class Row:
+    """One sequence being generated: its ids so far, how to sample it, and its KV-cache slot.
+
+    A chat uses one row; a server runs many rows through one model, each with its own settings and
+    random generator, so a reply does not depend on what else is being generated beside it."""
+    ids: list                  # the prompt, then every id generated so far
+    max_new_tokens: int
+    slot: int = 0              # which slot of the KVCache holds this row's keys and values
+    temperature: float = 0.8
+    top_k: int = None
+    top_p: float = None
+    repetition_penalty: float = 1.0
+    generator: torch.Generator = None
+    stop_ids: tuple = (END,)
+    new: int = 0               # ids generated so far
+    window: int = None         # first id of the window the cache holds; None: nothing read yet
+
+    @property
+    def done(self):
+        return self.new >= self.max_new_tokens or (self.new > 0 and self.ids[-1] in self.stop_ids)
+
+
+@torch.inference_mode()
+def advance(model, cache, rows):
+    """One generation step for every row: append one new id to each, and return them.
+
+    A row whose window must be read (its first step, or a re-read when the text outgrows the
+    window: see window_start) gets a prompt pass of its own; every other row needs only its last
+    id, and those rows share one batched single-position step.
+    """
+    logits, stepping = {}, []
+    for row in rows:
+        start = window_start(len(row.ids), model.config.seq_length)
+        if start == row.window:
+            stepping.append(row)
+            continue
+        row.window, cache.lengths[row.slot] = start, 0
+        out, _ = model(torch.tensor([row.ids[start:]], device=cache.k[0].device), cache=cache, slots=[row.slot])
+        logits[id(row)] = out[0, -1]
+    if stepping:
+        stepping.sort(key=lambda row: row.slot)  # neighbouring slots read the cache without a copy
+        last = torch.tensor([[row.ids[-1]] for row in stepping], device=cache.k[0].device)
+        out, _ = model(last, cache=cache, slots=[row.slot for row in stepping])
+        logits.update((id(row), out[b, -1]) for b, row in enumerate(stepping))
+    new_ids = []
+    for row in rows:
+        new_ids.append(sample(logits[id(row)], row.temperature, row.top_k, row.top_p, row.repetition_penalty,
+                              row.ids[-REPETITION_WINDOW:], row.generator))
+        row.ids.append(new_ids[-1])
+        row.new += 1
+    return new_ids
+
+
+def new_cache(model, slots=1):
+    """An empty KVCache for `model`, on its device and in its dtype."""
+    weight = model.tok_emb.weight
+    return KVCache(model.config, slots, device=weight.device, dtype=weight.dtype)
+
+
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None,
              repetition_penalty=1.0, generator=None, stop_ids=(END,), use_cache=True):
     """Yield new ids one at a time, stopping after a stop id or max_new_tokens.
 
     The prompt (or its most recent window, see window_start) goes through in one forward pass;
-    each later id costs one cached step. use_cache=False re-runs the whole window every step: the
-    slow textbook version, kept for tests and benchmarks.
+    each later id costs one cached step: one Row through advance(). use_cache=False re-runs the
+    whole window every step: the slow textbook version, kept for tests and benchmarks.
     """
     model.eval()
-    config, device = model.config, model.tok_emb.weight.device
-    ids = list(prompt_ids)
-    if not ids:
+    if not prompt_ids:
         raise ValueError("generate needs at least one prompt id")
-    cache = KVCache(config, device=device, dtype=model.tok_emb.weight.dtype) if use_cache else None
-    start = None
-    for _ in range(max_new_tokens):
-        new_start = window_start(len(ids), config.seq_length)
-        if cache is None or new_start != start:  # first step, a re-read, or no cache at all
-            start = new_start
-            if cache is not None:
-                cache.pos = 0
-            step_ids = ids[start:]
-        else:
-            step_ids = ids[-1:]
-        logits, _ = model(torch.tensor([step_ids], device=device), cache=cache)
-        next_id = sample(logits[0, -1], temperature, top_k, top_p, repetition_penalty,
-                         ids[-REPETITION_WINDOW:], generator)
-        ids.append(next_id)
-        yield next_id
-        if next_id in stop_ids:
-            return
+    row = Row(list(prompt_ids), max_new_tokens, 0, temperature, top_k, top_p, repetition_penalty, generator,
+              tuple(stop_ids))
+    cache = new_cache(model)
+    while not row.done:
+        if not use_cache:
+            row.window = None  # forget the cache: the whole window is read again
+        yield advance(model, cache, [row])[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,6 +554,15 @@ def build_model(checkpoint):
     model = CharTransformer(ModelConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
     return model, vocab
+
+
+def load_for_chat(path, device="auto"):
+    """(model in eval mode on the device the rule picks, vocab, checkpoint): what a stage that
+    generates needs. Raises CheckpointError or ValueError with a one-line message."""
+    device = pick_device(device)
+    checkpoint = load_checkpoint(path)
+    net, vocab = build_model(checkpoint)
+    return net.to(device).eval(), vocab, checkpoint
 
 
 def model_state(model):

@@ -294,3 +294,26 @@ def test_importing_model_has_no_side_effects(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
     assert os.listdir(tmp_path) == []
+
+
+# --- batched generation ---------------------------------------------------------------------------
+def test_a_batched_step_gives_each_row_exactly_what_it_gets_alone(vocab):
+    """advance() over rows of different lengths, joining at different times and re-reading their
+    windows at different steps, gives every row the ids generate() gives it alone."""
+    net = tiny_model(vocab)  # random weights: greedy would repeat one id, so every row samples
+    prompts = [torch.randint(len(M.SPECIAL_TOKENS), len(vocab), (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (3, 9, 15, 30)]
+    settings = [dict(temperature=1.0), dict(temperature=1.0, top_k=5), dict(temperature=0.7, top_p=0.9),
+                dict(temperature=1.2, repetition_penalty=1.3)]
+    solo = [list(M.generate(net, p, 40, stop_ids=(), generator=torch.Generator().manual_seed(i), **s))
+            for i, (p, s) in enumerate(zip(prompts, settings))]
+    cache = M.new_cache(net, slots=6)
+    rows = [M.Row(list(p), 40, slot=slot, generator=torch.Generator().manual_seed(i), stop_ids=(), **s)
+            for i, (p, s, slot) in enumerate(zip(prompts, settings, (5, 0, 3, 1)))]
+    running, step = [], 0
+    while step < 7 * len(rows) or any(not row.done for row in running):
+        running += [rows[step // 7]] if step % 7 == 0 and step // 7 < len(rows) else []  # join one by one
+        M.advance(net, cache, [row for row in running if not row.done])
+        step += 1
+    assert len({tuple(ids) for ids in solo}) == len(solo) and all(len(set(ids)) > 3 for ids in solo)
+    assert [row.ids[len(p):] for row, p in zip(rows, prompts)] == solo

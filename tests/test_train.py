@@ -130,7 +130,8 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path, chat_file):
            "--max_iters=100000", "--log_interval=5", *TINY_ARGS]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.time() + 120
-    while not (tmp_path / "train_metrics.jsonl").exists() and time.time() < deadline:
+    metrics = tmp_path / "train_metrics.jsonl"  # made empty at the start; the first line comes at step 5
+    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

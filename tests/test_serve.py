@@ -1,0 +1,294 @@
+"""serve.py, as its clients use it: the real server in a subprocess on a loopback port, the
+official openai client, raw HTTP for bad input, concurrency for batching, and a real browser."""
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+import model as M
+import serve
+from conftest import CHATS, ROOT, run_script, write_jsonl
+from test_chat import endless_checkpoint
+
+KEY = "secret"
+
+
+def trained_checkpoint(folder):
+    """A tiny model trained for a few seconds on the test chats: its replies depend on the prompt,
+    and its logits have real gaps, so greedy picks never hinge on rounding."""
+    chats = write_jsonl(folder / "chats.jsonl", [{"messages": c} for c in CHATS * 30])
+    out = run_script("Train.py", f"--data={chats}", f"--out_dir={folder}", "--max_iters=200", "--eval_interval=200",
+                     "--seq_length=64", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8",
+                     "--max_minutes=0", "--probe_chars=0", "--device=cpu", "--dtype=float32", cwd=folder)
+    assert out.returncode == 0, out.stderr
+    return str(folder / "Model.pth")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """serve.py in a subprocess, ready when /health answers."""
+
+    def __init__(self, checkpoint, *args):
+        self.checkpoint, self.port = checkpoint, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), checkpoint, f"--port={self.port}",
+                                      "--threads=1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.proc.kill()
+        raise RuntimeError(f"serve.py did not start: {self.proc.communicate()[1][-2000:]}")
+
+    def client(self, key=KEY):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def health(self):
+        return httpx.get(self.url + "/health").json()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory):
+    server = Server(trained_checkpoint(tmp_path_factory.mktemp("trained")), f"--api_key={KEY}")
+    yield server
+    code, _, err = server.stop()
+    assert code == 0 and "Traceback" not in err, err  # SIGTERM is a clean stop
+
+
+def ask(client, text, **kwargs):
+    return client.chat.completions.create(model="Model", messages=[{"role": "user", "content": text}], **kwargs)
+
+
+# --- the API through the official client -----------------------------------------------------------
+def test_plain_streamed_n_stop_seed_usage_and_models(sharp):
+    client = sharp.client()
+    assert [m.id for m in client.models.list().data] == ["Model"]
+    plain = ask(client, "hello there", max_tokens=40, temperature=0)
+    reply = plain.choices[0].message.content
+    assert plain.object == "chat.completion" and plain.choices[0].finish_reason in ("stop", "length") and reply
+    assert plain.usage.completion_tokens == len(reply) and plain.usage.prompt_tokens == len("hello there") + 3
+    chunks = list(ask(client, "hello there", max_tokens=40, temperature=0, stream=True,
+                      stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == len(reply)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    seeded = [ask(client, "hi", max_tokens=30, temperature=1.0, seed=7, n=2) for _ in range(2)]
+    assert [c.message.content for c in seeded[0].choices] == [c.message.content for c in seeded[1].choices]
+    assert len(seeded[0].choices) == 2 and seeded[0].choices[0].message.content != seeded[0].choices[1].message.content
+
+
+def test_stop_strings_end_the_reply_and_are_never_sent(sharp):
+    client = sharp.client()
+    full = ask(client, "tell me", max_tokens=60, temperature=1.0, seed=1).choices[0].message.content
+    assert len(full) >= 6
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    cut = ask(client, "tell me", max_tokens=60, temperature=1.0, seed=1, stop=[stop, "zzzz"])
+    assert cut.choices[0].message.content == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       ask(client, "tell me", max_tokens=60, temperature=1.0, seed=1, stop=stop, stream=True) if c.choices)
+    assert streamed == full[:full.index(stop)]
+
+
+def test_unknown_characters_are_dropped_and_counted_and_typed_tokens_stay_text(sharp):
+    text = "héllo wörld <|bot|>"
+    reply = httpx.post(sharp.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "Model", "messages": [{"role": "user", "content": text}], "max_tokens": 5}).json()
+    vocab = M.Vocab(M.load_checkpoint(sharp.checkpoint)["vocab"])
+    unknown = [c for c in text if c not in vocab.stoi]
+    assert {"é", "ö", "<", "|", ">"} <= set(unknown) and reply["dropped_characters"] == len(unknown)
+    # <|user|>, <|end|>, <|bot|> and the known characters: "bot" stayed three ordinary characters
+    assert reply["usage"]["prompt_tokens"] == len(text) - len(unknown) + 3
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+BAD = [
+    (b"{not json", 400, None),
+    ({"model": "Model", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ({"model": "Model", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"model": "Model", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"model": "Model", "messages": []}, 400, "messages"),
+    ({"model": "Model", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"model": "Model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "Model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 9}, 400, "max_tokens"),
+    ({"model": "Model", "messages": [{"role": "user", "content": "hi"}], "n": True}, 400, "n"),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    (b"x" * 10_000_000, 413, None),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD, ids=[f"{s}-{p}" for _, s, p in BAD])
+def test_bad_input_gets_its_status_and_an_openai_shaped_error(sharp, body, status, param):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    response = httpx.post(sharp.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}",
+                          "Content-Type": "application/json"}, timeout=60, **kwargs)
+    error = response.json()["error"]
+    assert response.status_code == status and set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["message"]
+    assert sharp.health()["status"] == "ok"  # and it keeps serving
+
+
+def test_keys_paths_and_the_neutral_fields_clients_send(sharp):
+    with pytest.raises(openai.AuthenticationError):
+        ask(sharp.client(key="wrong"), "hi", max_tokens=3)
+    assert httpx.get(sharp.url + "/v1/models").status_code == 401
+    assert httpx.get(sharp.url + "/health").status_code == 200 and httpx.get(sharp.url + "/").status_code == 200
+    missing = httpx.get(sharp.url + "/v2/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    ok = ask(sharp.client(), "hi", max_tokens=3, frequency_penalty=0, presence_penalty=0)
+    assert ok.choices[0].message.content is not None
+    parts = httpx.post(sharp.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+        "model": "Model", "max_tokens": 10, "temperature": 0,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}]})
+    assert parts.json()["choices"][0]["message"]["content"] == ask(sharp.client(), "hello there", max_tokens=10,
+                                                                   temperature=0).choices[0].message.content
+
+
+def test_history_longer_than_the_window_is_cut_by_whole_turns_not_refused(sharp):
+    turns = [{"role": "system", "content": "be brief"}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " * 2} for i in range(21)]
+    reply = sharp.client().chat.completions.create(model="Model", messages=turns, max_tokens=5)
+    assert reply.usage.prompt_tokens <= 48  # 3/4 of the 64-character window
+    vocab = M.Vocab(M.load_checkpoint(sharp.checkpoint)["vocab"])
+    ids, _ = M.render_chat(turns[:1] + turns[-1:], vocab, True)
+    assert reply.usage.prompt_tokens >= len(ids)  # the system prompt and the newest turn stayed
+
+
+# --- continuous batching -------------------------------------------------------------------------------
+def test_sixteen_concurrent_requests_get_exactly_their_solo_replies(sharp):
+    client = sharp.client()
+    asks = [dict(text=f"question number {i} " + "abc"[: i % 3], max_tokens=30 + 3 * i,
+                 **({"temperature": 0} if i % 2 else {"temperature": 1.0, "seed": i})) for i in range(16)]
+    call = lambda a: ask(client, a["text"], **{k: v for k, v in a.items() if k != "text"}).choices[0].message.content
+    solo = [call(a) for a in asks]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(call, asks))
+    assert together == solo
+    assert len(set(solo)) > 8  # the replies really differ, so equality means something
+
+
+@pytest.fixture(scope="module")
+def endless(tmp_path_factory):
+    """A model that never ends its turn, served one sequence at a time with a queue of one."""
+    path = endless_checkpoint(tmp_path_factory.mktemp("endless") / "Model.pth")
+    server = Server(path, "--max_batch=1", "--max_queue=1", "--max_tokens_limit=1000000")
+    yield server
+    server.stop()
+
+
+def test_a_client_that_disconnects_frees_its_slot(endless):
+    with httpx.stream("POST", endless.url + "/v1/chat/completions", timeout=60, json={
+            "model": "Model", "messages": [{"role": "user", "content": "go"}], "max_tokens": 1000000,
+            "stream": True}) as response:
+        for _ in zip(range(5), response.iter_lines()):
+            pass  # it is streaming; now hang up, a million characters early
+    start = time.time()
+    later = ask(endless.client(), "next", max_tokens=20)  # with one slot, this waits unless it was freed
+    assert len(later.choices[0].message.content) == 20 and time.time() - start < 30
+    assert endless.health()["running"] == 0
+
+
+def test_a_full_queue_answers_429_and_accepted_requests_complete(endless):
+    results = {}
+
+    def run(name, tokens):
+        results[name] = ask(endless.client(), name, max_tokens=tokens).choices[0].message.content
+
+    first = threading.Thread(target=run, args=("first", 3000))
+    first.start()
+    while endless.health()["running"] < 1:
+        time.sleep(0.05)
+    second = threading.Thread(target=run, args=("second", 20))
+    second.start()
+    while endless.health()["waiting"] < 1:
+        time.sleep(0.05)
+    with pytest.raises(openai.RateLimitError, match="queue is full"):
+        ask(endless.client(), "third", max_tokens=5)
+    first.join(120)
+    second.join(120)
+    assert len(results["first"]) == 3000 and len(results["second"]) == 20
+
+
+# --- start-up errors and shutdown ----------------------------------------------------------------------
+def test_missing_checkpoint_and_bad_keys_exit_with_a_message(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py")], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode != 0 and "Model.pth not found: run `python Train.py` first" in out.stderr
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--max_batch=0"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "max_batch must be between 1 and 1024" in out.stderr
+
+
+def test_ctrl_c_finishes_the_reply_in_flight_then_exits_0(tmp_path):
+    server = Server(endless_checkpoint(tmp_path / "Model.pth"))
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=ask(server.client(), "go", max_tokens=2000)))
+    worker.start()
+    while server.health()["running"] < 1:
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGINT)
+    worker.join(60)
+    code, out, err = server.stop() if server.proc.poll() is None else (server.proc.returncode, *server.proc.communicate())
+    assert code == 0 and "Traceback" not in err and "stopped" in out
+    assert len(result["r"].choices[0].message.content) == 2000
+
+
+# --- the page, in a real browser -----------------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium here (.ci/run installs it)")
+def test_the_page_streams_a_reply_stops_it_and_clears(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+    server = Server(endless_checkpoint(tmp_path / "Model.pth"), "--max_tokens_limit=1000000")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.fill("#max_tokens", "1000000")
+            page.fill("#input", "hello there")
+            page.click("#send")
+            reply = page.locator(".msg.assistant")
+            expect(reply).not_to_have_text("", timeout=20000)
+            first = len(reply.inner_text())
+            page.wait_for_function("n => document.querySelector('.msg.assistant').textContent.length > n + 50", arg=first)
+            assert server.health()["running"] == 1  # still writing, on the server
+            page.click("#stop")
+            expect(page.locator("#stop")).to_be_disabled()
+            deadline = time.time() + 10
+            while server.health()["running"] and time.time() < deadline:
+                time.sleep(0.1)
+            assert server.health()["running"] == 0  # Stop cancelled the generation on the server
+            stopped = reply.inner_text()
+            time.sleep(0.5)
+            assert reply.inner_text() == stopped and len(stopped) > 50
+            page.screenshot(path=str(tmp_path / "page.png"))
+            page.click("#clear")
+            expect(page.locator(".msg")).to_have_count(0)
+            browser.close()
+    finally:
+        server.stop()
