@@ -47,6 +47,7 @@ CONFIG = {
     "seq_length": None,            # context window in characters; 64-1024
     "dropout": 0.0,                # 0 for runs shorter than an epoch; 0.1 once val loss drifts above train loss
     # --- optimization ---
+    "optimizer": "adamw",          # adamw; or muon: Muon for the blocks' weight matrices, AdamW for the rest
     "batch_size": None,            # sequences per micro-batch, per process
     "grad_accum": 1,               # micro-batches per optimizer step, summed over all processes
     "learning_rate": None,         # peak AdamW learning rate
@@ -82,6 +83,7 @@ RULES = {"val_fraction": (0.0, 0.5), "warmup_ratio": (0.0, 0.5), "min_lr_ratio":
          "label_smoothing": (0.0, 0.5), "grad_clip": (0.0, math.inf), "max_minutes": (0.0, math.inf),
          "weight_decay": (0.0, math.inf), "beta2": (0.0, 0.9999), "learning_rate": (1e-9, 10.0),
          "probe_chars": (0, 10000), "threads": (0, 1024), "dtype": ("auto", "float32", "bfloat16", "float16"),
+         "optimizer": ("adamw", "muon"),
          **{key: (1, math.inf) for key in POSITIVE}}
 
 # Model shapes and batch sizes that suit each device; any key set above wins over the preset.
@@ -161,8 +163,9 @@ def resolve_config(config, argv, state, device):
     """The run's config: on --resume the saved run's, with this command line on top; then the
     device preset fills the keys left at None."""
     try:
-        if state:
-            config = apply_overrides({**CONFIG, **state["config"]}, [a for a in argv if a != "--resume"], TYPES)
+        if state:  # a run saved before the optimizer key existed used AdamW
+            config = apply_overrides({**CONFIG, "optimizer": "adamw", **state["config"]},
+                                     [a for a in argv if a != "--resume"], TYPES)
         preset = PRESETS["gpu" if device.type == "cuda" else "cpu"]
         return check_rules({**config, **{k: v for k, v in preset.items() if config.get(k) is None}}, RULES)
     except ConfigError as e:
@@ -260,14 +263,91 @@ def lr_at(progress, config):
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * decay))
 
 
+def orthogonalize(g, steps=5):
+    """The nearest semi-orthogonal matrix to each matrix of g (..., rows, cols), roughly: five
+    Newton-Schulz iterations of the quintic x <- a x + (b A + c A^2) x with A = x x^T, whose
+    coefficients push every singular value towards 1 fast (to 0.5-1.5, which trains as well as
+    exactly 1). Run in g's own dtype: torch.optim.Muon always uses bf16, which CPUs without native
+    bf16 emulate about 100x slower than fp32."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (g.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values at most 1: it converges
+    tall = x.shape[-2] > x.shape[-1]
+    x = x.mT if tall else x  # A = x x^T is then the smaller square
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, orthogonalised (Keller Jordan's Muon): each 2-D weight moves by an orthogonalised
+    Nesterov momentum, so every direction of the matrix learns at the same rate. The step is scaled
+    by 0.2 sqrt(max(rows, cols)) to the size of AdamW's (Moonshot's rule), so it takes AdamW's
+    learning rate and decoupled weight decay."""
+
+    def __init__(self, params, lr, weight_decay, momentum=0.95):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            by_shape = {}  # matrices of one shape (the same layer in every block) go through together
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(p.shape, []).append(p)
+            for shape, params in by_shape.items():
+                bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
+                grads = [p.grad for p in params]
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, grads)
+                nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
+                updates = orthogonalize(nesterov).unbind(0)  # (layers, rows, cols) -> one per matrix
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, updates, alpha=-group["lr"] * 0.2 * math.sqrt(max(shape)))
+
+
+class Optimizers:
+    """Several optimizers stepped as one, so the loop sets one learning rate, clips once and saves
+    one state, whichever optimizers the config chose."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return [optimizer.state_dict() for optimizer in self.optimizers]
+
+    def load_state_dict(self, states):
+        states = [states] if isinstance(states, dict) else states  # a state saved before Muon: one AdamW
+        if len(states) != len(self.optimizers):
+            raise SystemExit("error: cannot resume: the saved optimizer state does not match --optimizer; "
+                             "resume with the optimizer the run started with")
+        for optimizer, state in zip(self.optimizers, states):
+            optimizer.load_state_dict(state)
+
+
 def make_optimizer(net, config, device):
-    """AdamW; weight matrices decay, norms and biases do not. The fused kernel on CUDA and CPU; on
-    MPS torch's default (for-each) implementation."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(0.9, config["beta2"]),
-                             fused=device.type in ("cuda", "cpu"))
+    """AdamW for every parameter, or (optimizer=muon) Muon for the blocks' 2-D weight matrices and
+    AdamW for the embedding (tied to the head) and the norms, as the nanoGPT speedruns do; both take
+    learning_rate and weight_decay. Matrices decay; norms do not. AdamW uses the fused kernel on
+    CUDA and CPU, torch's default (for-each) one on MPS."""
+    named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    use_muon = lambda name, p: config["optimizer"] == "muon" and name.startswith("blocks.") and p.dim() == 2
+    matrices = [p for name, p in named if use_muon(name, p)]
+    rest = [(name, p) for name, p in named if not use_muon(name, p)]
+    adamw = torch.optim.AdamW([{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": config["weight_decay"]},
+                               {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=config["learning_rate"], betas=(0.9, config["beta2"]), fused=device.type in ("cuda", "cpu"))
+    if not matrices:
+        return Optimizers([adamw])
+    return Optimizers([Muon(matrices, config["learning_rate"], config["weight_decay"]), adamw])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,9 +564,11 @@ class Trainer:
 
         loss, self.micro_batch = with_oom_backoff(attempt, self.micro_batch, self.log)
         if self.config["grad_clip"]:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not fp16-scaled ones
+            for optimizer in self.optimizer.optimizers:
+                self.scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config["grad_clip"])
-        self.scaler.step(self.optimizer)
+        for optimizer in self.optimizer.optimizers:
+            self.scaler.step(optimizer)
         self.scaler.update()
         self.step += 1
         return loss, lr

@@ -93,7 +93,7 @@ def test_a_file_with_no_usable_text_is_an_error(tmp_path):
 
 
 # --- the loop -----------------------------------------------------------------------------------
-def run_in_process(tmp_path, chat_file, interrupt_at=None, resume=False, max_iters=40):
+def run_in_process(tmp_path, chat_file, interrupt_at=None, resume=False, max_iters=40, optimizer="adamw"):
     """Call Train.main() here; optionally deliver a real SIGINT right after step `interrupt_at`."""
     real_log = Train.log_metrics
 
@@ -106,19 +106,20 @@ def run_in_process(tmp_path, chat_file, interrupt_at=None, resume=False, max_ite
     try:
         Train.main([f"--data={chat_file}", f"--out_dir={tmp_path}", f"--max_iters={max_iters}",
                     "--log_interval=1", "--eval_interval=15", "--checkpoint_interval=1000",
-                    "--dropout=0.1", *TINY_ARGS] + (["--resume"] if resume else []))
+                    "--dropout=0.1", f"--optimizer={optimizer}", *TINY_ARGS] + (["--resume"] if resume else []))
     finally:
         Train.log_metrics = real_log
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, chat_file):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, chat_file, optimizer):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run_in_process(straight, chat_file)
+    run_in_process(straight, chat_file, optimizer=optimizer)
     with pytest.raises(SystemExit) as stopped:
-        run_in_process(broken, chat_file, interrupt_at=23)
+        run_in_process(broken, chat_file, interrupt_at=23, optimizer=optimizer)
     assert stopped.value.code == Train.INTERRUPTED
     assert M.load_checkpoint(str(broken / "train_state.pth"))["step"] == 23
-    run_in_process(broken, chat_file, resume=True)
+    run_in_process(broken, chat_file, resume=True, optimizer=optimizer)
     a, b = losses(straight), losses(broken)
     assert sorted(a) == sorted(b) == list(range(1, 41))
     for step in a:
@@ -166,6 +167,31 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(vocab):
         Train.forward_backward(net, x, y, micro, runtime, scaler, {"label_smoothing": 0.0})
         grads.append(net.tok_emb.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_muon_gets_the_blocks_matrices_and_adamw_everything_else(vocab):
+    net = tiny_model(vocab)
+    config = {**Train.CONFIG, "learning_rate": 1e-3, "optimizer": "muon"}
+    muon, adamw = Train.make_optimizer(net, config, torch.device("cpu")).optimizers
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adamw = [id(p) for g in adamw.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert not in_muon & set(in_adamw) and len(in_adamw) == len(set(in_adamw))  # each in exactly one group
+    assert in_muon | set(in_adamw) == set(names)
+    assert sorted(names[i] for i in in_muon) == sorted(n for n, p in net.named_parameters()
+                                                       if n.startswith("blocks.") and p.dim() == 2)
+    assert {names[i] for i in in_adamw} >= {"tok_emb.weight", "norm.weight", "blocks.0.norm1.bias"}
+    only_adamw = Train.make_optimizer(net, {**config, "optimizer": "adamw"}, torch.device("cpu")).optimizers
+    assert len(only_adamw) == 1 and isinstance(only_adamw[0], torch.optim.AdamW)
+
+
+def test_orthogonalize_brings_every_singular_value_near_one_one_matrix_or_many():
+    g = torch.randn(3, 48, 16, generator=torch.Generator().manual_seed(0)) * torch.logspace(-1, 1, 16)
+    out = Train.orthogonalize(g)  # g's singular values spread over two decades; out's near 1
+    singular = torch.linalg.svdvals(out)
+    assert out.shape == g.shape and singular.min() > 0.5 and singular.max() < 1.5
+    assert torch.allclose(out[1], Train.orthogonalize(g[1]), atol=1e-5)  # batched = one by one
+    assert torch.allclose(Train.orthogonalize(g[0].T), out[0].T, atol=1e-5)  # wide and tall alike
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
