@@ -15,7 +15,6 @@ The cached path is measured eager (ChatAI's default) and compiled (ChatAI --comp
 
 Run:  python benchmarks/chat_speed.py [--threads=1] [--rounds=3] [--compile=False]
 """
-import os
 import sys
 import time
 

@@ -16,6 +16,7 @@ Run (about 2 x rounds x seconds + 2 x budget_rounds x budget_minutes, plus start
   python benchmarks/train_speed.py                                   # 2 rounds of 60 s, then 10 min each
   python benchmarks/train_speed.py --rounds=0 --budget_rounds=2      # only part 2, twice, taking turns
   python benchmarks/train_speed.py --seconds=20 --rounds=1 --budget_minutes=0   # a quick look
+  python benchmarks/train_speed.py --rounds=0 --train_args="--optimizer=muon --batch_size=8"   # another setting
 """
 import json
 import os
@@ -38,6 +39,7 @@ CONFIG = {
     "budget_minutes": 10.0,  # training budget of each bits/char run; 0 skips part 2
     "budget_rounds": 1,      # bits/char pairs, taking turns
     "compile": False,        # Train.py --compile
+    "train_args": "",        # more Train.py options for part 2, e.g. "--optimizer=muon --batch_size=8"
 }
 
 
@@ -64,7 +66,7 @@ def run_ref(seconds, shape):
     return {"tok_s": float(found[1]), "val_bpc": float(found[2]), "steps": int(found[3]), "params": int(found[4])}
 
 
-def run_ours(data, out_dir, minutes, shape, compile_, eval_windows=64):
+def run_ours(data, out_dir, minutes, shape, compile_, eval_windows=64, extra=()):
     """Train.py for `minutes`, evaluated only at the end. tok/s is the steady state: log intervals
     after the first, which holds start-up and compilation (reported separately)."""
     for name in ("train_metrics.jsonl", "train_state.pth", "Model.pth"):
@@ -73,7 +75,7 @@ def run_ours(data, out_dir, minutes, shape, compile_, eval_windows=64):
     args = [f"--{k}={v}" for k, v in shape.items()]
     cmd = [sys.executable, os.path.join(ROOT, "Train.py"), f"--data={data}", f"--out_dir={out_dir}",
            f"--max_minutes={minutes}", "--max_iters=100000000", "--eval_interval=100000000", "--log_interval=20",
-           "--probe_chars=0", f"--eval_windows={eval_windows}", f"--compile={compile_}", *args]
+           "--probe_chars=0", f"--eval_windows={eval_windows}", f"--compile={compile_}", *args, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"Train.py failed:\n{out.stderr[-3000:]}")
@@ -99,7 +101,8 @@ def main(argv):
     gaps = []
     for _ in range(settings["budget_rounds"] if settings["budget_minutes"] > 0 else 0):
         ref = run_ref(settings["budget_minutes"] * 60, NANOGPT_SHAPE)
-        ours = run_ours(data, work, settings["budget_minutes"], {}, settings["compile"], eval_windows=1200)
+        ours = run_ours(data, work, settings["budget_minutes"], {}, settings["compile"], eval_windows=1200,
+                        extra=settings["train_args"].split())
         gaps.append(ref["val_bpc"] - ours["val_bpc"])
         print(f"{settings['budget_minutes']:g} min each: ref {ref['val_bpc']:.3f} bits/char ({ref['steps']} steps, "
               f"{ref['params']:,} params) | Train.py CPU preset {ours['val_bpc']:.3f} bits/char ({ours['steps']} steps, "

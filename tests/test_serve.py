@@ -1,7 +1,6 @@
 """serve.py, as its clients use it: the real server in a subprocess on a loopback port, the
 official openai client, raw HTTP for bad input, concurrency for batching, and a real browser."""
 import concurrent.futures
-import json
 import os
 import shutil
 import signal
@@ -16,7 +15,6 @@ import openai
 import pytest
 
 import model as M
-import serve
 from conftest import CHATS, ROOT, run_script, write_jsonl
 from test_chat import endless_checkpoint
 
