@@ -105,8 +105,8 @@ def main(argv):
                         extra=settings["train_args"].split())
         gaps.append(ref["val_bpc"] - ours["val_bpc"])
         print(f"{settings['budget_minutes']:g} min each: ref {ref['val_bpc']:.3f} bits/char ({ref['steps']} steps, "
-              f"{ref['params']:,} params) | Train.py CPU preset {ours['val_bpc']:.3f} bits/char ({ours['steps']} steps, "
-              f"{ours['params']:,} params) | {gaps[-1]:+.3f} better", flush=True)
+              f"{ref['params']:,} params) | Train.py CPU preset {settings['train_args']} {ours['val_bpc']:.3f} "
+              f"bits/char ({ours['steps']} steps, {ours['params']:,} params) | {gaps[-1]:+.3f} better", flush=True)
     if len(gaps) > 1:
         print(f"mean over {len(gaps)} rounds: {sum(gaps) / len(gaps):+.3f} better")
 
