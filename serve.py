@@ -67,6 +67,7 @@ RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "
          "max_body_bytes": (1000, 10 ** 9), "shutdown_seconds": (0, 3600), "temperature": (0.0, 2.0),
          "top_k": (1, 10 ** 6), "top_p": (0.0, 1.0), "repetition_penalty": (1.0, 2.0), "max_tokens": (1, 10 ** 6),
          "threads": (0, 1024)}
+SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # per-request settings
 MAX_STOPS = 4  # as OpenAI's API allows
 ROLE_STOPS = (M.END, M.USER, M.BOT, M.SYSTEM)  # a reply ends at <|end|>, or where the model opens another turn
 
@@ -164,10 +165,8 @@ def parse_request(body, config, model_name):
         messages=parse_messages(body.get("messages")), stream=field(body, "stream", bool, default=False),
         include_usage=bool(options.get("include_usage")), n=field(body, "n", int, 1, config["max_batch"], 1),
         max_tokens=max_tokens or config["max_tokens"], stops=stops, seed=field(body, "seed", int, -2 ** 63, 2 ** 63 - 1),
-        sampling={"temperature": field(body, "temperature", float, 0.0, 2.0, config["temperature"]),
-                  "top_k": field(body, "top_k", int, 1, 10 ** 6, config["top_k"]),
-                  "top_p": field(body, "top_p", float, 0.0, 1.0, config["top_p"]),
-                  "repetition_penalty": field(body, "repetition_penalty", float, 1.0, 2.0, config["repetition_penalty"])})
+        sampling={key: field(body, key, kind, *RULES[key], config[key])  # the ranges of the server's own defaults
+                  for key, kind in SAMPLING.items()})
 
 
 def prompt_for(request, vocab, seq_length):
