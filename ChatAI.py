@@ -26,6 +26,8 @@ CONFIG = {
     "top_p": 0.9,               # nucleus mode: sample among the likeliest characters holding this mass (0-1)
     "repetition_penalty": 1.0,  # 1.0-2.0; >1 makes recently used characters rarer
     "max_new_chars": 400,       # longest reply, in characters
+    "num_beams": 1,             # 1 samples as above; 2+ searches that many beams for the likeliest reply (not streamed)
+    "length_penalty": 1.0,      # beam search: a reply's log probability is divided by length**this; >0 favours longer
     "seed": None,               # an int makes replies reproducible; None for fresh ones
     # --- conversation ---
     "system_prompt": "",        # optional first turn that frames every conversation
@@ -37,7 +39,9 @@ CONFIG = {
                                 # at start (2 cores: ~35 s the first time, ~12 s later; benchmarks/README.md)
 }
 TYPES = {"seed": int, "prompt": str}
-RULES = {"mode": ("topk", "nucleus", "greedy"), "threads": (1, 1024), "top_k": (1, 10 ** 6)}
+RULES = {"mode": ("topk", "nucleus", "greedy"), "threads": (1, 1024), "top_k": (1, 10 ** 6),
+         "length_penalty": (-5.0, 5.0)}
+MAX_BEAMS = 16
 
 
 @dataclasses.dataclass
@@ -134,6 +138,8 @@ COMMANDS = [
     (("greedy",), "", "always take the likeliest character", set_mode("greedy")),
     (("rep",), "X", "repetition penalty, 1.0-2.0", number_setter("repetition_penalty", float, 1.0, 2.0)),
     (("max",), "X", "longest reply in characters, 1-10000", number_setter("max_new_chars", int, 1, 10000)),
+    (("beam",), "N", f"beam search with N beams, 2-{MAX_BEAMS} (the reply appears whole); 1 turns it off",
+     number_setter("num_beams", int, 1, MAX_BEAMS)),
     (("seed",), "X", "reproducible replies; 'seed off' to vary again", set_seed),
     (("settings",), "", "show every current setting", show_settings),
     (("save",), "FILE", "write the conversation as chat JSONL", save_transcript),
@@ -182,6 +188,19 @@ def sampling_args(config):
                 repetition_penalty=config["repetition_penalty"])
 
 
+def reply_ids(session, prompt_ids):
+    """The reply's ids as they come: sampled one at a time, or with beam search all at the end
+    (a beam's text can change until the search ends, so there is nothing to stream before)."""
+    config, stops = session.config, (M.END, M.USER, M.BOT, M.SYSTEM)
+    if config["num_beams"] > 1:
+        return M.beam_search(session.model, prompt_ids, config["max_new_chars"], config["num_beams"],
+                             config["length_penalty"], stops)
+    seed = config["seed"]
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return M.generate(session.model, prompt_ids, config["max_new_chars"], generator=generator, stop_ids=stops,
+                      **sampling_args(config))
+
+
 def respond(session, text, write, notice, prefix=""):
     """Add the user's message, stream the reply through write(), and keep it in the history.
     Ctrl-C stops the reply early; what was written stays as the assistant's turn."""
@@ -196,12 +215,9 @@ def respond(session, text, write, notice, prefix=""):
         notice(f"note: dropped the {dropped} oldest messages to fit the {session.model.config.seq_length}-character context")
     ids, _ = M.render_chat(conversation(session), session.vocab, add_generation_prompt=True)
     write(prefix)
-    seed = session.config["seed"]
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     reply = []
     try:
-        for i in M.generate(session.model, ids, session.config["max_new_chars"], generator=generator,
-                            stop_ids=(M.END, M.USER, M.BOT, M.SYSTEM), **sampling_args(session.config)):
+        for i in reply_ids(session, ids):
             if i >= len(M.SPECIAL_TOKENS):
                 reply.append(session.vocab.itos[i])
                 write(reply[-1])
@@ -218,7 +234,7 @@ def check_config(config):
     """Command-line values get the same range checks as the commands that change them later."""
     scratch = Session(None, M.Vocab([]), dict(config))
     for command, key in (("temp", "temperature"), ("topp", "top_p"), ("rep", "repetition_penalty"),
-                         ("max", "max_new_chars")):
+                         ("max", "max_new_chars"), ("beam", "num_beams")):
         try:
             DISPATCH[command][1](scratch, str(config[key]))
         except ValueError as e:

@@ -417,10 +417,17 @@ class Row:
     def done(self):
         return self.new >= self.max_new_tokens or (self.new > 0 and self.ids[-1] in self.stop_ids)
 
+    def take(self, logits):
+        """Sample the next id from this row's logits with its own settings; append and return it."""
+        self.ids.append(sample(logits, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
+                               self.ids[-REPETITION_WINDOW:], self.generator))
+        self.new += 1
+        return self.ids[-1]
+
 
 @torch.inference_mode()
-def advance(model, cache, rows):
-    """One generation step for every row: append one new id to each, and return them.
+def step_logits(model, cache, rows):
+    """The logits of every row's next id, one 1-D tensor per row, in the rows' order.
 
     A row whose window must be read (its first step, or a re-read when the text outgrows the
     window: see window_start) gets a prompt pass of its own; every other row needs only its last
@@ -440,13 +447,12 @@ def advance(model, cache, rows):
         last = torch.tensor([[row.ids[-1]] for row in stepping], device=cache.k[0].device)
         out, _ = model(last, cache=cache, slots=[row.slot for row in stepping])
         logits.update((id(row), out[b, -1]) for b, row in enumerate(stepping))
-    new_ids = []
-    for row in rows:
-        new_ids.append(sample(logits[id(row)], row.temperature, row.top_k, row.top_p, row.repetition_penalty,
-                              row.ids[-REPETITION_WINDOW:], row.generator))
-        row.ids.append(new_ids[-1])
-        row.new += 1
-    return new_ids
+    return [logits[id(row)] for row in rows]
+
+
+def advance(model, cache, rows):
+    """One generation step for every row: sample one new id for each, append it, and return them."""
+    return [row.take(logits) for row, logits in zip(rows, step_logits(model, cache, rows))]
 
 
 def new_cache(model, slots=1):
@@ -474,6 +480,103 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top
         if not use_cache:
             row.window = None  # forget the cache: the whole window is read again
         yield advance(model, cache, [row])[0]
+
+
+class BeamSearch:
+    """Beam search over the KV cache: keep the `num_beams` likeliest continuations, not one sample.
+
+    Each step extends every live beam by every id and keeps the best 2 x num_beams by total log
+    probability: a candidate ending in a stop id (within the best num_beams) becomes a finished
+    reply, the rest refill the beams. A finished reply of n new ids scores log p / n**length_penalty;
+    above 0 that favours longer replies, 0 compares raw probabilities. The search ends when
+    num_beams replies are finished and no live beam scores better than the worst of them yet, or
+    when the beams reach max_new_tokens.
+
+    The prompt is read once, in the first slot: a new beam starts from its parent's keys and
+    values, copied from the parent's slot rather than recomputed. `step_rows` and `update` let a
+    server run the beams in the same batched step as other clients' rows (serve.py); `run` does it
+    alone.
+    """
+
+    def __init__(self, prompt_ids, max_new_tokens, slots, length_penalty=1.0, stop_ids=(END,)):
+        if not prompt_ids:
+            raise ValueError("beam search needs at least one prompt id")
+        self.slots, self.length_penalty, self.stop_ids = list(slots), length_penalty, tuple(stop_ids)
+        self.rows = [Row(list(prompt_ids), max_new_tokens, self.slots[0], stop_ids=self.stop_ids)]
+        self.scores = [0.0]    # total log probability of each live beam's new ids
+        self.finished = []     # (normalised score, new ids), best first, at most num_beams
+        self.prompt_length = len(prompt_ids)
+
+    @property
+    def num_beams(self):
+        return len(self.slots)
+
+    def normalised(self, score, length):
+        return score / max(1, length) ** self.length_penalty
+
+    @property
+    def done(self):
+        if not self.rows:
+            return True
+        best_live = self.normalised(max(self.scores), self.rows[0].new)
+        return len(self.finished) == self.num_beams and best_live <= self.finished[-1][0]
+
+    def finish(self, ids, score):
+        new_ids = ids[self.prompt_length:]
+        self.finished.append((self.normalised(score, len(new_ids)), new_ids))
+        self.finished = sorted(self.finished, key=lambda f: -f[0])[:self.num_beams]
+
+    @torch.inference_mode()
+    def update(self, cache, logits):
+        """Take the step's logits (one per live beam, in self.rows' order) and choose the new beams."""
+        logprobs = torch.stack(logits).float().log_softmax(-1) + torch.tensor(self.scores, device=logits[0].device)[:, None]
+        vocab = logprobs.shape[1]
+        top = logprobs.flatten().topk(min(2 * self.num_beams, logprobs.numel()))
+        rows, scores, parents = [], [], []
+        for rank, (score, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            parent, token = divmod(flat, vocab)
+            ids = self.rows[parent].ids + [token]
+            if token in self.stop_ids:
+                if rank < self.num_beams:
+                    self.finish(ids, score)
+                continue
+            old = self.rows[parent]
+            rows.append(dataclasses.replace(old, ids=ids, new=old.new + 1, slot=self.slots[len(rows)]))
+            scores.append(score)
+            parents.append(old.slot)
+            if len(rows) == self.num_beams:
+                break
+        self.copy_slots(cache, parents, [row.slot for row in rows])
+        self.rows, self.scores = rows, scores
+        if rows and rows[0].new >= rows[0].max_new_tokens:  # out of length: each beam is a reply as it stands
+            for row, score in zip(rows, scores):
+                self.finish(row.ids, score)
+            self.rows, self.scores = [], []
+
+    @staticmethod
+    def copy_slots(cache, sources, targets):
+        """Each target slot takes a copy of its source slot's keys and values (and length)."""
+        if sources == targets or not targets:
+            return
+        end = max(cache.lengths[s] for s in sources)
+        src, dst = torch.tensor(sources, device=cache.k[0].device), torch.tensor(targets, device=cache.k[0].device)
+        for keys in cache.k + cache.v:
+            keys[dst, :, :end] = keys[src, :, :end]  # the right side is gathered first: overlaps are safe
+        lengths = [cache.lengths[s] for s in sources]
+        for slot, length in zip(targets, lengths):
+            cache.lengths[slot] = length
+
+    def run(self, model, cache):
+        while not self.done:
+            self.update(cache, step_logits(model, cache, self.rows))
+        return self.finished
+
+
+def beam_search(model, prompt_ids, max_new_tokens, num_beams=4, length_penalty=1.0, stop_ids=(END,)):
+    """The new ids of the best reply beam search finds (ending in its stop id, if it reached one)."""
+    model.eval()
+    search = BeamSearch(prompt_ids, max_new_tokens, range(num_beams), length_penalty, stop_ids)
+    return search.run(model, new_cache(model, num_beams))[0][1]
 
 
 # ----------------------------------------------------------------------------------------------

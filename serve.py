@@ -58,6 +58,7 @@ CONFIG = {
     "top_p": 1.0,               # 0-1 nucleus mass; 1 = off
     "repetition_penalty": 1.0,  # 1-2
     "max_tokens": 400,          # reply length when a request does not say
+    "length_penalty": 1.0,      # beam search (a request's num_beams > 1): log p / length**this; >0 favours longer
     # --- system ---
     "device": "auto",           # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps
     "threads": 0,               # CPU threads for the model; 0 = torch's default
@@ -66,7 +67,7 @@ TYPES = {"api_key": str, "model_name": str}
 RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "max_tokens_limit": (1, 10 ** 6),
          "max_body_bytes": (1000, 10 ** 9), "shutdown_seconds": (0, 3600), "temperature": (0.0, 2.0),
          "top_k": (1, 10 ** 6), "top_p": (0.0, 1.0), "repetition_penalty": (1.0, 2.0), "max_tokens": (1, 10 ** 6),
-         "threads": (0, 1024)}
+         "threads": (0, 1024), "length_penalty": (-5.0, 5.0)}
 SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # per-request settings
 MAX_STOPS = 4  # as OpenAI's API allows
 ROLE_STOPS = (M.END, M.USER, M.BOT, M.SYSTEM)  # a reply ends at <|end|>, or where the model opens another turn
@@ -92,7 +93,8 @@ class APIError(Exception):
 # A request: validated fields -> the prompt ids and each choice's sampling settings
 # ----------------------------------------------------------------------------------------------
 SUPPORTED = {"model", "messages", "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens",
-             "max_completion_tokens", "stop", "seed", "n", "stream", "stream_options", "user"}
+             "max_completion_tokens", "stop", "seed", "n", "stream", "stream_options", "user", "num_beams",
+             "length_penalty"}
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "tools": None, "tool_choice": None,
            "response_format": None, "logit_bias": None, "parallel_tool_calls": None, "top_logprobs": None}
 # Fields a client may send at their neutral value (the openai client and UIs often do); any other
@@ -105,6 +107,8 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     n: int
+    num_beams: int  # 1: sample each of the n choices; more: beam search, whose n best beams are the choices
+    length_penalty: float
     max_tokens: int
     stops: list
     seed: int
@@ -161,9 +165,14 @@ def parse_request(body, config, model_name):
     options = field(body, "stream_options", dict, default={})
     limit = config["max_tokens_limit"]
     max_tokens = field(body, "max_completion_tokens", int, 1, limit, field(body, "max_tokens", int, 1, limit))
+    n = field(body, "n", int, 1, config["max_batch"], 1)
+    num_beams = field(body, "num_beams", int, 1, config["max_batch"], 1)
+    if 1 < num_beams < n:
+        raise APIError(400, f"'n' ({n}) cannot exceed 'num_beams' ({num_beams}): the choices are the best beams", "n")
     return ChatRequest(
         messages=parse_messages(body.get("messages")), stream=field(body, "stream", bool, default=False),
-        include_usage=bool(options.get("include_usage")), n=field(body, "n", int, 1, config["max_batch"], 1),
+        include_usage=bool(options.get("include_usage")), n=n, num_beams=num_beams,
+        length_penalty=field(body, "length_penalty", float, *RULES["length_penalty"], config["length_penalty"]),
         max_tokens=max_tokens or config["max_tokens"], stops=stops, seed=field(body, "seed", int, -2 ** 63, 2 ** 63 - 1),
         sampling={key: field(body, key, kind, *RULES[key], config[key])  # the ranges of the server's own defaults
                   for key, kind in SAMPLING.items()})
@@ -216,15 +225,36 @@ class StopText:
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Job:
-    """One request in flight: its choices' rows, and where their events go (an asyncio queue)."""
+    """One request in flight: its KV-cache slots, its choices' rows (or its beam search), and where
+    their events go (an asyncio queue)."""
     request: ChatRequest
     prompt_ids: list
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
-    rows: list = dataclasses.field(default_factory=list)      # one M.Row per choice
+    slots: list = dataclasses.field(default_factory=list)     # the KV-cache slots it holds
+    rows: list = dataclasses.field(default_factory=list)      # one M.Row per sampled choice
+    beam: M.BeamSearch = None                                 # num_beams > 1: its best beams are the choices
     texts: list = dataclasses.field(default_factory=list)     # one StopText per choice
     finished: list = dataclasses.field(default_factory=list)  # per choice: its last event was sent
     cancelled: bool = False
+
+    @property
+    def slots_needed(self):
+        return max(self.request.n, self.request.num_beams)
+
+    def live_rows(self):
+        """The rows that need logits at the next step."""
+        if self.beam:
+            return [] if self.beam.done else self.beam.rows
+        return [row for row in self.rows if not row.done]
+
+    def take(self, cache, logits, rows):
+        """This job's share of a step: `logits` maps id(row) to that row's logits, for `rows`."""
+        if self.beam and rows:
+            self.beam.update(cache, [logits[id(row)] for row in rows])
+        elif not self.beam:
+            for row in rows:
+                row.take(logits[id(row)])
 
 
 class Scheduler:
@@ -257,19 +287,22 @@ class Scheduler:
             self.send()
 
     def admit(self):
-        """Waiting jobs join, first come first served, while their n rows fit in free slots."""
-        while self.waiting and (self.waiting[0].cancelled or self.waiting[0].request.n <= len(self.free)):
+        """Waiting jobs join, first come first served, while their rows or beams fit in free slots."""
+        while self.waiting and (self.waiting[0].cancelled or self.waiting[0].slots_needed <= len(self.free)):
             job = self.waiting.popleft()
+            request = job.request
             if job.cancelled:
                 continue
-            for i in range(job.request.n):
-                seed = None if job.request.seed is None else job.request.seed + i
+            job.slots = [self.free.pop() for _ in range(job.slots_needed)]
+            if request.num_beams > 1:
+                job.beam = M.BeamSearch(job.prompt_ids, request.max_tokens, job.slots, request.length_penalty, ROLE_STOPS)
+            for i, slot in enumerate(job.slots if not job.beam else []):
+                seed = None if request.seed is None else request.seed + i
                 generator = torch.Generator().manual_seed(seed) if seed is not None else None
-                row = M.Row(list(job.prompt_ids), job.request.max_tokens, self.free.pop(), generator=generator,
-                            stop_ids=ROLE_STOPS, **job.request.sampling)
-                job.rows.append(row)
-                job.texts.append(StopText(job.request.stops))
-                job.finished.append(False)
+                job.rows.append(M.Row(list(job.prompt_ids), request.max_tokens, slot, generator=generator,
+                                      stop_ids=ROLE_STOPS, **request.sampling))
+            job.texts = [StopText(request.stops) for _ in range(request.n)]
+            job.finished = [False] * request.n
             self.running.append(job)
 
     def loop(self):
@@ -281,9 +314,11 @@ class Scheduler:
                 if not self.running:
                     self.wake.wait()
                     continue
-            rows = [row for job in self.running for row in job.rows if not row.done]
-            M.advance(self.net, self.cache, rows)
+            rows = {id(job): job.live_rows() for job in self.running}
+            every = [row for job_rows in rows.values() for row in job_rows]
+            logits = dict(zip(map(id, every), M.step_logits(self.net, self.cache, every)))
             for job in self.running:
+                job.take(self.cache, logits, rows[id(job)])
                 self.deliver(job)
             self.send()
 
@@ -298,23 +333,36 @@ class Scheduler:
             batch[0][0].loop.call_soon_threadsafe(lambda: [job.events.put_nowait(event) for job, event in batch])
 
     def deliver(self, job):
-        """Send each choice's new text; a choice ends at a stop id, a stop string or max_tokens."""
-        for i, (row, text) in enumerate(zip(job.rows, job.texts)):
-            if job.finished[i]:
-                continue
-            new_id = row.ids[-1]
-            out, hit = text.add(self.vocab.itos[new_id] if new_id >= len(M.SPECIAL_TOKENS) else "")
-            if hit or row.done:
-                job.finished[i], row.max_new_tokens = True, row.new  # a stop string ends the row too
-                self.post(job, "delta", i, out if hit else out + text.flush(), "stop" if hit or new_id in ROLE_STOPS else "length")
-            elif out:
-                self.post(job, "delta", i, out, None)
+        """Send each choice's new text; a choice ends at a stop id, a stop string or max_tokens. A
+        beam search's choices come whole when it ends: until then any beam may still be overtaken."""
+        if job.beam:
+            if job.beam.done and not all(job.finished):
+                n = job.request.n
+                for i, (_, ids) in enumerate((job.beam.finished + [(0.0, [])] * n)[:n]):
+                    self.emit(job, i, ids, ended=True)
+            return
+        for i, row in enumerate(job.rows):
+            if not job.finished[i] and self.emit(job, i, row.ids[-1:], row.done):
+                row.max_new_tokens = row.new  # a stop string ends the row too
+
+    def emit(self, job, i, ids, ended):
+        """Post choice i's text for its new `ids`; the choice ends when `ended` or at a stop string.
+        Returns whether it ended."""
+        text = job.texts[i]
+        out, hit = text.add("".join(self.vocab.itos[t] for t in ids if t >= len(M.SPECIAL_TOKENS)))
+        if hit or ended:
+            job.finished[i] = True
+            reason = "stop" if hit or (ids and ids[-1] in ROLE_STOPS) else "length"
+            self.post(job, "delta", i, out if hit else out + text.flush(), reason)
+        elif out:
+            self.post(job, "delta", i, out, None)
+        return hit or ended
 
     def retire(self, job):
         """True when the job can leave: cancelled, or every choice finished. Frees its slots."""
         if not job.cancelled and not all(job.finished):
             return False
-        self.free += [row.slot for row in job.rows]
+        self.free += job.slots
         if not job.cancelled:
             completion = sum(len(t.text) for t in job.texts)
             self.post(job, "done", {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,

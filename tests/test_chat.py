@@ -44,7 +44,8 @@ def chat(ckpt, lines, *args, cwd=None):
 def test_every_command_with_good_and_bad_arguments(ckpt):
     lines = ["temp 0.5", "temp abc", "temp 9", "/topk 5", "topk 0", f"topk {VOCAB_SIZE + 1}", "topp 0.7",
              "topp 2", "nucleus", "topk_mode", "greedy", "rep 1.3", "rep 0.5", "max 7", "max -1",
-             "seed 4", "seed x", "seed off", "clear", "settings", "help", "temp", "quit", "never reached"]
+             "seed 4", "seed x", "seed off", "beam 3", "beam 0", "beam 1", "clear", "settings", "help", "temp", "quit",
+             "never reached"]
     out = chat(ckpt, lines)
     assert out.returncode == 0, out.stderr
     expected = ["temperature set to 0.5", "temp needs a number from 0.1 to 2.0, got 'abc'; nothing changed",
@@ -57,7 +58,8 @@ def test_every_command_with_good_and_bad_arguments(ckpt):
                 "rep needs a number from 1.0 to 2.0, got '0.5'; nothing changed", "max_new_chars set to 7",
                 "max needs an integer from 1 to 10000, got '-1'; nothing changed",
                 "seed set to 4: the same message gets the same reply", "seed needs an integer, or 'off', got 'x'; nothing changed",
-                "seed off: replies vary", "history cleared"]
+                "seed off: replies vary", "num_beams set to 3", "beam needs an integer from 1 to 16, got '0'; nothing changed",
+                "num_beams set to 1", "history cleared"]
     for line in expected:
         assert line in out.stdout, line
     assert "  temperature = 0.5\n  mode = greedy\n  top_k = 5\n  top_p = 0.9\n  repetition_penalty = 1.3" in out.stdout
@@ -72,6 +74,15 @@ def test_greedy_and_seeded_replies_repeat(ckpt):
     replies = [l for l in out.stdout.splitlines() if l.startswith("AI: ")]
     assert len(replies) == 4 and replies[0] == replies[1] and replies[2] == replies[3]
     assert all(len(r) == len("AI: ") + 12 for r in replies)  # max_new_chars stops an endless reply
+
+
+def test_beam_replies_are_whole_and_one_beam_is_greedy(ckpt):
+    out = chat(ckpt, ["greedy", "hello", "clear", "beam 1", "hello", "clear", "beam 4", "hello", "clear", "hello",
+                      "settings"])
+    replies = [l for l in out.stdout.splitlines() if l.startswith("AI: ")]
+    assert len(replies) == 4 and replies[0] == replies[1] and replies[2] == replies[3]
+    assert len(replies[2]) == len("AI: ") + 12 and "<|" not in replies[2]
+    assert "  num_beams = 4\n  length_penalty = 1.0" in out.stdout
 
 
 def test_compiled_chat_writes_what_eager_chat_writes(ckpt):

@@ -317,3 +317,69 @@ def test_a_batched_step_gives_each_row_exactly_what_it_gets_alone(vocab):
         step += 1
     assert len({tuple(ids) for ids in solo}) == len(solo) and all(len(set(ids)) > 3 for ids in solo)
     assert [row.ids[len(p):] for row, p in zip(rows, prompts)] == solo
+
+
+# --- beam search ----------------------------------------------------------------------------------
+class Bigram(torch.nn.Module):
+    """A stand-in model whose next-id probabilities depend on the last id alone, read from a table,
+    so the best reply can be worked out by hand. It keeps the cache's lengths as the real one does."""
+
+    def __init__(self, table, vocab_size, seq_length=32):
+        super().__init__()
+        self.config = M.ModelConfig(vocab_size=vocab_size, hidden_size=2, num_layers=1, nhead=1, seq_length=seq_length)
+        self.tok_emb = torch.nn.Embedding(vocab_size, 2)  # where new_cache reads the device and dtype
+        self.logits = torch.full((vocab_size, vocab_size), -30.0)  # "never", without -inf arithmetic
+        for (after, token), p in table.items():
+            self.logits[after, token] = float(torch.tensor(p).log())
+
+    def forward(self, idx, cache=None, slots=None):
+        for s in slots or range(idx.shape[0]):
+            cache.lengths[s] += idx.shape[1]
+        return self.logits[idx], None
+
+
+def test_beam_search_finds_the_likelier_reply_that_greedy_misses():
+    A, B, C = 5, 6, 7
+    # Greedy takes A (0.6), then C (0.55), then <|end|>: 0.6 * 0.55 = 0.33.
+    # B then <|end|> is likelier, 0.4 * 0.9 = 0.36, but B looked worse at the first step.
+    net = Bigram({(M.BOT, A): 0.6, (M.BOT, B): 0.4, (A, C): 0.55, (A, M.END): 0.45, (B, M.END): 0.9,
+                  (B, C): 0.1, (C, M.END): 1.0}, vocab_size=8)
+    prompt = [M.USER, A, M.BOT]
+    greedy = M.Row(list(prompt), 10, temperature=0)
+    cache = M.KVCache(net.config)
+    while not greedy.done:
+        M.advance(net, cache, [greedy])
+    assert greedy.ids[len(prompt):] == [A, C, M.END]
+    assert M.beam_search(net, prompt, 10, num_beams=2, length_penalty=0) == [B, M.END]
+    # A length penalty of 1 scores log p per character: A C <|end|> (-0.37) now beats B <|end|> (-0.51).
+    assert M.beam_search(net, prompt, 10, num_beams=2, length_penalty=1) == [A, C, M.END]
+
+
+def test_one_beam_is_greedy_and_beams_read_the_prompt_once(vocab):
+    """On a real model, across a window re-read: num_beams=1 gives greedy's ids exactly; more beams
+    find a reply at least as likely; the prompt goes through the model once however many beams."""
+    net = tiny_model(vocab, seq_length=16).eval()
+    prompt = [M.USER, 7, 8, 9, M.BOT]
+    greedy = list(M.generate(net, prompt, 30, temperature=0, stop_ids=()))
+    assert M.beam_search(net, prompt, 30, num_beams=1, stop_ids=()) == greedy
+
+    def log_prob(new):  # uncached, one window: the prompt stays inside it for 11 ids
+        out, _ = net(torch.tensor([prompt + new]))
+        return out[0].log_softmax(-1)[torch.arange(len(prompt) - 1, len(prompt) + len(new) - 1), new].sum().item()
+    best = M.beam_search(net, prompt, 11, num_beams=4, length_penalty=0, stop_ids=())
+    assert log_prob(best) >= log_prob(list(M.generate(net, prompt, 11, temperature=0, stop_ids=()))) - 1e-5
+    long_reads = []
+    forward = net.forward
+    net.forward = lambda idx, **kw: (long_reads.append(idx.shape) if idx.shape[1] > 1 else None) or forward(idx, **kw)
+    M.beam_search(net, prompt, 8, num_beams=4, stop_ids=())
+    assert long_reads == [torch.Size([1, len(prompt)])]
+
+
+def test_a_beam_reply_never_crosses_a_turn():
+    A, B = 5, 6
+    net = Bigram({(M.BOT, A): 0.5, (M.BOT, B): 0.5, (A, M.USER): 0.7, (A, B): 0.3, (B, A): 0.6, (B, M.END): 0.4},
+                 vocab_size=8)
+    stops = (M.END, M.USER, M.BOT, M.SYSTEM)
+    for beams in (1, 2, 4):
+        reply = M.beam_search(net, [M.BOT], 20, num_beams=beams, stop_ids=stops)
+        assert reply[-1] in stops and not set(reply[:-1]) & set(stops)

@@ -188,6 +188,26 @@ def test_sixteen_concurrent_requests_get_exactly_their_solo_replies(sharp):
     assert len(set(solo)) > 8  # the replies really differ, so equality means something
 
 
+def test_beam_search_choices_are_model_pys_best_beams_even_beside_other_clients(sharp):
+    net, vocab, _ = M.load_for_chat(sharp.checkpoint, "cpu")
+    ids, _ = M.render_chat([{"role": "user", "content": "hello there"}], vocab, add_generation_prompt=True)
+    search = M.BeamSearch(ids, 40, range(4), 1.0, (M.END, M.USER, M.BOT, M.SYSTEM))
+    expected = [vocab.decode([t for t in new if t >= len(M.SPECIAL_TOKENS)]) for _, new in search.run(net, M.new_cache(net, 4))]
+    client = sharp.client()
+    beams = lambda **kw: ask(client, "hello there", max_tokens=40, n=2, extra_body={"num_beams": 4}, **kw)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # sampled requests share its steps
+        others = [pool.submit(ask, client, f"other {i}", max_tokens=60, temperature=1.0) for i in range(3)]
+        reply = beams()
+        assert all(o.result().choices for o in others)
+    assert [c.message.content for c in reply.choices] == expected[:2] and expected[0] != expected[1]
+    streamed = list(beams(stream=True))
+    assert ["".join(c.choices[0].delta.content or "" for c in streamed if c.choices and c.choices[0].index == i)
+            for i in (0, 1)] == expected[:2]
+    too_many = httpx.post(sharp.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+        "model": "Model", "messages": [{"role": "user", "content": "hi"}], "n": 3, "num_beams": 2})
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
+
+
 @pytest.fixture(scope="module")
 def endless(tmp_path_factory):
     """A model that never ends its turn, served one sequence at a time with a queue of one."""
