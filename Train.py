@@ -97,7 +97,9 @@ PRESETS = {
     "gpu": dict(hidden_size=512, num_layers=8, nhead=8, seq_length=512, batch_size=64, learning_rate=1e-3),
 }
 PROBES = ["Hello! How are you today?", "What is the capital of France?", "Give me a tip for learning Python."]
-CACHE_VERSION = 2
+END_PROBES = 8          # held-out prompts the end-of-turn rate samples (chat data only)
+END_PROBE_CHARS = 2000  # a reply still open after this many characters has not ended its turn
+CACHE_VERSION = 3  # 3: the cache also holds the held-out prompts
 INTERRUPTED = 130  # exit code after Ctrl-C, as shells report it
 
 
@@ -184,6 +186,7 @@ class Data:
     vocab: M.Vocab
     new_chars: dict            # characters absent from base_vocab -> count
     problems: list             # "file:line: reason" for every skipped line
+    val_prompts: list = dataclasses.field(default_factory=list)  # held-out chats' openings, for the end-of-turn rate
 
 
 def cache_key(path, val_fraction, assistant_only, seed, base_vocab):
@@ -206,9 +209,23 @@ def encode_data(path, val_fraction, assistant_only, seed, base_vocab):
     new_chars = {c: counts[c] for c in vocab.chars[len(base_vocab.chars):]} if base_vocab else {}
     train, train_mask = M.encode_documents(train_docs, vocab, assistant_only)
     val, val_mask = M.encode_documents(val_docs or train_docs, vocab, assistant_only)
+    prompts = held_out_prompts(val_docs, vocab)
     return dict(train=train, train_mask=train_mask, val=val, val_mask=val_mask,
+                prompts=np.array([i for p in prompts for i in p], dtype=np.int32),
+                prompt_lengths=np.array([len(p) for p in prompts], dtype=np.int64),
                 vocab=np.array(vocab.chars, dtype=str), new_chars=np.array(list(new_chars), dtype=str),
                 new_counts=np.array(list(new_chars.values()), dtype=np.int64), problems=np.array(problems, dtype=str))
+
+
+def held_out_prompts(documents, vocab, limit=END_PROBES):
+    """The opening of up to `limit` held-out chats, up to their first assistant turn, rendered for
+    a reply: the prompts on which the end-of-turn rate is measured."""
+    prompts = []
+    for kind, doc in documents:
+        first_reply = next((i for i, m in enumerate(doc) if m["role"] == "assistant"), 0) if kind == "chat" else 0
+        if first_reply and len(prompts) < limit:
+            prompts.append(M.render_chat(doc[:first_reply], vocab, add_generation_prompt=True)[0])
+    return prompts
 
 
 def load_data(path, cache_dir, val_fraction, assistant_only, seed, base_vocab=None, log=print):
@@ -222,9 +239,11 @@ def load_data(path, cache_dir, val_fraction, assistant_only, seed, base_vocab=No
     else:
         arrays = encode_data(path, val_fraction, assistant_only, seed, base_vocab)
         data.atomic_write(cache, lambda tmp: np.savez(tmp, **arrays))
+    ends = np.cumsum(arrays["prompt_lengths"]).tolist()
+    prompts = [arrays["prompts"][end - n:end].tolist() for end, n in zip(ends, arrays["prompt_lengths"].tolist())]
     return Data(torch.from_numpy(arrays["train"]), torch.from_numpy(arrays["train_mask"]), torch.from_numpy(arrays["val"]),
                 torch.from_numpy(arrays["val_mask"]), M.Vocab(arrays["vocab"].tolist()),
-                dict(zip(arrays["new_chars"].tolist(), arrays["new_counts"].tolist())), arrays["problems"].tolist())
+                dict(zip(arrays["new_chars"].tolist(), arrays["new_counts"].tolist())), arrays["problems"].tolist(), prompts)
 
 
 def report_data(found, log):
@@ -410,6 +429,26 @@ def evaluate(net, ids, mask, config, runtime):
     return total / max(count, 1)
 
 
+def end_of_turn_rate(net, prompts, runtime, seed=0):
+    """The share of held-out prompts whose reply, sampled as ChatAI samples by default (temperature
+    0.8, top-k 40) with a fixed seed, closes its turn with <|end|> within END_PROBE_CHARS. A
+    chatbot that never ends its turn reads well in val loss and badly in a chat; this says which.
+    All prompts run as one batch through the KV cache: seconds, even when no reply ends."""
+    net.eval()
+    cache = M.new_cache(net, len(prompts))
+    rows = [M.Row(list(p), END_PROBE_CHARS, slot, temperature=0.8, top_k=40, stop_ids=(M.END, M.USER, M.BOT, M.SYSTEM),
+                  generator=torch.Generator(runtime.device).manual_seed(seed + slot)) for slot, p in enumerate(prompts)]
+    with runtime.autocast():
+        while live := [row for row in rows if not row.done]:
+            M.advance(net, cache, live)
+    net.train()
+    return sum(row.ids[-1] == M.END for row in rows) / len(rows)
+
+
+def turn_ends(rate, prompts):
+    return f"ends its turn in {rate:.0%} of {len(prompts)} held-out replies"
+
+
 def probe_replies(net, vocab, max_chars, seed=0):
     """Short replies to fixed prompts through the chat template, so progress can be read."""
     replies = []
@@ -502,8 +541,9 @@ class Trainer:
     """One run: the model, its optimizer, the data sampler and the loop's position. `meta` holds
     extra checkpoint fields (stage, base model...); `files` comes from output_files()."""
 
-    def __init__(self, config, net, found, runtime, files, meta):
+    def __init__(self, config, net, found, runtime, files, meta, end_probes=False):
         self.config, self.net, self.data, self.runtime, self.files, self.meta = config, net, found, runtime, files, meta
+        self.end_probes = end_probes and bool(found.val_prompts)  # the end-of-turn rate at every evaluation
         self.log = tqdm.write if runtime.is_main else (lambda *a: None)
         net.to(runtime.device).train()
         self.optimizer = make_optimizer(net, config, runtime.device)
@@ -589,15 +629,20 @@ class Trainer:
     def evaluate_and_save(self):
         """Val loss and bits/char, probe replies, and the best model file when val improved."""
         self.val_loss = evaluate(self.net, self.data.val, self.data.val_mask, self.config, self.runtime)
-        bpc, improved = self.val_loss / math.log(2), self.val_loss < self.best_val
-        self.log(f"eval step {self.step} | val {self.val_loss:.4f} | {bpc:.3f} bits/char" + (" | best, saved" if improved else ""))
+        metrics = {"step": self.step, "val": self.val_loss, "val_bpc": self.val_loss / math.log(2)}
+        if self.end_probes:
+            metrics["end_rate"] = end_of_turn_rate(self.net, self.data.val_prompts, self.runtime)
+        improved = self.val_loss < self.best_val
+        self.log(f"eval step {self.step} | val {self.val_loss:.4f} | {metrics['val_bpc']:.3f} bits/char"
+                 + (f" | {turn_ends(metrics['end_rate'], self.data.val_prompts)}" if self.end_probes else "")
+                 + (" | best, saved" if improved else ""))
         if self.config["probe_chars"]:
             for prompt, reply in probe_replies(self.net, self.data.vocab, self.config["probe_chars"]):
                 self.log(f"probe | {prompt} -> {reply!r}")
-        log_metrics(self.files["metrics"], {"step": self.step, "val": self.val_loss, "val_bpc": bpc})
+        log_metrics(self.files["metrics"], metrics)
         if improved:
             self.best_val = self.val_loss
-            M.save_checkpoint(self.files["best"], self.checkpoint({"val_loss": self.val_loss, "val_bpc": bpc, "step": self.step}))
+            M.save_checkpoint(self.files["best"], self.checkpoint({**metrics, "val_loss": self.val_loss}))
 
     def checkpoint(self, metrics):
         """What a model file holds: weights, vocabulary and both configs, plus `metrics` and meta."""
@@ -610,6 +655,7 @@ class Trainer:
         if self.runtime.is_main:
             M.save_checkpoint(self.files["state"], {
                 **self.checkpoint({"val_loss": self.val_loss}), "optimizer": self.optimizer.state_dict(),
+                "model": M.model_state(self.net, merge=False), "lora": M.lora_state(self.net),  # LoRA: base and adapters apart
                 "step": self.step, "elapsed": time.time() - self.t0, "best_val": self.best_val,
                 "micro_batch": self.micro_batch, "rng": rng})
 
@@ -692,6 +738,9 @@ def main(argv):
     result = trainer.run()
     log(f"done: {result['steps']} steps in {result['minutes']:.1f} min | best val {result['best_val']:.4f} "
         f"({result['best_val'] / math.log(2):.3f} bits/char) | wrote {files['best']}")
+    if runtime.is_main and found.val_prompts:  # chat data: does the saved model end its turns?
+        best = M.build_model(M.load_checkpoint(files["best"]))[0].to(runtime.device)
+        log(f"{files['best']}: {turn_ends(end_of_turn_rate(best, found.val_prompts, runtime), found.val_prompts)}")
     if runtime.world > 1:
         dist.destroy_process_group()
 

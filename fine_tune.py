@@ -33,6 +33,9 @@ CONFIG = {
     "max_new_chars": 64,               # refuse data that would add more new characters (a wrong encoding?)
     "assistant_only_loss": True,       # chat data: learn only the assistant turns; prose always trains on all
     "val_fraction": 0.1,               # share of documents held out to measure before and after
+    # --- LoRA ---
+    "lora_rank": 0,                    # >0: train a rank-r change to each block matrix (merged at save); 0 = every weight
+    "lora_alpha": 16.0,                # the change is scaled by lora_alpha / lora_rank
     # --- training: conservative; None = inherited from the base model's run ---
     "learning_rate": 3e-4,             # lower than pre-training, so the model adapts without forgetting
     "max_iters": 1000,                 # optimizer steps, or until max_minutes
@@ -59,7 +62,7 @@ CONFIG = {
 }
 TYPES = {k: float if k in ("min_lr_ratio", "weight_decay", "beta2", "grad_clip", "label_smoothing") else int
          for k, v in CONFIG.items() if v is None}
-RULES = {k: v for k, v in Train.RULES.items() if k in CONFIG}
+RULES = {**{k: v for k, v in Train.RULES.items() if k in CONFIG}, "lora_rank": (0, 1024), "lora_alpha": (0.0, 10000.0)}
 
 
 def training_config(config, base):
@@ -91,11 +94,13 @@ def grow_vocabulary(net, vocab, new_chars, limit, log):
 
 
 def report(net, found, config, runtime, label, log):
-    """Val loss and bits/char on the held-out fine-tuning data, and the probe replies."""
+    """((val loss, end-of-turn rate or None), probe replies) on the held-out fine-tuning data."""
     loss = Train.evaluate(net, found.val, found.val_mask, config, runtime)
-    log(f"{label}: val {loss:.4f} | {loss / math.log(2):.3f} bits/char")
+    rate = Train.end_of_turn_rate(net, found.val_prompts, runtime) if found.val_prompts else None
+    log(f"{label}: val {loss:.4f} | {loss / math.log(2):.3f} bits/char"
+        + (f" | {Train.turn_ends(rate, found.val_prompts)}" if found.val_prompts else ""))
     replies = Train.probe_replies(net, found.vocab, config["probe_chars"]) if config["probe_chars"] else []
-    return loss, replies
+    return (loss, rate), replies
 
 
 def main(argv):
@@ -111,6 +116,9 @@ def main(argv):
         state = M.load_checkpoint(files["state"]) if flags["resume"] else None
     except M.CheckpointError as e:
         sys.exit(f"error: {e}")
+    if "int8_scales" in base:
+        sys.exit(f"error: {config['base_model']} holds int8 weights (from export.py --int8), and fine-tuning needs "
+                 f"float weights: fine-tune the checkpoint it was exported from, then export again")
     train_config, inherited = training_config(config, base)
     runtime = Train.setup_runtime(train_config)
     log = print if runtime.is_main else (lambda *a: None)
@@ -118,7 +126,7 @@ def main(argv):
         + ", ".join(f"{k}={train_config[k]}" for k in inherited))
     log("set here: " + ", ".join(f"{k}={config[k]}" for k in CONFIG if config[k] is not None and k in Train.CONFIG))
     # --- data ---
-    net, vocab = M.build_model(state or base)
+    net, vocab = M.build_model(state or base)  # a LoRA state holds the base weights; its adapters go on below
     try:
         found = Train.load_data(config["data"], os.path.join(train_config["out_dir"], ".lumina_cache"),
                                 config["val_fraction"], config["assistant_only_loss"], config["seed"], vocab, log)
@@ -130,13 +138,24 @@ def main(argv):
     # --- vocabulary ---
     old_size = len(M.Vocab(base["vocab"]))
     grow_vocabulary(net, vocab, found.new_chars, config["max_new_chars"], log)
+    if config["lora_rank"]:
+        M.add_lora(net, config["lora_rank"], config["lora_alpha"])
+        if state:
+            try:
+                M.load_lora(net, state["lora"], files["state"])
+            except M.CheckpointError as e:
+                sys.exit(f"error: cannot resume: {e}")
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        log(f"LoRA rank {config['lora_rank']}: {trainable:,} of {net.num_params():,} parameters train")
     net.to(runtime.device)
     # --- before ---
     before, base_replies = report(net, found, train_config, runtime, "before fine-tuning", log)
     meta = {"stage": "fine_tune", "base_model": os.path.abspath(config["base_model"]), "old_vocab_size": old_size,
-            "new_vocab_size": len(found.vocab), "val_loss_before": state["val_loss_before"] if state else before}
+            "new_vocab_size": len(found.vocab), "val_loss_before": state["val_loss_before"] if state else before[0],
+            "end_rate_before": state.get("end_rate_before") if state else before[1],
+            "lora_rank": config["lora_rank"], "lora_alpha": config["lora_alpha"]}
     # --- train ---
-    trainer = Train.Trainer(train_config, net, found, runtime, files, meta)
+    trainer = Train.Trainer(train_config, net, found, runtime, files, meta, end_probes=True)
     if state:
         trainer.resume(state)
     trainer.run()
@@ -146,7 +165,9 @@ def main(argv):
         after, tuned_replies = report(best.to(runtime.device), found, train_config, runtime, "after fine-tuning", log)
         for (prompt, old), (_, new) in zip(base_replies, tuned_replies):
             log(f"probe | {prompt}\n  base:       {old!r}\n  fine-tuned: {new!r}")
-        log(f"val bits/char {meta['val_loss_before'] / math.log(2):.3f} -> {after / math.log(2):.3f} | "
+        turns = (f"ends its turn {meta['end_rate_before']:.0%} -> {after[1]:.0%} of {len(found.val_prompts)} held-out "
+                 f"replies | " if found.val_prompts else "")
+        log(f"val bits/char {meta['val_loss_before'] / math.log(2):.3f} -> {after[0] / math.log(2):.3f} | {turns}"
             f"wrote {config['output']}")
 
 

@@ -20,11 +20,13 @@ import dataclasses
 import math
 import os
 import pickle
+import types
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.parametrize
 
 from data import atomic_write
 
@@ -198,6 +200,63 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.lengths = [0] * slots  # plain ints: the bookkeeping of a step should not launch tensor ops
 
+    def step(self, slots, T, device):
+        """Where a forward pass of T new positions in `slots` reads and writes: see CacheStep."""
+        return CacheStep(self, slots, T, device)
+
+    def attend(self, layer, step, k, v):
+        """Write the new keys and values (B, nhead, T, head_dim) at each row's next positions in its
+        slot; return every key and value the rows may see, and the mask that says which."""
+        if step.rows is None:
+            (slot,), (start,), T = step.slots, step.starts, k.shape[2]
+            self.k[layer][slot, :, start:start + T] = k[0]
+            self.v[layer][slot, :, start:start + T] = v[0]
+            return self.k[layer][slot:slot + 1, :, :step.end], self.v[layer][slot:slot + 1, :, :step.end], step.mask
+        self.k[layer][step.slot_index, :, step.positions] = k.transpose(1, 2)  # indexed as (B, T, nhead, head_dim)
+        self.v[layer][step.slot_index, :, step.positions] = v.transpose(1, 2)
+        return self.k[layer][step.rows, :, :step.end], self.v[layer][step.rows, :, :step.end], step.mask
+
+
+class PastKV:
+    """One sequence's keys and values passed in and handed back rather than written in place: the
+    cache of an exported graph (export.py --onnx), where a step is a pure function.
+
+    past has shape (layers, 2, 1, nhead, P, head_dim) for P positions read so far (P may be 0);
+    after a forward pass of T ids, present() has the same layout with P + T positions.
+    """
+
+    def __init__(self, past):
+        self.past, self.presents = past, []
+        self.lengths = [past.shape[-2]]
+
+    def step(self, slots, T, device):
+        start = self.past.shape[-2]
+        # Always a mask, even for one new id: a branch on T would not survive export.
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+        return types.SimpleNamespace(slots=[0], starts=[start], end=start + T, positions=None, mask=mask)
+
+    def attend(self, layer, step, k, v):
+        k, v = torch.cat([self.past[layer, 0], k], dim=2), torch.cat([self.past[layer, 1], v], dim=2)
+        self.presents.append(torch.stack([k, v]))
+        return k, v, step.mask
+
+    def present(self):
+        return torch.stack(self.presents)
+
+
+class StepGraph(nn.Module):
+    """One generation step as a pure function, the form export.py hands to the ONNX exporter:
+    (ids (1, T), past (layers, 2, 1, nhead, P, head_dim)) -> (logits (1, T, vocab), present)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, past):
+        cache = PastKV(past)
+        logits, _ = self.model(ids, cache=cache)
+        return logits, cache.present()
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -215,7 +274,7 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k, v, mask = cached_keys(cache, layer, step, k, v)
+            k, v, mask = cache.attend(layer, step, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -240,19 +299,6 @@ class CacheStep:
             self.slot_index = torch.tensor(slots, device=device)[:, None]
             self.positions = torch.tensor(self.starts, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
             self.mask = (torch.arange(self.end, device=device) <= self.positions[:, :, None])[:, None]  # (B, 1, T, end)
-
-
-def cached_keys(cache, layer, step, k, v):
-    """Write the new keys and values (B, nhead, T, head_dim) at each row's next positions in its
-    slot; return every key and value the rows may see, and the mask that says which."""
-    if step.rows is None:
-        (slot,), (start,), T = step.slots, step.starts, k.shape[2]
-        cache.k[layer][slot, :, start:start + T] = k[0]
-        cache.v[layer][slot, :, start:start + T] = v[0]
-        return cache.k[layer][slot:slot + 1, :, :step.end], cache.v[layer][slot:slot + 1, :, :step.end], step.mask
-    cache.k[layer][step.slot_index, :, step.positions] = k.transpose(1, 2)  # indexed as (B, T, nhead, head_dim)
-    cache.v[layer][step.slot_index, :, step.positions] = v.transpose(1, 2)
-    return cache.k[layer][step.rows, :, :step.end], cache.v[layer][step.rows, :, :step.end], step.mask
 
 
 class MLP(nn.Module):
@@ -319,7 +365,7 @@ class CharTransformer(nn.Module):
         that are not -1 (masked). With a cache, row b of idx continues the positions cached in
         slot slots[b] (default: slot b)."""
         T = idx.shape[1]
-        step = None if cache is None else CacheStep(cache, slots or list(range(idx.shape[0])), T, idx.device)
+        step = None if cache is None else cache.step(slots or list(range(idx.shape[0])), T, idx.device)
         end = step.end if step else T
         if end > self.config.seq_length:
             raise ValueError(f"{end} positions exceed the context window of {self.config.seq_length}")
@@ -641,22 +687,58 @@ def check_weights(path, checkpoint):
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} lacks a usable model config, vocabulary or weights ({e}); "
                               f"retrain or restore it") from None
+    scales = checkpoint.get("int8_scales", {})
     for name, tensor in expected.items():
         found = weights.get(name) if isinstance(weights, dict) else None
-        if not isinstance(found, torch.Tensor) or found.shape != tensor.shape:
-            raise CheckpointError(f"{path}: weight {name!r} is missing or misshapen for its own model config "
-                                  f"(want {tuple(tensor.shape)}); retrain or restore it")
+        int8 = name in scales  # export.py --int8 stores this matrix as int8 rows with one scale each
+        if (not isinstance(found, torch.Tensor) or found.shape != tensor.shape
+                or (found.dtype == torch.int8) != int8 or not (int8 or found.is_floating_point())):
+            raise CheckpointError(f"{path}: weight {name!r} is missing, misshapen or of the wrong type for its own "
+                                  f"model config (want {tuple(tensor.shape)} {'int8' if int8 else 'float'}); "
+                                  f"retrain, re-export or restore it")
+        if int8 and (not isinstance(scales[name], torch.Tensor) or scales[name].shape != tensor.shape[:1]
+                     or not scales[name].is_floating_point()):
+            raise CheckpointError(f"{path}: the int8 scales of {name!r} are missing or misshapen; re-export it")
     if len(vocab) != checkpoint["model_config"]["vocab_size"] - len(SPECIAL_TOKENS):
         raise CheckpointError(f"{path}: vocabulary of {len(vocab)} characters does not match the model's "
                               f"vocab_size; retrain or restore it")
 
 
 def build_model(checkpoint):
-    """(model, vocab) from a loaded checkpoint, weights included."""
+    """(model, vocab) from a loaded checkpoint, weights included; int8 weights come back as floats."""
     vocab = Vocab(checkpoint["vocab"])
     model = CharTransformer(ModelConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(dequantize_int8(checkpoint["model"], checkpoint.get("int8_scales", {})))
     return model, vocab
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 weights (export.py --int8): a quarter of the file, every stage that generates reads it
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def quantize_int8(weights):
+    """(weights with every matrix as int8, {name: scale per row}). Symmetric and per output row
+    (channel): each row's largest weight maps to +-127, so one outlier row costs no other row its
+    precision. The embedding is a matrix too (a quarter of the small model); tied matrices stay one
+    tensor, stored once. Norm weights and biases are tiny and stay float."""
+    out, scales, seen = {}, {}, {}
+    for name, w in weights.items():
+        if w.ndim != 2 or not w.is_floating_point():
+            out[name] = w
+            continue
+        if w.data_ptr() not in seen:
+            scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+            seen[w.data_ptr()] = ((w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale)
+        out[name], scales[name] = seen[w.data_ptr()]
+    return out, scales
+
+
+def dequantize_int8(weights, scales):
+    """Float weights from int8 rows and their scales; names without a scale pass through.
+
+    The chat stages compute in float: on the CPUs measured, torch's int8 matmuls were slower than
+    fp32 at these small shapes (benchmarks/README.md, "int8"), so int8 is the file, not the math."""
+    return {name: w.float() * scales[name][:, None] if name in scales else w for name, w in weights.items()}
 
 
 def load_for_chat(path, device="auto"):
@@ -668,11 +750,67 @@ def load_for_chat(path, device="auto"):
     return net.to(device).eval(), vocab, checkpoint
 
 
-def model_state(model):
-    """Weights to save: unwrap torch.compile and DDP so the keys load into a plain model."""
+def model_state(model, merge=True):
+    """Weights to save: unwrap torch.compile and DDP so the keys load into a plain model. A matrix
+    with a LoRA adapter (add_lora) is saved merged, W + BA, so every stage reads it as a plain
+    model; merge=False saves the frozen W instead (a resumable state, whose adapters lora_state
+    saves beside it)."""
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        owner, adapted, rest = name.partition(".parametrizations.")
+        if not adapted:
+            state[name] = tensor
+        elif rest == "weight.original":
+            state[owner + ".weight"] = model.get_submodule(owner).weight if merge else tensor
+    copies = {}  # one copy per tensor, so tied weights (embedding and head) stay one and are saved once
+    for tensor in state.values():
+        copies.setdefault(tensor.data_ptr(), tensor.detach().clone())
+    return {k: copies[v.data_ptr()] for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: fine-tune a low-rank change to each block matrix, not the matrix
+# ----------------------------------------------------------------------------------------------
+class LoRA(nn.Module):
+    """W -> W + (alpha / rank) * B @ A, with W frozen. B starts at zero, so training starts from
+    the base model exactly; A starts random so B's first gradients are not zero (Hu et al., 2021).
+    A rank-8 change of a 128 x 384 matrix trains 4,096 numbers instead of 49,152: a few dozen
+    conversations can teach it their form before they can teach it their text."""
+
+    def __init__(self, weight, rank, alpha):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(rank, weight.shape[1], device=weight.device) / math.sqrt(weight.shape[1]))
+        self.b = nn.Parameter(torch.zeros(weight.shape[0], rank, device=weight.device))
+        self.scale = alpha / rank
+
+    def forward(self, weight):
+        return weight + self.scale * (self.b @ self.a)
+
+
+def add_lora(model, rank, alpha):
+    """Put a LoRA adapter on every attention and MLP matrix and freeze those matrices. The
+    embedding (tied to the head) and the norms stay trainable: the chat tokens' rows, never trained
+    by a run on prose, and any characters fine_tune.py added must be learned in full."""
+    for name, module in model.named_modules():
+        if name.startswith("blocks.") and isinstance(module, nn.Linear):
+            torch.nn.utils.parametrize.register_parametrization(module, "weight", LoRA(module.weight, rank, alpha))
+            module.parametrizations.weight.original.requires_grad_(False)
+    return model
+
+
+def lora_state(model):
+    """The adapters alone, by parameter name: what a resumable LoRA state saves beside the base."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".parametrizations.weight.0." in k}
+
+
+def load_lora(model, adapters, path):
+    """Put saved adapters (lora_state) back into a model that add_lora prepared."""
+    if set(adapters) != set(lora_state(model)):
+        raise CheckpointError(f"{path}: its LoRA adapters do not match this run's lora_rank; resume with the "
+                              f"settings the run started with")
+    model.load_state_dict(adapters, strict=False)
 
 
 # ----------------------------------------------------------------------------------------------

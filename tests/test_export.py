@@ -1,0 +1,150 @@
+"""export.py: int8 checkpoints every chat stage reads, and an ONNX step that onnxruntime runs as
+model.py does."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import export
+import model as M
+from conftest import ROOT, run_script, tiny_model, write_jsonl
+
+TEXT = "abcdefghijklmnopqrstuvwxyz !?.,\n"
+STOPS = (M.END, M.USER, M.BOT, M.SYSTEM)
+
+
+def save(net, vocab, path):
+    M.save_checkpoint(str(path), {"stage": "train", "vocab": vocab.chars, "model": M.model_state(net),
+                                  "model_config": M.dataclasses.asdict(net.config), "config": {}, "metrics": {}})
+    return str(path)
+
+
+def lively_model(vocab, seq_length):
+    """Random weights scaled up, so greedy picks vary with the context and have real gaps."""
+    net = tiny_model(vocab, seq_length=seq_length, hidden_size=64)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(4)
+    return net.eval()
+
+
+# --- int8 ------------------------------------------------------------------------------------------
+@pytest.fixture
+def float_and_int8(tmp_path):
+    vocab = M.Vocab.from_text(TEXT)
+    net = tiny_model(vocab, seq_length=32, hidden_size=96, num_layers=3)
+    path = save(net, vocab, tmp_path / "Model.pth")
+    out = run_script("export.py", path, "--int8")
+    assert out.returncode == 0, out.stderr
+    return path, str(tmp_path / "Model.int8.pth"), out.stdout
+
+
+def test_int8_file_is_a_quarter_and_gives_nearly_the_same_logits(float_and_int8):
+    path, int8, message = float_and_int8
+    assert os.path.getsize(int8) <= 0.30 * os.path.getsize(path)
+    assert f"of {path}" in message and "%" in message
+    checkpoint = M.load_checkpoint(int8)  # weights_only, and the dtypes are checked
+    assert checkpoint["model"]["blocks.0.attn.qkv.weight"].dtype == torch.int8
+    assert checkpoint["model"]["tok_emb.weight"] is checkpoint["model"]["head.weight"]  # tied: stored once
+    (full, _), (small, _) = M.build_model(M.load_checkpoint(path)), M.build_model(checkpoint)
+    ids = torch.randint(len(M.SPECIAL_TOKENS), full.config.vocab_size, (2, 32))
+    with torch.no_grad():
+        a, b = full.eval()(ids)[0].log_softmax(-1), small.eval()(ids)[0].log_softmax(-1)
+    assert (a - b).abs().max() < 0.05 and not torch.equal(a, b)
+
+
+def test_chat_reads_int8_and_fine_tune_and_export_refuse_it(float_and_int8, tmp_path):
+    _, int8, _ = float_and_int8
+    chat = run_script("ChatAI.py", int8, "--prompt", "hello", "--max_new_chars=10", "--seed=1")
+    assert chat.returncode == 0 and "int8" in chat.stderr, chat.stderr  # the stage line names it
+    data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                                {"role": "assistant", "content": "hello"}]}] * 4)
+    tune = run_script("fine_tune.py", f"--base_model={int8}", f"--data={data}", f"--output={tmp_path / 'FT.pth'}")
+    assert tune.returncode != 0 and "int8 weights" in tune.stderr and "fine-tune the checkpoint" in tune.stderr
+    again = run_script("export.py", int8, "--int8", f"--out={tmp_path / 'x.pth'}")
+    assert again.returncode != 0 and "already holds int8" in again.stderr
+
+
+def test_a_damaged_int8_file_fails_by_name(float_and_int8, tmp_path):
+    _, int8, _ = float_and_int8
+    checkpoint = torch.load(int8, weights_only=True)
+    checkpoint["model"]["blocks.1.mlp.up.weight"] = checkpoint["model"]["blocks.1.mlp.up.weight"].float()
+    torch.save(checkpoint, tmp_path / "float_where_int8.pth")
+    with pytest.raises(M.CheckpointError, match="'blocks.1.mlp.up.weight'.*int8"):
+        M.load_checkpoint(str(tmp_path / "float_where_int8.pth"))
+    checkpoint = torch.load(int8, weights_only=True)
+    checkpoint["int8_scales"]["blocks.0.attn.proj.weight"] = torch.ones(3)
+    torch.save(checkpoint, tmp_path / "bad_scales.pth")
+    with pytest.raises(M.CheckpointError, match="scales of 'blocks.0.attn.proj.weight'"):
+        M.load_checkpoint(str(tmp_path / "bad_scales.pth"))
+
+
+# --- ONNX ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path_factory.mktemp("onnx")
+    vocab = M.Vocab.from_text(TEXT)
+    net = lively_model(vocab, seq_length=64)
+    path = save(net, vocab, folder / "Model.pth")
+    out = run_script("export.py", path, "--onnx")
+    assert out.returncode == 0, out.stderr
+    return net, vocab, str(folder / "Model.onnx")
+
+
+def test_onnx_logits_match_on_the_prompt_and_50_cached_steps(onnx_model):
+    net, vocab, path = onnx_model
+    chat = export.OnnxChat(path)
+    prompt = chat.prompt_ids([{"role": "user", "content": "hello there"}])
+    assert prompt == M.render_chat([{"role": "user", "content": "hello there"}], vocab, True)[0]  # template from metadata
+    logits, past = chat.step(prompt, chat.empty)
+    cache = M.new_cache(net)
+    with torch.no_grad():
+        expected, _ = net(torch.tensor([prompt]), cache=cache)
+        assert np.abs(logits - expected[0, -1].numpy()).max() < 1e-4
+        for step in range(50):
+            next_id = int(logits.argmax())
+            logits, past = chat.step([next_id], past)
+            expected, _ = net(torch.tensor([[next_id]]), cache=cache)
+            assert np.abs(logits - expected[0, -1].numpy()).max() < 1e-4, step
+    assert past.shape[4] == len(prompt) + 50
+
+
+def test_onnx_greedy_equals_model_py_across_window_rereads(onnx_model):
+    net, vocab, path = onnx_model
+    prompt = M.render_chat([{"role": "user", "content": "what is this?"}], vocab, True)[0]
+    expected = list(M.generate(net, prompt, 200, temperature=0, stop_ids=()))
+    chat = export.OnnxChat(path)
+    assert list(chat.generate(prompt, 200, stop_ids=())) == expected and len(set(expected)) > 5  # 200 ids: 4 re-reads of 64
+
+
+def test_the_onnx_chat_needs_no_torch(onnx_model):
+    net, vocab, path = onnx_model
+    blocked = f"import sys, runpy; sys.modules['torch'] = None; sys.path.insert(0, {ROOT!r}); " \
+              f"sys.argv = ['export.py', {path!r}, '--prompt', 'hi', '--max_new_chars=30']; " \
+              f"runpy.run_path({os.path.join(ROOT, 'export.py')!r}, run_name='__main__')"
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    prompt = M.render_chat([{"role": "user", "content": "hi"}], vocab, True)[0]
+    reply = [i for i in M.generate(net, prompt, 30, temperature=0, stop_ids=STOPS) if i >= len(M.SPECIAL_TOKENS)]
+    assert out.stdout == vocab.decode(reply) + "\n"
+
+
+def test_the_window_rule_is_model_pys():
+    for seq_length in (4, 16, 64, 256):
+        assert all(export.window_start(n, seq_length) == M.window_start(n, seq_length) for n in range(1, 1200))
+
+
+def test_bad_requests_get_one_line_each(tmp_path):
+    vocab = M.Vocab.from_text(TEXT)
+    path = save(tiny_model(vocab), vocab, tmp_path / "Model.pth")
+    cases = [([path], "say what to write"), ([path, "--int8", "--onnx"], "one at a time"),
+             ([], "give the checkpoint"), ([str(tmp_path / "nope.pth"), "--int8"], "not found"),
+             ([str(tmp_path / "Model.onnx")], "say what to ask"), ([path, "--int8", f"--out={path}"], "overwrite the input"),
+             ([str(tmp_path / "nope.onnx"), "--prompt=hi"], "cannot run")]
+    for args, words in cases:
+        out = run_script("export.py", *args)
+        assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
