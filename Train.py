@@ -99,6 +99,7 @@ PRESETS = {
 PROBES = ["Hello! How are you today?", "What is the capital of France?", "Give me a tip for learning Python."]
 END_PROBES = 8          # held-out prompts the end-of-turn rate samples (chat data only)
 END_PROBE_CHARS = 2000  # a reply still open after this many characters has not ended its turn
+END_WEIGHT = 0.1        # bits/char of val that a fine-tune's model selection trades for ending every reply
 CACHE_VERSION = 3  # 3: the cache also holds the held-out prompts
 INTERRUPTED = 130  # exit code after Ctrl-C, as shells report it
 
@@ -136,7 +137,40 @@ def pick_dtype(name, device):
         return choices[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
+    return torch.float32  # a CPU starts in float32; choose_dtype() may measure bf16 against it
+
+
+DTYPE_TRIAL_STEPS = 3  # timed training steps per precision when dtype=auto must measure (after one warm-up)
+
+
+def choose_dtype(net, config, runtime, log):
+    """dtype=auto on a CPU whose flags promise fast bf16: time a few real training steps of this
+    model in float32 and in bf16 autocast, and keep the faster. A matmul peak says little when the
+    model is small enough for everything else to dominate (on an EPYC with avx512_bf16, bf16's
+    matmul peak was 2.4x fp32's, yet training ran at 0.88x), so the decision is measured, on the
+    actual model and batch, and logged. The trial steps' gradients are thrown away."""
+    if config["dtype"] != "auto" or runtime.device.type != "cpu":
+        return
+    if runtime.world > 1:  # every process must train in the same precision, and timings differ
+        log("dtype auto: float32 (several CPU processes; choose one with --dtype to use bf16)")
+        return
+    if not cpu_has_bf16():
+        log("dtype auto: float32 (no AVX512-BF16 or AMX in this CPU's flags: bf16 would be emulated, far slower)")
+        return
+    x = torch.randint(net.config.vocab_size, (config["batch_size"], config["seq_length"]), generator=torch.Generator().manual_seed(0))
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        trial = dataclasses.replace(runtime, dtype=dtype)
+        durations = []
+        for _ in range(1 + DTYPE_TRIAL_STEPS):
+            start = time.perf_counter()
+            forward_backward(net, x, x, len(x), trial, torch.amp.GradScaler("cpu", enabled=False), config)
+            durations.append(time.perf_counter() - start)
+        times[dtype] = min(durations[1:])
+    net.zero_grad(set_to_none=True)
+    runtime.dtype = min(times, key=times.get)
+    log(f"dtype auto: {str(runtime.dtype).replace('torch.', '')} (a training step took "
+        + ", ".join(f"{t * 1000:.0f} ms in {str(d).replace('torch.', '')}" for d, t in times.items()) + ")")
 
 
 def setup_runtime(config):
@@ -305,7 +339,7 @@ class Muon(torch.optim.Optimizer):
     learning rate and decoupled weight decay."""
 
     def __init__(self, params, lr, weight_decay, momentum=0.95):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, parts=1))
 
     @torch.no_grad()
     def step(self):
@@ -320,9 +354,11 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_mul_(bufs, group["momentum"])
                 torch._foreach_add_(bufs, grads)
                 nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
-                updates = orthogonalize(nesterov).unbind(0)  # (layers, rows, cols) -> one per matrix
+                # A fused matrix (q, k and v; gate and value) is orthogonalised part by part.
+                parts = nesterov.view(len(params), group["parts"], shape[0] // group["parts"], shape[1])
+                updates = orthogonalize(parts).view(nesterov.shape).unbind(0)  # one per matrix
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-                torch._foreach_add_(params, updates, alpha=-group["lr"] * 0.2 * math.sqrt(max(shape)))
+                torch._foreach_add_(params, updates, alpha=-group["lr"] * 0.2 * math.sqrt(max(parts.shape[-2:])))
 
 
 class Optimizers:
@@ -361,12 +397,19 @@ def make_optimizer(net, config, device):
     use_muon = lambda name, p: config["optimizer"] == "muon" and name.startswith("blocks.") and p.dim() == 2
     matrices = [p for name, p in named if use_muon(name, p)]
     rest = [(name, p) for name, p in named if not use_muon(name, p)]
-    adamw = torch.optim.AdamW([{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": config["weight_decay"]},
-                               {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}],
+    decays = lambda p: p.dim() >= 2 and not hasattr(p, "trained_rows")  # LoRA's embedding: its frozen rows must stay put
+    adamw = torch.optim.AdamW([{"params": [p for _, p in rest if decays(p)], "weight_decay": config["weight_decay"]},
+                               {"params": [p for _, p in rest if not decays(p)], "weight_decay": 0.0}],
                               lr=config["learning_rate"], betas=(0.9, config["beta2"]), fused=device.type in ("cuda", "cpu"))
     if not matrices:
         return Optimizers([adamw])
-    return Optimizers([Muon(matrices, config["learning_rate"], config["weight_decay"]), adamw])
+    # q, k and v (and the MLP's gate and value) are separate matrices that share one weight for
+    # speed; orthogonalised as their parts they learned more (benchmarks/README.md, "Muon").
+    fused = {"attn.qkv.weight": 3, "mlp.up.weight": 2}
+    names = {p: name for name, p in named}
+    parts = lambda p: next((n for suffix, n in fused.items() if names[p].endswith(suffix)), 1)
+    groups = [{"params": [p for p in matrices if parts(p) == n], "parts": n} for n in (1, 2, 3)]
+    return Optimizers([Muon([g for g in groups if g["params"]], config["learning_rate"], config["weight_decay"]), adamw])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,7 +675,10 @@ class Trainer:
         metrics = {"step": self.step, "val": self.val_loss, "val_bpc": self.val_loss / math.log(2)}
         if self.end_probes:
             metrics["end_rate"] = end_of_turn_rate(self.net, self.data.val_prompts, self.runtime)
-        improved = self.val_loss < self.best_val
+        # With end-of-turn probes the kept model is not simply the lowest val: a reply that never
+        # ends costs END_WEIGHT bits/char, so ending every reply is worth 0.1 bits/char of val.
+        score = self.val_loss + (1 - metrics["end_rate"]) * END_WEIGHT * math.log(2) if self.end_probes else self.val_loss
+        improved = score < self.best_val
         self.log(f"eval step {self.step} | val {self.val_loss:.4f} | {metrics['val_bpc']:.3f} bits/char"
                  + (f" | {turn_ends(metrics['end_rate'], self.data.val_prompts)}" if self.end_probes else "")
                  + (" | best, saved" if improved else ""))
@@ -641,7 +687,7 @@ class Trainer:
                 self.log(f"probe | {prompt} -> {reply!r}")
         log_metrics(self.files["metrics"], metrics)
         if improved:
-            self.best_val = self.val_loss
+            self.best_val = score
             M.save_checkpoint(self.files["best"], self.checkpoint({**metrics, "val_loss": self.val_loss}))
 
     def checkpoint(self, metrics):
@@ -731,6 +777,7 @@ def main(argv):
     net = M.build_model(state)[0] if state else new_model(config, found.vocab)
     log(f"model: {net.num_params():,} parameters | {config['num_layers']} layers | width {config['hidden_size']} | "
         f"context {config['seq_length']}" + (f" | resuming from step {state['step']}" if state else ""))
+    choose_dtype(net, config, runtime, log)
     # --- train ---
     trainer = Trainer(config, net, found, runtime, files, {"stage": "train"})
     if state:

@@ -55,7 +55,11 @@ def data_files(path, suffixes=DATA_SUFFIXES):
 
 def split_files(path):
     """(train files, validation files) for training. Dataset_download.py's folder has its own
-    train.jsonl / validation.jsonl (and raw_*.jsonl beside them, which are not training data)."""
+    train.jsonl / validation.jsonl (and raw_*.jsonl beside them, which are not training data). In
+    another folder, files are told apart by name; one file given on its own is what to train on,
+    whatever its name says (a share of it is then held out)."""
+    if os.path.isfile(path):
+        return [path], []
     prepared = os.path.join(path, "train.jsonl")
     if os.path.isdir(path) and os.path.exists(prepared):
         val = os.path.join(path, "validation.jsonl")

@@ -10,14 +10,16 @@ stay exactly as they were. The architecture always comes from the checkpoint; a 
 at None below is inherited from the base model's run.
 
 Run:
-  python fine_tune.py --data=my_chats.jsonl
-  python fine_tune.py --data=spanish.jsonl --max_minutes=2 --max_iters=300   # a tiny CPU example
+  python fine_tune.py --data=my_chats.jsonl           # teaches the chat's form: the model learns to end its turn
+  python fine_tune.py --data=spanish.jsonl --train=all --epochs=3   # new content: every weight learns
   python fine_tune.py --resume                       # continue after Ctrl-C
   python fine_tune.py --base_model=FineTuned_Model.pth --output=Round2.pth   # fine-tune again
 """
 import math
 import os
 import sys
+
+import torch
 
 import Train
 import data
@@ -33,12 +35,17 @@ CONFIG = {
     "max_new_chars": 64,               # refuse data that would add more new characters (a wrong encoding?)
     "assistant_only_loss": True,       # chat data: learn only the assistant turns; prose always trains on all
     "val_fraction": 0.1,               # share of documents held out to measure before and after
-    # --- LoRA ---
-    "lora_rank": 0,                    # >0: train a rank-r change to each block matrix (merged at save); 0 = every weight
-    "lora_alpha": 16.0,                # the change is scaled by lora_alpha / lora_rank
+    # --- what learns (benchmarks/README.md, "Fine-tuning": chat_tokens won) ---
+    "train": "chat_tokens",            # chat_tokens: only the rows of the chat tokens (<|end|>...) and of new
+                                       #   characters, and the norms: the model learns the chat's form and keeps
+                                       #   what it knew; lora: those plus a low-rank change to every block matrix;
+                                       #   all: every weight (a few dozen conversations are then memorised)
+    "lora_rank": 8,                    # train=lora: rank of each matrix's change (merged into plain weights at save)
+    "lora_alpha": 16.0,                # train=lora: the change is scaled by lora_alpha / lora_rank
     # --- training: conservative; None = inherited from the base model's run ---
-    "learning_rate": 3e-4,             # lower than pre-training, so the model adapts without forgetting
-    "max_iters": 1000,                 # optimizer steps, or until max_minutes
+    "learning_rate": 0.0,              # 0 = the rate that suits `train` (LEARNING_RATES below)
+    "epochs": 5.0,                     # passes over the training data: sets max_iters from the data's size; 0 = use max_iters
+    "max_iters": 1000,                 # optimizer steps when epochs is 0, or until max_minutes
     "max_minutes": 5.0,                # wall-clock budget; 0 = none
     "warmup_ratio": 0.05,              # share of the run spent warming up
     "batch_size": None,                # sequences per micro-batch
@@ -48,7 +55,7 @@ CONFIG = {
     "beta2": None,                     # AdamW beta2
     "grad_clip": None,                 # max gradient norm; 0 = off
     "label_smoothing": None,           # 0-0.5
-    "eval_interval": 100,              # steps between evaluations (and saves of output when val improves)
+    "eval_interval": 0,                # steps between evaluations (and saves of output when it improves); 0 = 4 per run
     "eval_windows": None,              # val windows per evaluation
     "log_interval": 25,                # steps between log lines
     "probe_chars": 80,                 # probe reply length; 0 = none
@@ -62,7 +69,11 @@ CONFIG = {
 }
 TYPES = {k: float if k in ("min_lr_ratio", "weight_decay", "beta2", "grad_clip", "label_smoothing") else int
          for k, v in CONFIG.items() if v is None}
-RULES = {**{k: v for k, v in Train.RULES.items() if k in CONFIG}, "lora_rank": (0, 1024), "lora_alpha": (0.0, 10000.0)}
+LEARNING_RATES = {"chat_tokens": 5e-3, "lora": 1e-3, "all": 3e-4}  # measured: benchmarks/README.md, "Fine-tuning"
+EVALUATIONS = 4  # per run when eval_interval is 0: each also samples the held-out replies (seconds)
+RULES = {**{k: v for k, v in Train.RULES.items() if k in CONFIG}, "train": ("chat_tokens", "lora", "all"),
+         "learning_rate": (0.0, 10.0), "epochs": (0.0, 1000.0), "eval_interval": (0, math.inf),
+         "lora_rank": (1, 1024), "lora_alpha": (0.0, 10000.0)}
 
 
 def training_config(config, base):
@@ -73,10 +84,23 @@ def training_config(config, base):
     merged.update({k: base["model_config"][k] for k in ("seq_length", "hidden_size", "num_layers", "nhead", "dropout")})
     merged["out_dir"] = os.path.dirname(os.path.abspath(config["output"]))
     merged["assistant_only_loss"] = config["assistant_only_loss"]
+    merged["learning_rate"] = config["learning_rate"] or LEARNING_RATES[config["train"]]
+    merged["eval_interval"] = config["eval_interval"] or 1  # set from the data's size in budget()
     try:
         return check_rules(merged, Train.RULES), inherited
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def budget(train_config, config, found, log):
+    """max_iters from `epochs` and the training data's size, and eval_interval for EVALUATIONS."""
+    if config["epochs"]:
+        per_step = train_config["batch_size"] * train_config["grad_accum"] * train_config["seq_length"]
+        train_config["max_iters"] = max(1, math.ceil(config["epochs"] * len(found.train) / per_step))
+        log(f"budget: {config['epochs']:g} epochs of {len(found.train):,} characters = {train_config['max_iters']} steps"
+            + (f", or {config['max_minutes']:g} minutes if sooner" if config["max_minutes"] else ""))
+    if not config["eval_interval"]:
+        train_config["eval_interval"] = max(1, math.ceil(train_config["max_iters"] / EVALUATIONS))
 
 
 def grow_vocabulary(net, vocab, new_chars, limit, log):
@@ -91,6 +115,24 @@ def grow_vocabulary(net, vocab, new_chars, limit, log):
         log(f"vocabulary {len(vocab)} -> {len(vocab) + len(new_chars)}: new "
             + ", ".join(f"{c!r} x{n}" for c, n in sorted(new_chars.items(), key=lambda kv: -kv[1])))
     return M.expand_vocab(net, vocab, list(new_chars))
+
+
+def choose_trainable(net, config, new_rows, state, state_path, log):
+    """What learns (the `train` key), and on a resumed LoRA run its saved adapters."""
+    if config["train"] != "all":
+        M.freeze_all_but_new_rows(net, new_rows)
+    if config["train"] == "lora":
+        M.add_lora(net, config["lora_rank"], config["lora_alpha"])
+        if state:
+            try:
+                M.load_lora(net, state["lora"], state_path)
+            except M.CheckpointError as e:
+                sys.exit(f"error: cannot resume: {e}")
+    rows = f"the rows of the {len(M.SPECIAL_TOKENS)} chat tokens and {new_rows} new characters, the norms"
+    what = {"all": "every weight", "chat_tokens": rows, "lora": f"{rows} and rank-{config['lora_rank']} LoRA adapters"}
+    trainable = sum(int(p.trained_rows.sum()) * p.shape[1] if hasattr(p, "trained_rows") else p.numel()
+                    for p in net.parameters() if p.requires_grad)
+    log(f"training {what[config['train']]}: {trainable:,} of {net.num_params():,} parameters")
 
 
 def report(net, found, config, runtime, label, log):
@@ -121,10 +163,11 @@ def main(argv):
                  f"float weights: fine-tune the checkpoint it was exported from, then export again")
     train_config, inherited = training_config(config, base)
     runtime = Train.setup_runtime(train_config)
+    torch.manual_seed(train_config["seed"])  # the same seed, the same LoRA start and dropout: the same run
     log = print if runtime.is_main else (lambda *a: None)
     log(f"base model {config['base_model']} (stage {base.get('stage')}) | inherited: "
         + ", ".join(f"{k}={train_config[k]}" for k in inherited))
-    log("set here: " + ", ".join(f"{k}={config[k]}" for k in CONFIG if config[k] is not None and k in Train.CONFIG))
+    log("set here: " + ", ".join(f"{k}={train_config[k]}" for k in CONFIG if config[k] is not None and k in Train.CONFIG))
     # --- data ---
     net, vocab = M.build_model(state or base)  # a LoRA state holds the base weights; its adapters go on below
     try:
@@ -135,25 +178,20 @@ def main(argv):
     Train.report_data(found, log)
     if state and found.new_chars:
         sys.exit("error: the data changed since the fine-tune was interrupted; resume with the same --data")
+    budget(train_config, config, found, log)
     # --- vocabulary ---
     old_size = len(M.Vocab(base["vocab"]))
     grow_vocabulary(net, vocab, found.new_chars, config["max_new_chars"], log)
-    if config["lora_rank"]:
-        M.add_lora(net, config["lora_rank"], config["lora_alpha"])
-        if state:
-            try:
-                M.load_lora(net, state["lora"], files["state"])
-            except M.CheckpointError as e:
-                sys.exit(f"error: cannot resume: {e}")
-        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        log(f"LoRA rank {config['lora_rank']}: {trainable:,} of {net.num_params():,} parameters train")
+    choose_trainable(net, config, net.config.vocab_size - old_size, state, files["state"], log)
     net.to(runtime.device)
+    Train.choose_dtype(net, train_config, runtime, log)
     # --- before ---
     before, base_replies = report(net, found, train_config, runtime, "before fine-tuning", log)
     meta = {"stage": "fine_tune", "base_model": os.path.abspath(config["base_model"]), "old_vocab_size": old_size,
             "new_vocab_size": len(found.vocab), "val_loss_before": state["val_loss_before"] if state else before[0],
             "end_rate_before": state.get("end_rate_before") if state else before[1],
-            "lora_rank": config["lora_rank"], "lora_alpha": config["lora_alpha"]}
+            "train": config["train"], **({"lora_rank": config["lora_rank"], "lora_alpha": config["lora_alpha"]}
+                                         if config["train"] == "lora" else {})}
     # --- train ---
     trainer = Train.Trainer(train_config, net, found, runtime, files, meta, end_probes=True)
     if state:

@@ -539,9 +539,9 @@ class BeamSearch:
     when the beams reach max_new_tokens.
 
     The prompt is read once, in the first slot: a new beam starts from its parent's keys and
-    values, copied from the parent's slot rather than recomputed. `step_rows` and `update` let a
-    server run the beams in the same batched step as other clients' rows (serve.py); `run` does it
-    alone.
+    values, copied from the parent's slot rather than recomputed. `rows` (the live beams) and
+    `update` let a server run the beams in the same batched step as other clients' rows
+    (serve.py); `run` does it alone.
     """
 
     def __init__(self, prompt_ids, max_new_tokens, slots, length_penalty=1.0, stop_ids=(END,)):
@@ -776,8 +776,8 @@ def model_state(model, merge=True):
 class LoRA(nn.Module):
     """W -> W + (alpha / rank) * B @ A, with W frozen. B starts at zero, so training starts from
     the base model exactly; A starts random so B's first gradients are not zero (Hu et al., 2021).
-    A rank-8 change of a 128 x 384 matrix trains 4,096 numbers instead of 49,152: a few dozen
-    conversations can teach it their form before they can teach it their text."""
+    A rank-8 change of a 128 x 384 matrix trains 4,096 numbers instead of 49,152, so it takes more
+    data to memorise; on 52 conversations it still cost held-out bits/char (benchmarks/README.md)."""
 
     def __init__(self, weight, rank, alpha):
         super().__init__()
@@ -789,10 +789,25 @@ class LoRA(nn.Module):
         return weight + self.scale * (self.b @ self.a)
 
 
+def freeze_all_but_new_rows(model, new_rows=0):
+    """Freeze every weight except the norms and the embedding rows no base run has trained: the
+    special tokens (a base trained on prose never saw <|end|>) and the `new_rows` characters
+    fine_tune.py appended. The embedding is tied to the head, so <|end|>'s row is also how the
+    model says when a reply is over. The row mask is kept on the parameter as `trained_rows`,
+    which also tells the optimizer not to decay the frozen rows."""
+    for name, p in model.named_parameters():
+        p.requires_grad_("norm" in name or name == "tok_emb.weight")
+    embedding = model.tok_emb.weight
+    rows = torch.zeros(embedding.shape[0], 1, device=embedding.device)
+    rows[:len(SPECIAL_TOKENS)] = 1
+    rows[embedding.shape[0] - new_rows:] = 1
+    embedding.trained_rows = rows
+    embedding.register_hook(lambda grad: grad * rows.to(grad.device, grad.dtype))  # the model may move to a GPU after
+    return model
+
+
 def add_lora(model, rank, alpha):
-    """Put a LoRA adapter on every attention and MLP matrix and freeze those matrices. The
-    embedding (tied to the head) and the norms stay trainable: the chat tokens' rows, never trained
-    by a run on prose, and any characters fine_tune.py added must be learned in full."""
+    """Put a LoRA adapter on every attention and MLP matrix and freeze those matrices."""
     for name, module in model.named_modules():
         if name.startswith("blocks.") and isinstance(module, nn.Linear):
             torch.nn.utils.parametrize.register_parametrization(module, "weight", LoRA(module.weight, rank, alpha))
@@ -807,7 +822,8 @@ def lora_state(model):
 
 def load_lora(model, adapters, path):
     """Put saved adapters (lora_state) back into a model that add_lora prepared."""
-    if set(adapters) != set(lora_state(model)):
+    expected = {name: tensor.shape for name, tensor in lora_state(model).items()}
+    if {name: getattr(tensor, "shape", None) for name, tensor in adapters.items()} != expected:
         raise CheckpointError(f"{path}: its LoRA adapters do not match this run's lora_rank; resume with the "
                               f"settings the run started with")
     model.load_state_dict(adapters, strict=False)

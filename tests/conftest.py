@@ -1,6 +1,8 @@
 """Shared fixtures: tiny models and data, so the whole suite runs in minutes on 2 CPU cores."""
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -42,6 +44,25 @@ def write_jsonl(path, rows):
             f.write(row if isinstance(row, str) else json.dumps(row))
             f.write("\n")
     return str(path)
+
+
+@contextlib.contextmanager
+def interrupt_after(step):
+    """Deliver a real SIGINT right after training step `step` is logged (None: never), to test
+    Ctrl-C and --resume inside this process."""
+    import Train
+    real_log = Train.log_metrics
+
+    def log_and_maybe_interrupt(path, record):
+        real_log(path, record)
+        if record.get("step") == step and "loss" in record:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    Train.log_metrics = log_and_maybe_interrupt
+    try:
+        yield
+    finally:
+        Train.log_metrics = real_log
 
 
 def run_script(script, *args, cwd=None, input=None, timeout=300, env=None):

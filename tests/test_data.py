@@ -59,6 +59,9 @@ def test_validation_file_rule_and_prepared_folders(tmp_path):
     for name in ("train.jsonl", "validation.jsonl", "raw_train.jsonl"):
         (tmp_path / name).write_text("{}\n")
     assert data.split_files(str(tmp_path)) == ([str(tmp_path / "train.jsonl")], [str(tmp_path / "validation.jsonl")])
+    # One file given on its own is training data, whatever its name: it once counted as validation
+    # only, and training stopped with "no usable text".
+    assert data.split_files(str(tmp_path / "a_val.jsonl")) == ([str(tmp_path / "a_val.jsonl")], [])
 
 
 def test_hold_out_keeps_each_group_whole():

@@ -1,16 +1,18 @@
 """fine_tune.py: vocabulary growth, lower held-out loss, new characters in chat, bad input."""
 
+import re
+
 import pytest
 import torch
 
 import fine_tune
 import model as M
-from conftest import CHATS, run_script, write_jsonl
+from conftest import CHATS, interrupt_after, run_script, write_jsonl
 from test_train import TINY_ARGS
 
 SPANISH = [[{"role": "user", "content": "hola"}, {"role": "assistant", "content": "el niño y la niña, mañana señor"}],
            [{"role": "user", "content": "que tal?"}, {"role": "assistant", "content": "año tras año, ñu y ñandú"}]]
-FT_ARGS = ["--max_iters=150", "--eval_interval=50", "--log_interval=50", "--max_minutes=0", "--probe_chars=10",
+FT_ARGS = ["--epochs=0", "--max_iters=150", "--eval_interval=50", "--log_interval=50", "--max_minutes=0", "--probe_chars=10",
            "--learning_rate=3e-3", "--device=cpu", "--dtype=float32", "--batch_size=8"]
 
 
@@ -54,7 +56,7 @@ def test_too_many_new_characters_are_refused_with_the_worst_named(base):
 def test_spanish_fine_tune_learns_new_letters_and_chat_uses_them(base, spanish, tmp_path):
     out_path = tmp_path / "FineTuned_Model.pth"
     out = run_script("fine_tune.py", f"--base_model={base}", f"--data={spanish}", f"--output={out_path}",
-                     *FT_ARGS, cwd=tmp_path)
+                     *FT_ARGS, "--train=all", cwd=tmp_path)  # a new language: the blocks must learn too
     assert out.returncode == 0, out.stderr
     assert "inherited: batch_size" not in out.stdout and "inherited: grad_accum=1" in out.stdout
     assert "new 'ñ' x" in out.stdout and "fine-tuned:" in out.stdout
@@ -73,7 +75,7 @@ def test_spanish_fine_tune_learns_new_letters_and_chat_uses_them(base, spanish, 
     assert "ñ" in chat.stdout, chat.stdout
     # Fine-tuning the fine-tuned model again works.
     again = run_script("fine_tune.py", f"--base_model={out_path}", f"--data={spanish}",
-                       f"--output={tmp_path / 'Round2.pth'}", *FT_ARGS[1:], "--max_iters=20", cwd=tmp_path)
+                       f"--output={tmp_path / 'Round2.pth'}", *FT_ARGS, "--max_iters=20", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert M.load_checkpoint(str(tmp_path / "Round2.pth"))["old_vocab_size"] == ckpt["new_vocab_size"]
 
@@ -105,3 +107,53 @@ def test_assistant_only_loss_masks_user_turns(base, spanish, tmp_path):
     text_with_mask = "".join(data.vocab.itos[i] if m else "_" for i, m in zip(data.train.tolist(), data.train_mask.tolist()))
     assert "hola" not in text_with_mask and "que tal" not in text_with_mask
     assert "mañana señor<|end|>" in text_with_mask
+
+
+def run_in_process(folder, base, data, interrupt_at=None, resume=False):
+    """fine_tune.main() here, LoRA rank 4; optionally a real SIGINT right after step `interrupt_at`."""
+    with interrupt_after(interrupt_at):
+        fine_tune.main([f"--base_model={base}", f"--data={data}", f"--output={folder / 'FT.pth'}", "--train=lora",
+                        "--lora_rank=4", *FT_ARGS, "--max_iters=30", "--eval_interval=10", "--log_interval=1",
+                        "--checkpoint_interval=1000", "--probe_chars=0"] + (["--resume"] if resume else []))
+
+
+def test_lora_fine_tune_grows_the_vocabulary_and_resumes_exactly(base, spanish, tmp_path):
+    import json
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_in_process(straight, base, spanish)
+    with pytest.raises(SystemExit):
+        run_in_process(broken, base, spanish, interrupt_at=13)
+    assert M.load_checkpoint(str(broken / "fine_tune_state.pth"))["lora"]  # the adapters, apart from the base
+    run_in_process(broken, base, spanish, resume=True)
+    curves = [{r["step"]: r["loss"] for r in map(json.loads, open(folder / "fine_tune_metrics.jsonl")) if "loss" in r}
+              for folder in (straight, broken)]
+    assert sorted(curves[0]) == sorted(curves[1]) == list(range(1, 31))
+    assert all(abs(curves[0][s] - curves[1][s]) <= 1e-6 + 1e-5 * abs(curves[0][s]) for s in curves[0])
+    tuned = M.load_checkpoint(str(broken / "FT.pth"))  # a plain checkpoint: the adapters are merged in
+    assert tuned["lora_rank"] == 4 and "ñ" in tuned["vocab"] and "lora" not in tuned
+    net, vocab = M.build_model(tuned)
+    base_net, _ = M.build_model(M.load_checkpoint(str(base)))
+    assert not torch.equal(net.blocks[0].attn.qkv.weight, base_net.blocks[0].attn.qkv.weight)
+
+
+PROSE = ["hello there, how are you today? i am fine.", "what is two plus two? it is four, of course.",
+         "name a color: blue, or green, or red.", "thanks, you are welcome. how can i help?"]
+
+
+def test_fine_tuning_on_chats_teaches_a_prose_model_to_end_its_turn(tmp_path):
+    """A base trained on prose has never seen <|end|>; a few conversations teach it to stop."""
+    prose = write_jsonl(tmp_path / "prose.jsonl", [{"text": t} for t in PROSE * 40])
+    out = run_script("Train.py", f"--data={prose}", f"--out_dir={tmp_path}", "--max_iters=150", "--eval_interval=150",
+                     *TINY_ARGS, "--seq_length=32", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "ends its turn" not in out.stdout  # prose has no turns to end
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in CHATS * 30])
+    out = run_script("fine_tune.py", f"--base_model={tmp_path / 'Model.pth'}", f"--data={chats}",
+                     f"--output={tmp_path / 'FT.pth'}", "--epochs=20", "--max_minutes=0", "--probe_chars=10",
+                     "--device=cpu", "--dtype=float32", cwd=tmp_path)  # the defaults, on tiny data: more epochs
+    assert out.returncode == 0, out.stderr
+    assert "training the rows of the 5 chat tokens and 6 new characters, the norms: 672 of 26,016" in out.stdout
+    before, after = map(int, re.search(r"ends its turn (\d+)% -> (\d+)% of 8 held-out replies", out.stdout).groups())
+    assert after >= before + 25, out.stdout  # a barely trained base ends some replies by chance
+    assert re.search(r"val bits/char [\d.]+ -> [\d.]+ \|", out.stdout)  # the closing line scripts read
+    assert out.stdout.count("ends its turn in") == 6  # before, at each of the 4 evaluations, and after

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import model as M
+import Train
 from conftest import tiny_checkpoint, tiny_model
 
 
@@ -383,3 +384,41 @@ def test_a_beam_reply_never_crosses_a_turn():
     for beams in (1, 2, 4):
         reply = M.beam_search(net, [M.BOT], 20, num_beams=beams, stop_ids=stops)
         assert reply[-1] in stops and not set(reply[:-1]) & set(stops)
+
+
+# --- LoRA -----------------------------------------------------------------------------------------
+def test_lora_trains_adapters_not_the_block_matrices_and_merges_exactly(vocab):
+    net = tiny_model(vocab)
+    base = {k: v.clone() for k, v in M.model_state(net).items()}
+    M.add_lora(M.freeze_all_but_new_rows(net), rank=4, alpha=8.0)
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    adapters = [n for n in trainable if ".parametrizations.weight.0." in n]
+    assert len(adapters) == 2 * 4 * net.config.num_layers  # a and b on qkv, proj, up and the MLP's proj
+    assert not [n for n in trainable if n.startswith("blocks.") and n not in adapters and "norm" not in n]
+    optimizer = Train.make_optimizer(net, {**Train.CONFIG, "learning_rate": 1e-2}, torch.device("cpu"))
+    x = torch.randint(len(M.SPECIAL_TOKENS), len(vocab), (4, 16))
+    for _ in range(5):
+        net(x[:, :-1], x[:, 1:])[1].backward()
+        for each in optimizer.optimizers:
+            each.step()
+        optimizer.zero_grad()
+    frozen, merged = M.model_state(net, merge=False), M.model_state(net)
+    matrices = [n for n in base if n.startswith("blocks.") and n.endswith(("qkv.weight", "proj.weight", "up.weight"))]
+    assert len(matrices) == 4 * net.config.num_layers
+    embedding, special = frozen["tok_emb.weight"], len(M.SPECIAL_TOKENS)
+    assert torch.equal(embedding[special:], base["tok_emb.weight"][special:])  # the characters' rows never moved
+    assert not torch.equal(embedding[:special], base["tok_emb.weight"][:special])  # the chat tokens' rows learn
+    for name in matrices:
+        assert torch.equal(frozen[name], base[name])  # the base matrices never moved
+        assert not torch.equal(merged[name], base[name])  # the saved file has the adapters in them
+    plain = M.CharTransformer(net.config)
+    plain.load_state_dict(merged)
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(x)[0], net.eval()(x)[0], atol=1e-5)
+    again = M.add_lora(M.build_model({"vocab": vocab.chars, "model_config": M.dataclasses.asdict(net.config),
+                                      "model": frozen})[0], rank=4, alpha=8.0)
+    M.load_lora(again, M.lora_state(net), "state.pth")  # base + adapters, as a resumed run rebuilds them
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x)[0], net(x)[0])
+    with pytest.raises(M.CheckpointError, match="lora_rank"):
+        M.load_lora(M.add_lora(tiny_model(vocab), rank=2, alpha=8.0), M.lora_state(net), "state.pth")

@@ -268,7 +268,8 @@ def test_ctrl_c_finishes_the_reply_in_flight_then_exits_0(tmp_path):
         time.sleep(0.05)
     server.proc.send_signal(signal.SIGINT)
     worker.join(60)
-    code, out, err = server.stop() if server.proc.poll() is None else (server.proc.returncode, *server.proc.communicate())
+    out, err = server.proc.communicate(timeout=60)  # it exits by itself once the reply is out (a second
+    code = server.proc.returncode                    # signal here raced with that exit: flaky, seen once)
     assert code == 0 and "Traceback" not in err and "stopped" in out
     assert len(result["r"].choices[0].message.content) == 2000
 

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 import data
 import model as M
 import Train
-from conftest import CHATS, ROOT, run_script, tiny_model, write_jsonl
+from conftest import CHATS, ROOT, interrupt_after, run_script, tiny_model, write_jsonl
 
 TINY_ARGS = ["--seq_length=16", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8",
              "--max_minutes=0", "--probe_chars=10", "--device=cpu", "--dtype=float32"]
@@ -35,6 +36,7 @@ def test_a_tiny_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path, chat_f
                      "--eval_interval=40", "--log_interval=20", *TINY_ARGS, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "step 020/120 | loss" in out.stdout and "bits/char" in out.stdout and "probe | Hello" in out.stdout
+    assert re.search(r"Model\.pth: ends its turn in \d+% of \d+ held-out replies", out.stdout)  # chat data: does it stop?
     curve = losses(tmp_path)
     assert curve[120] < curve[20] - 0.5
     ckpt = M.load_checkpoint(str(tmp_path / "Model.pth"))
@@ -95,20 +97,10 @@ def test_a_file_with_no_usable_text_is_an_error(tmp_path):
 # --- the loop -----------------------------------------------------------------------------------
 def run_in_process(tmp_path, chat_file, interrupt_at=None, resume=False, max_iters=40, optimizer="adamw"):
     """Call Train.main() here; optionally deliver a real SIGINT right after step `interrupt_at`."""
-    real_log = Train.log_metrics
-
-    def log_and_maybe_interrupt(path, record):
-        real_log(path, record)
-        if record.get("step") == interrupt_at and "loss" in record:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    Train.log_metrics = log_and_maybe_interrupt
-    try:
+    with interrupt_after(interrupt_at):
         Train.main([f"--data={chat_file}", f"--out_dir={tmp_path}", f"--max_iters={max_iters}",
                     "--log_interval=1", "--eval_interval=15", "--checkpoint_interval=1000",
                     "--dropout=0.1", f"--optimizer={optimizer}", *TINY_ARGS] + (["--resume"] if resume else []))
-    finally:
-        Train.log_metrics = real_log
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -192,6 +184,24 @@ def test_orthogonalize_brings_every_singular_value_near_one_one_matrix_or_many()
     assert out.shape == g.shape and singular.min() > 0.5 and singular.max() < 1.5
     assert torch.allclose(out[1], Train.orthogonalize(g[1]), atol=1e-5)  # batched = one by one
     assert torch.allclose(Train.orthogonalize(g[0].T), out[0].T, atol=1e-5)  # wide and tall alike
+
+
+def test_muon_orthogonalises_fused_matrices_part_by_part(vocab):
+    """q, k and v share one weight; each of the three should move by a near-orthogonal step, not
+    the stacked 3d x d matrix (whose thirds would then have singular values near 1/sqrt(3))."""
+    net = tiny_model(vocab)
+    config = {**Train.CONFIG, "learning_rate": 1e-2, "weight_decay": 0.0, "optimizer": "muon"}
+    muon = Train.make_optimizer(net, config, torch.device("cpu")).optimizers[0]
+    assert sorted(g["parts"] for g in muon.param_groups) == [1, 2, 3]
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    qkv = net.blocks[0].attn.qkv.weight
+    before = qkv.detach().clone()
+    muon.step()
+    step = (before - qkv.detach()) / (1e-2 * 0.2 * max(qkv.shape[0] // 3, qkv.shape[1]) ** 0.5)
+    for part in step.chunk(3):  # five Newton-Schulz steps leave a square matrix's smallest values lower
+        singular = torch.linalg.svdvals(part)
+        assert 0.8 < singular.median() < 1.2 and singular.max() < 1.5
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
@@ -308,3 +318,35 @@ def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path, chat_file):
                      "--eval_interval=4", *TINY_ARGS, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert [r["step"] for r in metric_records(tmp_path)] == [2, 4, 4]
+
+
+# --- precision by measurement ------------------------------------------------------------------------
+def test_dtype_auto_times_both_precisions_and_keeps_the_faster(monkeypatch):
+    net = tiny_model(M.Vocab.from_text("abcdefgh"))
+    config = {**Train.CONFIG, "batch_size": 2, "seq_length": 16, "dtype": "auto"}
+    monkeypatch.setattr(Train, "cpu_has_bf16", lambda: True)  # as on a CPU with AVX512-BF16 or AMX
+    real = Train.forward_backward
+    for slow, expected in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        def timed(model, x, y, micro_batch, runtime, scaler, cfg):
+            time.sleep(0.03 if runtime.dtype == slow else 0.0)
+            return real(model, x, y, micro_batch, runtime, scaler, cfg)
+        monkeypatch.setattr(Train, "forward_backward", timed)
+        runtime, logs = Train.Runtime(torch.device("cpu"), torch.float32), []
+        Train.choose_dtype(net, config, runtime, logs.append)
+        assert runtime.dtype == expected
+        assert re.fullmatch(r"dtype auto: \w+ \(a training step took \d+ ms in float32, \d+ ms in bfloat16\)", logs[0])
+        assert logs[0].startswith(f"dtype auto: {str(expected)[6:]}")
+        assert all(p.grad is None for p in net.parameters())  # the trial steps leave nothing behind
+
+
+def test_a_forced_dtype_is_obeyed_and_an_emulated_bf16_is_not_tried(monkeypatch):
+    net = tiny_model(M.Vocab.from_text("abcdefgh"))
+    monkeypatch.setattr(Train, "forward_backward", lambda *a: pytest.fail("a forced or hopeless choice times nothing"))
+    for forced in ("float32", "bfloat16"):
+        runtime = Train.Runtime(torch.device("cpu"), Train.pick_dtype(forced, torch.device("cpu")))
+        Train.choose_dtype(net, {**Train.CONFIG, "dtype": forced}, runtime, pytest.fail)
+        assert str(runtime.dtype) == f"torch.{forced}"
+    monkeypatch.setattr(Train, "cpu_has_bf16", lambda: False)
+    runtime, logs = Train.Runtime(torch.device("cpu"), torch.float32), []
+    Train.choose_dtype(net, {**Train.CONFIG, "dtype": "auto"}, runtime, logs.append)
+    assert runtime.dtype == torch.float32 and "no AVX512-BF16 or AMX" in logs[0]
