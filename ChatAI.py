@@ -191,7 +191,7 @@ def sampling_args(config):
 def reply_ids(session, prompt_ids):
     """The reply's ids as they come: sampled one at a time, or with beam search all at the end
     (a beam's text can change until the search ends, so there is nothing to stream before)."""
-    config, stops = session.config, (M.END, M.USER, M.BOT, M.SYSTEM)
+    config, stops = session.config, M.TURN_ENDS
     if config["num_beams"] > 1:
         return M.beam_search(session.model, prompt_ids, config["max_new_chars"], config["num_beams"],
                              config["length_penalty"], stops)

@@ -405,10 +405,8 @@ def make_optimizer(net, config, device):
         return Optimizers([adamw])
     # q, k and v (and the MLP's gate and value) are separate matrices that share one weight for
     # speed; orthogonalised as their parts they learned more (benchmarks/README.md, "Muon").
-    fused = {"attn.qkv.weight": 3, "mlp.up.weight": 2}
-    names = {p: name for name, p in named}
-    parts = lambda p: next((n for suffix, n in fused.items() if names[p].endswith(suffix)), 1)
-    groups = [{"params": [p for p in matrices if parts(p) == n], "parts": n} for n in (1, 2, 3)]
+    parts = lambda name: 3 if name.endswith("attn.qkv.weight") else 2 if name.endswith("mlp.up.weight") else 1
+    groups = [{"params": [p for name, p in named if use_muon(name, p) and parts(name) == n], "parts": n} for n in (1, 2, 3)]
     return Optimizers([Muon([g for g in groups if g["params"]], config["learning_rate"], config["weight_decay"]), adamw])
 
 
@@ -479,7 +477,7 @@ def end_of_turn_rate(net, prompts, runtime, seed=0):
     All prompts run as one batch through the KV cache: seconds, even when no reply ends."""
     net.eval()
     cache = M.new_cache(net, len(prompts))
-    rows = [M.Row(list(p), END_PROBE_CHARS, slot, temperature=0.8, top_k=40, stop_ids=(M.END, M.USER, M.BOT, M.SYSTEM),
+    rows = [M.Row(list(p), END_PROBE_CHARS, slot, temperature=0.8, top_k=40, stop_ids=M.TURN_ENDS,
                   generator=torch.Generator(runtime.device).manual_seed(seed + slot)) for slot, p in enumerate(prompts)]
     with runtime.autocast():
         while live := [row for row in rows if not row.done]:

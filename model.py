@@ -36,6 +36,7 @@ from data import atomic_write
 SPECIAL_TOKENS = ["<|unk|>", "<|user|>", "<|bot|>", "<|end|>", "<|system|>"]
 UNK, USER, BOT, END, SYSTEM = range(len(SPECIAL_TOKENS))
 ROLE_TOKENS = {"user": USER, "assistant": BOT, "system": SYSTEM}
+TURN_ENDS = (END, USER, BOT, SYSTEM)  # a reply ends at <|end|>, or where the model opens another turn
 
 
 class Vocab:

@@ -70,7 +70,6 @@ RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "
          "threads": (0, 1024), "length_penalty": (-5.0, 5.0)}
 SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # per-request settings
 MAX_STOPS = 4  # as OpenAI's API allows
-ROLE_STOPS = (M.END, M.USER, M.BOT, M.SYSTEM)  # a reply ends at <|end|>, or where the model opens another turn
 
 
 class APIError(Exception):
@@ -250,11 +249,11 @@ class Job:
 
     def take(self, cache, logits, rows):
         """This job's share of a step: `logits` maps id(row) to that row's logits, for `rows`."""
-        if self.beam and rows:
-            self.beam.update(cache, [logits[id(row)] for row in rows])
-        elif not self.beam:
+        if not self.beam:
             for row in rows:
                 row.take(logits[id(row)])
+        elif rows:
+            self.beam.update(cache, [logits[id(row)] for row in rows])
 
 
 class Scheduler:
@@ -295,12 +294,12 @@ class Scheduler:
                 continue
             job.slots = [self.free.pop() for _ in range(job.slots_needed)]
             if request.num_beams > 1:
-                job.beam = M.BeamSearch(job.prompt_ids, request.max_tokens, job.slots, request.length_penalty, ROLE_STOPS)
+                job.beam = M.BeamSearch(job.prompt_ids, request.max_tokens, job.slots, request.length_penalty, M.TURN_ENDS)
             for i, slot in enumerate(job.slots if not job.beam else []):
                 seed = None if request.seed is None else request.seed + i
                 generator = torch.Generator().manual_seed(seed) if seed is not None else None
                 job.rows.append(M.Row(list(job.prompt_ids), request.max_tokens, slot, generator=generator,
-                                      stop_ids=ROLE_STOPS, **request.sampling))
+                                      stop_ids=M.TURN_ENDS, **request.sampling))
             job.texts = [StopText(request.stops) for _ in range(request.n)]
             job.finished = [False] * request.n
             self.running.append(job)
@@ -352,7 +351,7 @@ class Scheduler:
         out, hit = text.add("".join(self.vocab.itos[t] for t in ids if t >= len(M.SPECIAL_TOKENS)))
         if hit or ended:
             job.finished[i] = True
-            reason = "stop" if hit or (ids and ids[-1] in ROLE_STOPS) else "length"
+            reason = "stop" if hit or (ids and ids[-1] in M.TURN_ENDS) else "length"
             self.post(job, "delta", i, out if hit else out + text.flush(), reason)
         elif out:
             self.post(job, "delta", i, out, None)

@@ -50,9 +50,8 @@ class PackedInt8Linear(torch.nn.Module):
 
     def __init__(self, linear):
         super().__init__()
-        w = linear.weight.detach()
-        self.scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.weight = (w / self.scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        weights, scales = M.quantize_int8({"w": linear.weight.detach()})  # the same int8 as export.py's
+        self.weight, self.scale = weights["w"], scales["w"]
 
     def forward(self, x):
         return torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale).view(*x.shape[:-1], -1)
