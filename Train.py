@@ -47,10 +47,10 @@ CONFIG = {
     "seq_length": None,            # context window in characters; 64-1024
     "dropout": 0.0,                # 0 for runs shorter than an epoch; 0.1 once val loss drifts above train loss
     # --- optimization ---
-    "optimizer": "adamw",          # adamw; or muon: Muon for the blocks' weight matrices, AdamW for the rest
+    "optimizer": "muon",           # muon: Muon for the blocks' weight matrices, AdamW for the rest; or adamw for all
     "batch_size": None,            # sequences per micro-batch, per process
     "grad_accum": 1,               # micro-batches per optimizer step, summed over all processes
-    "learning_rate": None,         # peak AdamW learning rate
+    "learning_rate": None,         # peak learning rate (Muon's step is scaled to AdamW's, so one rate serves both)
     "min_lr_ratio": 0.0,           # the cosine decays to learning_rate * this; 0 = all the way down
     "warmup_ratio": 0.05,          # share of training spent warming up (0-0.5)
     "weight_decay": 0.1,           # AdamW decay, applied to weight matrices only
@@ -70,7 +70,7 @@ CONFIG = {
     # --- system ---
     "device": "auto",              # auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu
     "dtype": "auto",               # auto, float32, bfloat16 or float16 (autocast; float16 adds a GradScaler)
-    "compile": False,              # torch.compile the model: faster steps after a one-off compile (~1 min)
+    "compile": "auto",             # torch.compile the model: auto (by the rule in choose_compile), true or false
     "threads": 0,                  # CPU threads; 0 = one per physical core
     "seed": 1337,                  # same seed, same data and same losses
 }
@@ -83,7 +83,7 @@ RULES = {"val_fraction": (0.0, 0.5), "warmup_ratio": (0.0, 0.5), "min_lr_ratio":
          "label_smoothing": (0.0, 0.5), "grad_clip": (0.0, math.inf), "max_minutes": (0.0, math.inf),
          "weight_decay": (0.0, math.inf), "beta2": (0.0, 0.9999), "learning_rate": (1e-9, 10.0),
          "probe_chars": (0, 10000), "threads": (0, 1024), "dtype": ("auto", "float32", "bfloat16", "float16"),
-         "optimizer": ("adamw", "muon"),
+         "optimizer": ("adamw", "muon"), "compile": ("auto", "true", "false"),
          **{key: (1, math.inf) for key in POSITIVE}}
 
 # Model shapes and batch sizes that suit each device; any key set above wins over the preset.
@@ -91,9 +91,11 @@ RULES = {"val_fraction": (0.0, 0.5), "warmup_ratio": (0.0, 0.5), "min_lr_ratio":
 # runs on the real text (benchmarks/README.md, "Choosing the CPU preset") width 256 / batch 32
 # reached 3.84 bits/char, width 128 / batch 32 3.22, and width 128 / batch 8 2.47. In 10-minute
 # runs context 256 / batch 4 matched context 128 / batch 8 (1.949 and 1.948) and holds twice the
-# chat history. GPU: a larger model for the same 15 minutes (not measured: no GPU yet).
+# chat history. With Muon (the default optimizer) batch 8 at 6e-3 learned most in 5 minutes
+# ("Optimizer: Muon"); with --optimizer=adamw use batch 4 at 3e-3.
+# GPU: a larger model for the same 15 minutes (not measured: no GPU yet).
 PRESETS = {
-    "cpu": dict(hidden_size=128, num_layers=4, nhead=4, seq_length=256, batch_size=4, learning_rate=3e-3),
+    "cpu": dict(hidden_size=128, num_layers=4, nhead=4, seq_length=256, batch_size=8, learning_rate=6e-3),
     "gpu": dict(hidden_size=512, num_layers=8, nhead=8, seq_length=512, batch_size=64, learning_rate=1e-3),
 }
 PROBES = ["Hello! How are you today?", "What is the capital of France?", "Give me a tip for learning Python."]
@@ -101,6 +103,7 @@ END_PROBES = 8          # held-out prompts the end-of-turn rate samples (chat da
 END_PROBE_CHARS = 2000  # a reply still open after this many characters has not ended its turn
 END_WEIGHT = 0.1        # bits/char of val that a fine-tune's model selection trades for ending every reply
 CACHE_VERSION = 3  # 3: the cache also holds the held-out prompts
+COMPILE_MIN_MINUTES = 5.0  # compile=auto on a GPU: a budget at least this long (compiling costs about 1 min)
 INTERRUPTED = 130  # exit code after Ctrl-C, as shells report it
 
 
@@ -171,6 +174,23 @@ def choose_dtype(net, config, runtime, log):
     runtime.dtype = min(times, key=times.get)
     log(f"dtype auto: {str(runtime.dtype).replace('torch.', '')} (a training step took "
         + ", ".join(f"{t * 1000:.0f} ms in {str(d).replace('torch.', '')}" for d, t in times.items()) + ")")
+
+
+def choose_compile(config, runtime, log):
+    """compile=true or false is obeyed. auto compiles only where it was measured to pay: on a CPU,
+    compiled steps of the CPU preset were no faster than eager ones (benchmarks/README.md, "When
+    torch.compile pays"), so the 35-60 s of compiling never comes back; on a GPU, whose step is
+    mostly kernel launches that compiling fuses, when the budget leaves COMPILE_MIN_MINUTES to win
+    it back."""
+    if config["compile"] != "auto":
+        return config["compile"] == "true"
+    budget = config["max_minutes"]
+    chosen = runtime.device.type == "cuda" and (not budget or budget >= COMPILE_MIN_MINUTES)
+    length = f"a {budget:g}-minute budget" if budget else "no time budget"
+    why = {"cuda": f"{length} {'leaves time to win back' if chosen else 'is too short to win back'} a minute of compiling",
+           "cpu": "compiled steps were measured no faster than eager ones on CPUs"}.get(runtime.device.type, "not measured here")
+    log(f"compile auto: {'on' if chosen else 'off'} ({why})")
+    return chosen
 
 
 def setup_runtime(config):
@@ -336,14 +356,26 @@ class Muon(torch.optim.Optimizer):
     """Momentum, orthogonalised (Keller Jordan's Muon): each 2-D weight moves by an orthogonalised
     Nesterov momentum, so every direction of the matrix learns at the same rate. The step is scaled
     by 0.2 sqrt(max(rows, cols)) to the size of AdamW's (Moonshot's rule), so it takes AdamW's
-    learning rate and decoupled weight decay."""
+    learning rate and decoupled weight decay. Momentum warms up from 0.85 to 0.95 over the first
+    300 steps, as in the speedruns: early gradients change fast, and a long memory of them slows
+    the start (0.089 bits/char lower after 5 minutes, benchmarks/README.md)."""
 
-    def __init__(self, params, lr, weight_decay, momentum=0.95):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, parts=1))
+    def __init__(self, params, lr, weight_decay, momentum=(0.85, 0.95), warmup_steps=300):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, parts=1,
+                                      warmup_steps=warmup_steps, steps=0))
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        for group in self.param_groups:  # a run saved before the warm-up existed keeps its constant momentum
+            if isinstance(group["momentum"], float):
+                group.update(momentum=(group["momentum"],) * 2, steps=0, warmup_steps=1)
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            start, end = group["momentum"]
+            momentum = start + (end - start) * min(1.0, group["steps"] / group["warmup_steps"])
+            group["steps"] += 1  # kept in the group, so a resumed run goes on warming up where it was
             by_shape = {}  # matrices of one shape (the same layer in every block) go through together
             for p in group["params"]:
                 if p.grad is not None:
@@ -351,9 +383,9 @@ class Muon(torch.optim.Optimizer):
             for shape, params in by_shape.items():
                 bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
                 grads = [p.grad for p in params]
-                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, grads)
-                nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
+                nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=momentum))
                 # A fused matrix (q, k and v; gate and value) is orthogonalised part by part.
                 parts = nesterov.view(len(params), group["parts"], shape[0] // group["parts"], shape[1])
                 updates = orthogonalize(parts).view(nesterov.shape).unbind(0)  # one per matrix
@@ -389,8 +421,9 @@ class Optimizers:
 
 
 def make_optimizer(net, config, device):
-    """AdamW for every parameter, or (optimizer=muon) Muon for the blocks' 2-D weight matrices and
-    AdamW for the embedding (tied to the head) and the norms, as the nanoGPT speedruns do; both take
+    """Muon (optimizer=muon, the default) for the blocks' 2-D weight matrices and AdamW for the
+    embedding (tied to the head) and the norms, as the nanoGPT speedruns do, or AdamW for every
+    parameter (optimizer=adamw); both take
     learning_rate and weight_decay. Matrices decay; norms do not. AdamW uses the fused kernel on
     CUDA and CPU, torch's default (for-each) one on MPS."""
     named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
@@ -596,7 +629,7 @@ class Trainer:
         if runtime.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-        if config["compile"]:
+        if choose_compile(config, runtime, print if runtime.is_main else (lambda *a: None)):
             self.model = torch.compile(self.model)
 
     def resume(self, state):

@@ -67,15 +67,17 @@ def apply_overrides(config, args, types=None, renamed=None):
 
 
 def check_rules(config, rules):
-    """rules: key -> (low, high) for a number, or a tuple of strings for a choice. None passes
-    (it means 'use the default rule' wherever a key allows it)."""
+    """rules: key -> (low, high) for a number, or a tuple of lower-case strings for a choice, which
+    any case matches (--compile=True is "true"; so is a run's saved True). None passes (it means
+    'use the default rule' wherever a key allows it)."""
     for key, rule in rules.items():
         value = config.get(key)
         if value is None:
             continue
         if all(isinstance(r, str) for r in rule):
-            if value not in rule:
+            if str(value).lower() not in rule:
                 raise ConfigError(f"{key} must be one of {', '.join(rule)}, got {value!r}")
+            config[key] = str(value).lower()
         elif not rule[0] <= value <= rule[1]:
             raise ConfigError(f"{key} must be between {rule[0]} and {rule[1]}, got {value}")
     return config

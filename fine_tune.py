@@ -63,7 +63,7 @@ CONFIG = {
     # --- system ---
     "device": "auto",                  # auto, cuda, cuda:N, mps or cpu
     "dtype": "auto",                   # auto, float32, bfloat16 or float16
-    "compile": False,                  # torch.compile; pays off only for long runs
+    "compile": "auto",                 # torch.compile: auto (Train.py's rule), true or false
     "threads": 0,                      # CPU threads; 0 = one per physical core
     "seed": 1337,                      # data split and sampling
 }
@@ -84,6 +84,7 @@ def training_config(config, base):
     merged.update({k: base["model_config"][k] for k in ("seq_length", "hidden_size", "num_layers", "nhead", "dropout")})
     merged["out_dir"] = os.path.dirname(os.path.abspath(config["output"]))
     merged["assistant_only_loss"] = config["assistant_only_loss"]
+    merged["optimizer"] = "adamw"  # the recipes (benchmarks/README.md, "Fine-tuning") were measured with AdamW
     merged["learning_rate"] = config["learning_rate"] or LEARNING_RATES[config["train"]]
     merged["eval_interval"] = config["eval_interval"] or 1  # set from the data's size in budget()
     try:

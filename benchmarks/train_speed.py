@@ -10,13 +10,18 @@ It reports:
      batch 12): tokens/s of each, the ratio, and model FLOPs utilisation against the fp32 and bf16
      matmul peaks measured in the same run;
   2. val bits/char of the reference and of Train.py's default CPU preset after the same
-     wall-clock budget.
+     wall-clock budget;
+  3. (compile_minutes) Train.py eager against compiled, and the budget after which compiling pays.
 
-Run (about 2 x rounds x seconds + 2 x budget_rounds x budget_minutes, plus start-up):
+Run (about 2 x rounds x seconds + 2 (3 with also_args) x budget_rounds x budget_minutes
++ 2 x compile_minutes, plus start-up):
   python benchmarks/train_speed.py                                   # 2 rounds of 60 s, then 10 min each
   python benchmarks/train_speed.py --rounds=0 --budget_rounds=2      # only part 2, twice, taking turns
   python benchmarks/train_speed.py --seconds=20 --rounds=1 --budget_minutes=0   # a quick look
-  python benchmarks/train_speed.py --rounds=0 --train_args="--optimizer=muon --batch_size=8"   # another setting
+  python benchmarks/train_speed.py --rounds=0 --train_args="--optimizer=adamw --batch_size=4"   # another setting
+  python benchmarks/train_speed.py --rounds=0 --budget_minutes=0 --compile_minutes=3   # when compiling pays
+  python benchmarks/train_speed.py --rounds=0 --also_args="--optimizer=adamw --batch_size=4 --learning_rate=3e-3"
+                                    # each round: ref, the default, and Train.py with those options
 """
 import json
 import os
@@ -38,8 +43,10 @@ CONFIG = {
     "rounds": 2,             # throughput pairs at the nanoGPT shape, taking turns; 0 skips part 1
     "budget_minutes": 10.0,  # training budget of each bits/char run; 0 skips part 2
     "budget_rounds": 1,      # bits/char pairs, taking turns
-    "compile": False,        # Train.py --compile
-    "train_args": "",        # more Train.py options for part 2, e.g. "--optimizer=muon --batch_size=8"
+    "compile": "auto",       # Train.py --compile for parts 1 and 2 (auto, true or false)
+    "compile_minutes": 0.0,  # part 3: Train.py's CPU preset this long eager, then compiled; 0 skips it
+    "train_args": "",        # more Train.py options for part 2, e.g. "--optimizer=adamw --batch_size=4"
+    "also_args": "",         # part 2: also run Train.py with these options in each round, e.g. the other optimizer
 }
 
 
@@ -107,8 +114,29 @@ def main(argv):
         print(f"{settings['budget_minutes']:g} min each: ref {ref['val_bpc']:.3f} bits/char ({ref['steps']} steps, "
               f"{ref['params']:,} params) | Train.py CPU preset {settings['train_args']} {ours['val_bpc']:.3f} "
               f"bits/char ({ours['steps']} steps, {ours['params']:,} params) | {gaps[-1]:+.3f} better", flush=True)
+        if settings["also_args"]:
+            also = run_ours(data, work, settings["budget_minutes"], {}, settings["compile"], eval_windows=1200,
+                            extra=settings["also_args"].split())
+            print(f"  and Train.py {settings['also_args']}: {also['val_bpc']:.3f} bits/char ({also['steps']} steps) | "
+                  f"{ref['val_bpc'] - also['val_bpc']:+.3f} better than ref", flush=True)
     if len(gaps) > 1:
         print(f"mean over {len(gaps)} rounds: {sum(gaps) / len(gaps):+.3f} better")
+    if settings["compile_minutes"] > 0:
+        compile_payback(settings, data, work)
+
+
+def compile_payback(settings, data, work):
+    """Part 3: the budget after which torch.compile pays back its compile time: the extra start-up
+    divided by the share of each step it saves. Never, when compiled steps are not faster."""
+    runs = {c: run_ours(data, work, settings["compile_minutes"], {}, c, extra=settings["train_args"].split())
+            for c in ("false", "true")}
+    eager, compiled = runs["false"], runs["true"]
+    saved = 1 - eager["tok_s"] / compiled["tok_s"]  # share of a step's time compiling saves
+    extra = compiled["first_interval_s"] - eager["first_interval_s"]
+    pays = f"after {extra / saved / 60:.1f} min" if saved > 0 else "never"
+    print(f"compile: eager {eager['tok_s']:,.0f} tok/s | compiled {compiled['tok_s']:,.0f} tok/s "
+          f"({compiled['tok_s'] / eager['tok_s']:.2f}x) | first 20 steps {eager['first_interval_s']:.1f} s eager, "
+          f"{compiled['first_interval_s']:.1f} s compiled | compiling pays back {pays}")
 
 
 def throughput(settings, data, work, peaks):

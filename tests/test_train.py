@@ -14,6 +14,7 @@ import torch
 import data
 import model as M
 import Train
+from config import apply_overrides
 from conftest import CHATS, ROOT, interrupt_after, run_script, tiny_model, write_jsonl
 
 TINY_ARGS = ["--seq_length=16", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8",
@@ -204,6 +205,30 @@ def test_muon_orthogonalises_fused_matrices_part_by_part(vocab):
         assert 0.8 < singular.median() < 1.2 and singular.max() < 1.5
 
 
+def test_muon_momentum_warms_up_and_its_count_survives_a_save():
+    w = torch.nn.Parameter(torch.zeros(8, 8))
+    muon = Train.Muon([{"params": [w]}], lr=1e-2, weight_decay=0.0, warmup_steps=10)
+    grads = torch.randn(12, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = torch.zeros(8, 8)
+    for step, g in enumerate(grads):
+        momentum = 0.85 + 0.10 * min(1.0, step / 10)  # 0.85 on the first step, 0.95 from step 10 on
+        expected = momentum * expected + g
+        w.grad = g.clone()
+        muon.step()
+        assert torch.allclose(muon.state[w]["momentum"], expected, atol=1e-6), step
+    again = Train.Muon([{"params": [w]}], lr=1e-2, weight_decay=0.0, warmup_steps=10)
+    again.load_state_dict(muon.state_dict())
+    assert again.param_groups[0]["steps"] == 12  # a resumed run does not warm up a second time
+    before_warmup = muon.state_dict()  # as a run of an older LuminaAI saved it
+    before_warmup["param_groups"][0].update(momentum=0.9)
+    for key in ("steps", "warmup_steps"):
+        del before_warmup["param_groups"][0][key]
+    again.load_state_dict(before_warmup)
+    w.grad = grads[0].clone()
+    again.step()
+    assert torch.allclose(again.state[w]["momentum"], 0.9 * expected + grads[0], atol=1e-6)
+
+
 def test_lr_schedule_warms_up_then_decays_to_min():
     cfg = {"learning_rate": 1e-3, "warmup_ratio": 0.1, "min_lr_ratio": 0.1}
     assert Train.lr_at(0.0, cfg) < 1e-4
@@ -350,3 +375,23 @@ def test_a_forced_dtype_is_obeyed_and_an_emulated_bf16_is_not_tried(monkeypatch)
     runtime, logs = Train.Runtime(torch.device("cpu"), torch.float32), []
     Train.choose_dtype(net, {**Train.CONFIG, "dtype": "auto"}, runtime, logs.append)
     assert runtime.dtype == torch.float32 and "no AVX512-BF16 or AMX" in logs[0]
+
+
+def test_compile_forced_is_obeyed_and_auto_says_why():
+    cpu, gpu = Train.Runtime(torch.device("cpu"), torch.float32), Train.Runtime(torch.device("cuda"), torch.bfloat16)
+    for runtime in (cpu, gpu):
+        assert Train.choose_compile({**Train.CONFIG, "compile": "true"}, runtime, pytest.fail) is True
+        assert Train.choose_compile({**Train.CONFIG, "compile": "false"}, runtime, pytest.fail) is False
+    cases = [(cpu, 60.0, False, "no faster than eager"), (gpu, 15.0, True, "a 15-minute budget leaves time"),
+             (gpu, 0.0, True, "no time budget leaves time"), (gpu, 2.0, False, "a 2-minute budget is too short")]
+    for runtime, minutes, chosen, why in cases:
+        logs = []
+        assert Train.choose_compile({**Train.CONFIG, "max_minutes": minutes}, runtime, logs.append) is chosen
+        assert logs[0].startswith(f"compile auto: {'on' if chosen else 'off'}") and why in logs[0]
+
+
+def test_compile_true_on_the_command_line_and_an_old_runs_saved_false_both_read():
+    config = Train.resolve_config(apply_overrides(Train.CONFIG, ["--compile=True"]), [], None, torch.device("cpu"))
+    assert config["compile"] == "true"
+    old_run = {"config": {**Train.CONFIG, "compile": False}}
+    assert Train.resolve_config(Train.CONFIG, ["--resume"], old_run, torch.device("cpu"))["compile"] == "false"
