@@ -423,9 +423,8 @@ class Optimizers:
 def make_optimizer(net, config, device):
     """Muon (optimizer=muon, the default) for the blocks' 2-D weight matrices and AdamW for the
     embedding (tied to the head) and the norms, as the nanoGPT speedruns do, or AdamW for every
-    parameter (optimizer=adamw); both take
-    learning_rate and weight_decay. Matrices decay; norms do not. AdamW uses the fused kernel on
-    CUDA and CPU, torch's default (for-each) one on MPS."""
+    parameter (optimizer=adamw); both take learning_rate and weight_decay. Matrices decay; norms do
+    not. AdamW uses the fused kernel on CUDA and CPU, torch's default (for-each) one on MPS."""
     named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
     use_muon = lambda name, p: config["optimizer"] == "muon" and name.startswith("blocks.") and p.dim() == 2
     matrices = [p for name, p in named if use_muon(name, p)]
