@@ -628,7 +628,7 @@ class Trainer:
         if runtime.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-        if choose_compile(config, runtime, print if runtime.is_main else (lambda *a: None)):
+        if choose_compile(config, runtime, self.log):
             self.model = torch.compile(self.model)
 
     def resume(self, state):
