@@ -14,9 +14,12 @@ import sys
 
 import torch
 
-import data
-import model as M
-from config import parse_cli
+from lumina import data
+from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
+from lumina.config import parse_cli
+from lumina.engine import beam_search, generate
+from lumina.model import CharTransformer
+from lumina.vocab import BOT, SPECIAL_TOKENS, TURN_ENDS, USER, Vocab, render_chat, turns_to_drop, unknown_chars_dropped
 
 CONFIG = {
     # --- sampling (each can be changed while chatting; see `help`) ---
@@ -46,8 +49,8 @@ MAX_BEAMS = 16
 
 @dataclasses.dataclass
 class Session:
-    model: M.CharTransformer
-    vocab: M.Vocab
+    model: CharTransformer
+    vocab: Vocab
     config: dict  # CONFIG with the command line and the chat commands applied
     history: list = dataclasses.field(default_factory=list)  # every message, for `save`
     start: int = 0  # the model sees history[start:]: older turns no longer fit its window
@@ -175,7 +178,7 @@ def fit_history(session):
     """Drop the oldest turns whole until the prompt leaves a quarter of the window for the reply
     (model.turns_to_drop). Returns how many messages were dropped; they stay in `save`."""
     pinned = 1 if session.config["system_prompt"] else 0
-    dropped = M.turns_to_drop(conversation(session), session.vocab, session.model.config.seq_length, pinned)
+    dropped = turns_to_drop(conversation(session), session.vocab, session.model.config.seq_length, pinned)
     session.start += dropped
     return dropped
 
@@ -191,20 +194,20 @@ def sampling_args(config):
 def reply_ids(session, prompt_ids):
     """The reply's ids as they come: sampled one at a time, or with beam search all at the end
     (a beam's text can change until the search ends, so there is nothing to stream before)."""
-    config, stops = session.config, M.TURN_ENDS
+    config, stops = session.config, TURN_ENDS
     if config["num_beams"] > 1:
-        return M.beam_search(session.model, prompt_ids, config["max_new_chars"], config["num_beams"],
+        return beam_search(session.model, prompt_ids, config["max_new_chars"], config["num_beams"],
                              config["length_penalty"], stops)
     seed = config["seed"]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return M.generate(session.model, prompt_ids, config["max_new_chars"], generator=generator, stop_ids=stops,
+    return generate(session.model, prompt_ids, config["max_new_chars"], generator=generator, stop_ids=stops,
                       **sampling_args(config))
 
 
 def respond(session, text, write, notice, prefix=""):
     """Add the user's message, stream the reply through write(), and keep it in the history.
     Ctrl-C stops the reply early; what was written stays as the assistant's turn."""
-    text, unknown = M.unknown_chars_dropped(text, session.vocab)
+    text, unknown = unknown_chars_dropped(text, session.vocab)
     if unknown:
         notice(f"note: the model has never seen {', '.join(map(repr, unknown))}; left out of your message")
         if not text.strip():
@@ -213,12 +216,12 @@ def respond(session, text, write, notice, prefix=""):
     dropped = fit_history(session)
     if dropped:
         notice(f"note: dropped the {dropped} oldest messages to fit the {session.model.config.seq_length}-character context")
-    ids, _ = M.render_chat(conversation(session), session.vocab, add_generation_prompt=True)
+    ids, _ = render_chat(conversation(session), session.vocab, add_generation_prompt=True)
     write(prefix)
     reply = []
     try:
         for i in reply_ids(session, ids):
-            if i >= len(M.SPECIAL_TOKENS):
+            if i >= len(SPECIAL_TOKENS):
                 reply.append(session.vocab.itos[i])
                 write(reply[-1])
     except KeyboardInterrupt:
@@ -232,7 +235,7 @@ def respond(session, text, write, notice, prefix=""):
 # ----------------------------------------------------------------------------------------------
 def check_config(config):
     """Command-line values get the same range checks as the commands that change them later."""
-    scratch = Session(None, M.Vocab([]), dict(config))
+    scratch = Session(None, Vocab([]), dict(config))
     for command, key in (("temp", "temperature"), ("topp", "top_p"), ("rep", "repetition_penalty"),
                          ("max", "max_new_chars"), ("beam", "num_beams")):
         try:
@@ -243,8 +246,8 @@ def check_config(config):
 
 def load_session(path, config):
     try:
-        net, vocab, checkpoint = M.load_for_chat(path, config["device"])
-    except (ValueError, M.CheckpointError) as e:
+        net, vocab, checkpoint = load_for_chat(path, config["device"])
+    except (ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     device = net.tok_emb.weight.device
     info = (f"LuminaAI | {path} | stage {checkpoint.get('stage', '?')} | {net.num_params():,} parameters | "
@@ -262,7 +265,7 @@ def compile_for_chat(net, device):
     pass) and a second one every single-character step. On a CPU the C++ wrapper cuts the
     per-call overhead that dominates a step this small."""
     compiled = torch.compile(net, dynamic=True, options={"cpp_wrapper": True} if device == "cpu" else {})
-    for _ in M.generate(compiled, [M.USER, M.BOT], 2, temperature=0, stop_ids=()):
+    for _ in generate(compiled, [USER, BOT], 2, temperature=0, stop_ids=()):
         pass
     return compiled
 
@@ -296,7 +299,7 @@ def main(argv):
     config, _, paths = parse_cli(argv, CONFIG, __file__, types=TYPES, rules=RULES, positional=1)
     check_config(config)
     torch.set_num_threads(config["threads"])
-    session, info = load_session(M.default_checkpoint(paths[0] if paths else None), config)
+    session, info = load_session(default_checkpoint(paths[0] if paths else None), config)
     print(info, file=sys.stderr)
     if config["prompt"] is not None:
         respond(session, config["prompt"], lambda t: (sys.stdout.write(t), sys.stdout.flush()),

@@ -27,8 +27,8 @@ import urllib.request
 
 from tqdm import tqdm
 
-import data
-from config import parse_cli
+from lumina import data
+from lumina.config import parse_cli
 
 CONFIG = {
     # --- source ---

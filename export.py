@@ -20,8 +20,8 @@ import sys
 
 import numpy as np
 
-import data
-from config import parse_cli
+from lumina import data
+from lumina.config import parse_cli
 
 CONFIG = {
     # --- what to write ---
@@ -47,13 +47,13 @@ OPSET = 18
 # int8
 # ----------------------------------------------------------------------------------------------
 def export_int8(path, out):
-    import model as M
-    checkpoint = M.load_checkpoint(path)
+    from lumina import checkpoint as ckpt
+    checkpoint = ckpt.load_checkpoint(path)
     if "int8_scales" in checkpoint:
-        raise M.CheckpointError(f"{path} already holds int8 weights; export from the float checkpoint")
-    checkpoint["model"], checkpoint["int8_scales"] = M.quantize_int8(checkpoint["model"])
+        raise ckpt.CheckpointError(f"{path} already holds int8 weights; export from the float checkpoint")
+    checkpoint["model"], checkpoint["int8_scales"] = ckpt.quantize_int8(checkpoint["model"])
     checkpoint["stage"] = f"{checkpoint.get('stage', 'train')}, int8"
-    M.save_checkpoint(out, {k: v for k, v in checkpoint.items() if k not in ("format", "format_version")})
+    ckpt.save_checkpoint(out, {k: v for k, v in checkpoint.items() if k not in ("format", "format_version")})
     before, after = os.path.getsize(path), os.path.getsize(out)
     return f"wrote {out}: {after / 1e6:.2f} MB, {after / before:.0%} of {path}'s {before / 1e6:.2f} MB"
 
@@ -63,13 +63,15 @@ def export_int8(path, out):
 # ----------------------------------------------------------------------------------------------
 def export_onnx(path, out):
     import torch
-    import model as M
+    from lumina.vocab import END, ROLE_TOKENS, SPECIAL_TOKENS, UNK
+    from lumina.checkpoint import load_for_chat
+    from lumina.engine import StepGraph
     try:
         import onnx  # noqa: F401  (the dynamo exporter also needs onnxscript)
         import onnxscript  # noqa: F401
     except ImportError:
         raise SystemExit("error: ONNX export needs onnx and onnxscript: pip install -r requirements-export.txt") from None
-    net, vocab, checkpoint = M.load_for_chat(path, "cpu")
+    net, vocab, checkpoint = load_for_chat(path, "cpu")
     config = net.config
     head_dim = config.hidden_size // config.nhead
     # Example inputs of 3 new ids after 2 cached positions; both lengths are dynamic in the graph.
@@ -77,12 +79,12 @@ def export_onnx(path, out):
     past = torch.zeros(config.num_layers, 2, 1, config.nhead, 2, head_dim)
     dynamic = torch.export.Dim.DYNAMIC
     with torch.no_grad():
-        program = torch.onnx.export(M.StepGraph(net).eval(), (ids, past), dynamo=True, opset_version=OPSET,
+        program = torch.onnx.export(StepGraph(net).eval(), (ids, past), dynamo=True, opset_version=OPSET,
                                     input_names=["ids", "past"], output_names=["logits", "present"],
                                     dynamic_shapes={"ids": {1: dynamic}, "past": {4: dynamic}}, verbose=False)
     metadata = {"luminaai.vocab": json.dumps(vocab.itos), "luminaai.seq_length": str(config.seq_length),
-                "luminaai.chat_template": json.dumps({"roles": M.ROLE_TOKENS, "end": M.END, "unk": M.UNK,
-                                                      "first_char_id": len(M.SPECIAL_TOKENS)}),
+                "luminaai.chat_template": json.dumps({"roles": ROLE_TOKENS, "end": END, "unk": UNK,
+                                                      "first_char_id": len(SPECIAL_TOKENS)}),
                 "luminaai.source": os.path.basename(path), "luminaai.stage": str(checkpoint.get("stage", "?"))}
     program.model.metadata_props.update(metadata)
     try:
@@ -191,13 +193,13 @@ def main(argv):
         return
     if not (config["int8"] or config["onnx"]) or (config["int8"] and config["onnx"]):
         sys.exit("error: say what to write: --int8 or --onnx (one at a time, so --out names one file)")
-    import model as M
+    from lumina.checkpoint import CheckpointError
     try:
         if config["int8"]:
             print(export_int8(path, output_path(path, config, ".int8.pth")))
         else:
             print(export_onnx(path, output_path(path, config, ".onnx")))
-    except M.CheckpointError as e:
+    except CheckpointError as e:
         sys.exit(f"error: {e}")
 
 

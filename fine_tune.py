@@ -21,10 +21,14 @@ import sys
 
 import torch
 
-import Train
-import data
-import model as M
-from config import ConfigError, check_rules, parse_cli
+from lumina import data
+from lumina.adapt import add_lora, expand_vocab, freeze_all_but_new_rows, load_lora
+from lumina.checkpoint import CheckpointError, build_model, load_checkpoint
+from lumina.config import ConfigError, check_rules, parse_cli
+from lumina.corpus import load_data, report_data
+from lumina.evaluate import end_of_turn_rate, evaluate, probe_replies, turn_ends
+from lumina.training import RULES as TRAINING_RULES, Trainer, choose_dtype, output_files, setup_runtime
+from lumina.vocab import SPECIAL_TOKENS, Vocab
 
 CONFIG = {
     # --- model and data ---
@@ -71,7 +75,11 @@ TYPES = {k: float if k in ("min_lr_ratio", "weight_decay", "beta2", "grad_clip",
          for k, v in CONFIG.items() if v is None}
 LEARNING_RATES = {"chat_tokens": 5e-3, "lora": 1e-3, "all": 3e-4}  # measured: benchmarks/README.md, "Fine-tuning"
 EVALUATIONS = 4  # per run when eval_interval is 0: each also samples the held-out replies (seconds)
-RULES = {**{k: v for k, v in Train.RULES.items() if k in CONFIG}, "train": ("chat_tokens", "lora", "all"),
+# A base checkpoint records its run's whole config; one that lacks a key it inherits (a hand-made
+# file) trains with Train.py's CPU defaults for it.
+INHERITED_DEFAULTS = {"batch_size": 8, "grad_accum": 1, "min_lr_ratio": 0.0, "weight_decay": 0.1, "beta2": 0.99,
+                      "grad_clip": 1.0, "label_smoothing": 0.0, "eval_windows": 64}
+RULES = {**{k: v for k, v in TRAINING_RULES.items() if k in CONFIG}, "train": ("chat_tokens", "lora", "all"),
          "learning_rate": (0.0, 10.0), "epochs": (0.0, 1000.0), "eval_interval": (0, math.inf),
          "lora_rank": (1, 1024), "lora_alpha": (0.0, 10000.0)}
 
@@ -80,7 +88,8 @@ def training_config(config, base):
     """Train.py's config for this run: the base run's values, then every key set here.
     Returns (config, names of inherited keys)."""
     inherited = [k for k, v in config.items() if v is None]
-    merged = {**Train.CONFIG, **base["config"], **{k: v for k, v in config.items() if v is not None and k in Train.CONFIG}}
+    merged = {**INHERITED_DEFAULTS, **{k: base["config"][k] for k in inherited if k in base["config"]},
+              **{k: v for k, v in config.items() if v is not None}}
     merged.update({k: base["model_config"][k] for k in ("seq_length", "hidden_size", "num_layers", "nhead", "dropout")})
     merged["out_dir"] = os.path.dirname(os.path.abspath(config["output"]))
     merged["assistant_only_loss"] = config["assistant_only_loss"]
@@ -88,7 +97,7 @@ def training_config(config, base):
     merged["learning_rate"] = config["learning_rate"] or LEARNING_RATES[config["train"]]
     merged["eval_interval"] = config["eval_interval"] or 1  # set from the data's size in budget()
     try:
-        return check_rules(merged, Train.RULES), inherited
+        return check_rules(merged, TRAINING_RULES), inherited
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -115,21 +124,21 @@ def grow_vocabulary(net, vocab, new_chars, limit, log):
     if new_chars:
         log(f"vocabulary {len(vocab)} -> {len(vocab) + len(new_chars)}: new "
             + ", ".join(f"{c!r} x{n}" for c, n in sorted(new_chars.items(), key=lambda kv: -kv[1])))
-    return M.expand_vocab(net, vocab, list(new_chars))
+    return expand_vocab(net, vocab, list(new_chars))
 
 
 def choose_trainable(net, config, new_rows, state, state_path, log):
     """What learns (the `train` key), and on a resumed LoRA run its saved adapters."""
     if config["train"] != "all":
-        M.freeze_all_but_new_rows(net, new_rows)
+        freeze_all_but_new_rows(net, new_rows)
     if config["train"] == "lora":
-        M.add_lora(net, config["lora_rank"], config["lora_alpha"])
+        add_lora(net, config["lora_rank"], config["lora_alpha"])
         if state:
             try:
-                M.load_lora(net, state["lora"], state_path)
-            except M.CheckpointError as e:
+                load_lora(net, state["lora"], state_path)
+            except CheckpointError as e:
                 sys.exit(f"error: cannot resume: {e}")
-    rows = f"the rows of the {len(M.SPECIAL_TOKENS)} chat tokens and {new_rows} new characters, the norms"
+    rows = f"the rows of the {len(SPECIAL_TOKENS)} chat tokens and {new_rows} new characters, the norms"
     what = {"all": "every weight", "chat_tokens": rows, "lora": f"{rows} and rank-{config['lora_rank']} LoRA adapters"}
     trainable = sum(int(p.trained_rows.sum()) * p.shape[1] if hasattr(p, "trained_rows") else p.numel()
                     for p in net.parameters() if p.requires_grad)
@@ -138,11 +147,11 @@ def choose_trainable(net, config, new_rows, state, state_path, log):
 
 def report(net, found, config, runtime, label, log):
     """((val loss, end-of-turn rate or None), probe replies) on the held-out fine-tuning data."""
-    loss = Train.evaluate(net, found.val, found.val_mask, config, runtime)
-    rate = Train.end_of_turn_rate(net, found.val_prompts, runtime) if found.val_prompts else None
+    loss = evaluate(net, found.val, found.val_mask, config, runtime)
+    rate = end_of_turn_rate(net, found.val_prompts, runtime) if found.val_prompts else None
     log(f"{label}: val {loss:.4f} | {loss / math.log(2):.3f} bits/char"
-        + (f" | {Train.turn_ends(rate, found.val_prompts)}" if found.val_prompts else ""))
-    replies = Train.probe_replies(net, found.vocab, config["probe_chars"]) if config["probe_chars"] else []
+        + (f" | {turn_ends(rate, found.val_prompts)}" if found.val_prompts else ""))
+    replies = probe_replies(net, found.vocab, config["probe_chars"]) if config["probe_chars"] else []
     return (loss, rate), replies
 
 
@@ -151,41 +160,41 @@ def main(argv):
     if os.path.abspath(config["output"]) == os.path.abspath(config["base_model"]) and not config["overwrite"]:
         sys.exit(f"error: output {config['output']} is the base model itself; choose another --output, "
                  f"or pass --overwrite to replace it")
-    files = Train.output_files(os.path.dirname(os.path.abspath(config["output"])), os.path.basename(config["output"]),
+    files = output_files(os.path.dirname(os.path.abspath(config["output"])), os.path.basename(config["output"]),
                                prefix="fine_tune")
     # --- checkpoints ---
     try:
-        base = M.load_checkpoint(config["base_model"])
-        state = M.load_checkpoint(files["state"]) if flags["resume"] else None
-    except M.CheckpointError as e:
+        base = load_checkpoint(config["base_model"])
+        state = load_checkpoint(files["state"]) if flags["resume"] else None
+    except CheckpointError as e:
         sys.exit(f"error: {e}")
     if "int8_scales" in base:
         sys.exit(f"error: {config['base_model']} holds int8 weights (from export.py --int8), and fine-tuning needs "
                  f"float weights: fine-tune the checkpoint it was exported from, then export again")
     train_config, inherited = training_config(config, base)
-    runtime = Train.setup_runtime(train_config)
+    runtime = setup_runtime(train_config)
     torch.manual_seed(train_config["seed"])  # the same seed, the same LoRA start and dropout: the same run
     log = print if runtime.is_main else (lambda *a: None)
     log(f"base model {config['base_model']} (stage {base.get('stage')}) | inherited: "
         + ", ".join(f"{k}={train_config[k]}" for k in inherited))
-    log("set here: " + ", ".join(f"{k}={train_config[k]}" for k in CONFIG if config[k] is not None and k in Train.CONFIG))
+    log("set here: " + ", ".join(f"{k}={train_config[k]}" for k in CONFIG if config[k] is not None and k in TRAINING_RULES))
     # --- data ---
-    net, vocab = M.build_model(state or base)  # a LoRA state holds the base weights; its adapters go on below
+    net, vocab = build_model(state or base)  # a LoRA state holds the base weights; its adapters go on below
     try:
-        found = Train.load_data(config["data"], os.path.join(train_config["out_dir"], ".lumina_cache"),
+        found = load_data(config["data"], os.path.join(train_config["out_dir"], ".lumina_cache"),
                                 config["val_fraction"], config["assistant_only_loss"], config["seed"], vocab, log)
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    Train.report_data(found, log)
+    report_data(found, log)
     if state and found.new_chars:
         sys.exit("error: the data changed since the fine-tune was interrupted; resume with the same --data")
     budget(train_config, config, found, log)
     # --- vocabulary ---
-    old_size = len(M.Vocab(base["vocab"]))
+    old_size = len(Vocab(base["vocab"]))
     grow_vocabulary(net, vocab, found.new_chars, config["max_new_chars"], log)
     choose_trainable(net, config, net.config.vocab_size - old_size, state, files["state"], log)
     net.to(runtime.device)
-    Train.choose_dtype(net, train_config, runtime, log)
+    choose_dtype(net, train_config, runtime, log)
     # --- before ---
     before, base_replies = report(net, found, train_config, runtime, "before fine-tuning", log)
     meta = {"stage": "fine_tune", "base_model": os.path.abspath(config["base_model"]), "old_vocab_size": old_size,
@@ -194,13 +203,13 @@ def main(argv):
             "train": config["train"], **({"lora_rank": config["lora_rank"], "lora_alpha": config["lora_alpha"]}
                                          if config["train"] == "lora" else {})}
     # --- train ---
-    trainer = Train.Trainer(train_config, net, found, runtime, files, meta, end_probes=True)
+    trainer = Trainer(train_config, net, found, runtime, files, meta, end_probes=True)
     if state:
         trainer.resume(state)
     trainer.run()
     # --- after ---
     if runtime.is_main:
-        best, _ = M.build_model(M.load_checkpoint(files["best"]))
+        best, _ = build_model(load_checkpoint(files["best"]))
         after, tuned_replies = report(best.to(runtime.device), found, train_config, runtime, "after fine-tuning", log)
         for (prompt, old), (_, new) in zip(base_replies, tuned_replies):
             log(f"probe | {prompt}\n  base:       {old!r}\n  fine-tuned: {new!r}")

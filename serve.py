@@ -36,8 +36,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-import model as M
-from config import parse_cli
+from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
+from lumina.config import parse_cli
+from lumina.engine import BeamSearch, Row, new_cache, step_logits
+from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, render_chat, turns_to_drop, unknown_chars_dropped
 
 CONFIG = {
     # --- network ---
@@ -182,12 +184,12 @@ def prompt_for(request, vocab, seq_length):
     stay; when the history outgrows the window the oldest turns after them go whole, as in ChatAI."""
     messages, dropped = [], 0
     for message in request.messages:
-        text, _ = M.unknown_chars_dropped(message["content"], vocab)
+        text, _ = unknown_chars_dropped(message["content"], vocab)
         dropped += len(message["content"]) - len(text)
         messages.append({**message, "content": text})
     pinned = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    cut = M.turns_to_drop(messages, vocab, seq_length, pinned)
-    ids, _ = M.render_chat(messages[:pinned] + messages[pinned + cut:], vocab, add_generation_prompt=True)
+    cut = turns_to_drop(messages, vocab, seq_length, pinned)
+    ids, _ = render_chat(messages[:pinned] + messages[pinned + cut:], vocab, add_generation_prompt=True)
     return ids, dropped
 
 
@@ -231,8 +233,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     slots: list = dataclasses.field(default_factory=list)     # the KV-cache slots it holds
-    rows: list = dataclasses.field(default_factory=list)      # one M.Row per sampled choice
-    beam: M.BeamSearch = None                                 # num_beams > 1: its best beams are the choices
+    rows: list = dataclasses.field(default_factory=list)      # one Row per sampled choice
+    beam: BeamSearch = None                                 # num_beams > 1: its best beams are the choices
     texts: list = dataclasses.field(default_factory=list)     # one StopText per choice
     finished: list = dataclasses.field(default_factory=list)  # per choice: its last event was sent
     cancelled: bool = False
@@ -262,7 +264,7 @@ class Scheduler:
 
     def __init__(self, net, vocab, config):
         self.net, self.vocab, self.config = net, vocab, config
-        self.cache = M.new_cache(net, config["max_batch"])
+        self.cache = new_cache(net, config["max_batch"])
         self.free = list(range(config["max_batch"]))
         self.waiting, self.running = collections.deque(), []
         self.wake, self.accepting, self.outbox = threading.Condition(), True, []
@@ -294,12 +296,12 @@ class Scheduler:
                 continue
             job.slots = [self.free.pop() for _ in range(job.slots_needed)]
             if request.num_beams > 1:
-                job.beam = M.BeamSearch(job.prompt_ids, request.max_tokens, job.slots, request.length_penalty, M.TURN_ENDS)
+                job.beam = BeamSearch(job.prompt_ids, request.max_tokens, job.slots, request.length_penalty, TURN_ENDS)
             for i, slot in enumerate(job.slots if not job.beam else []):
                 seed = None if request.seed is None else request.seed + i
                 generator = torch.Generator().manual_seed(seed) if seed is not None else None
-                job.rows.append(M.Row(list(job.prompt_ids), request.max_tokens, slot, generator=generator,
-                                      stop_ids=M.TURN_ENDS, **request.sampling))
+                job.rows.append(Row(list(job.prompt_ids), request.max_tokens, slot, generator=generator,
+                                      stop_ids=TURN_ENDS, **request.sampling))
             job.texts = [StopText(request.stops) for _ in range(request.n)]
             job.finished = [False] * request.n
             self.running.append(job)
@@ -315,7 +317,7 @@ class Scheduler:
                     continue
             rows = {id(job): job.live_rows() for job in self.running}
             every = [row for job_rows in rows.values() for row in job_rows]
-            logits = dict(zip(map(id, every), M.step_logits(self.net, self.cache, every)))
+            logits = dict(zip(map(id, every), step_logits(self.net, self.cache, every)))
             for job in self.running:
                 job.take(self.cache, logits, rows[id(job)])
                 self.deliver(job)
@@ -348,10 +350,10 @@ class Scheduler:
         """Post choice i's text for its new `ids`; the choice ends when `ended` or at a stop string.
         Returns whether it ended."""
         text = job.texts[i]
-        out, hit = text.add("".join(self.vocab.itos[t] for t in ids if t >= len(M.SPECIAL_TOKENS)))
+        out, hit = text.add("".join(self.vocab.itos[t] for t in ids if t >= len(SPECIAL_TOKENS)))
         if hit or ended:
             job.finished[i] = True
-            reason = "stop" if hit or (ids and ids[-1] in M.TURN_ENDS) else "length"
+            reason = "stop" if hit or (ids and ids[-1] in TURN_ENDS) else "length"
             self.post(job, "delta", i, out if hit else out + text.flush(), reason)
         elif out:
             self.post(job, "delta", i, out, None)
@@ -537,13 +539,13 @@ class Server(uvicorn.Server):
 # ----------------------------------------------------------------------------------------------
 def main(argv):
     config, _, paths = parse_cli(argv, CONFIG, __file__, types=TYPES, rules=RULES, positional=1)
-    config["checkpoint"] = M.default_checkpoint(paths[0] if paths else None)
+    config["checkpoint"] = default_checkpoint(paths[0] if paths else None)
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     # --- model and scheduler ---
     try:
-        net, vocab, _ = M.load_for_chat(config["checkpoint"], config["device"])
-    except (ValueError, M.CheckpointError) as e:
+        net, vocab, _ = load_for_chat(config["checkpoint"], config["device"])
+    except (ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     model_name = config["model_name"] or os.path.splitext(os.path.basename(config["checkpoint"]))[0]
     scheduler = Scheduler(net, vocab, config)

@@ -20,9 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import split_text  # noqa: E402  (common puts the project on sys.path)
-import model as M  # noqa: E402
 import Train  # noqa: E402
-from config import parse_cli  # noqa: E402
+from lumina.config import parse_cli  # noqa: E402
+from lumina.corpus import load_data  # noqa: E402
+from lumina.model import CharTransformer, ModelConfig  # noqa: E402
+from lumina.training import Runtime, Trainer, output_files  # noqa: E402
 
 CONFIG = {
     "minutes": 2.5,  # training time of each variant
@@ -59,7 +61,7 @@ class GELU(nn.Module):
 
 def build(variant, config):
     torch.manual_seed(0)
-    net = M.CharTransformer(config)
+    net = CharTransformer(config)
     if variant.startswith("learned"):
         net.tok_emb = LearnedPositions(net.tok_emb, config)
         net.cos.fill_(1.0)  # a rotation by angle 0 leaves queries and keys as they are
@@ -76,17 +78,17 @@ def main(argv):
     minutes = parse_cli(argv, CONFIG, __file__)[0]["minutes"]
     work = tempfile.mkdtemp(prefix="lumina-arch-")
     split_text(work)
-    runtime = Train.Runtime(torch.device("cpu"), torch.float32)
+    runtime = Runtime(torch.device("cpu"), torch.float32)
     train_config = {**Train.CONFIG, **Train.PRESETS["cpu"], "max_minutes": minutes, "max_iters": 10 ** 9,
                     "eval_interval": 10 ** 9, "probe_chars": 0, "eval_windows": 600, "log_interval": 10 ** 9, "out_dir": work}
-    found = Train.load_data(work, os.path.join(work, "cache"), 0.05, False, train_config["seed"])
-    shape = M.ModelConfig(vocab_size=len(found.vocab),
+    found = load_data(work, os.path.join(work, "cache"), 0.05, False, train_config["seed"])
+    shape = ModelConfig(vocab_size=len(found.vocab),
                           **{k: train_config[k] for k in ("seq_length", "hidden_size", "num_layers", "nhead")})
     print(f"preset {shape}, {minutes} min each, fp32, {torch.get_num_threads()} threads")
     for variant in ("rotary+swiglu", "learned+swiglu", "rotary+gelu", "rotary+relu2"):
         net = build(variant, shape)
-        files = Train.output_files(work, prefix=variant.replace("+", "_"))
-        result = Train.Trainer(train_config, net, found, runtime, files, {"stage": "bench"}).run()
+        files = output_files(work, prefix=variant.replace("+", "_"))
+        result = Trainer(train_config, net, found, runtime, files, {"stage": "bench"}).run()
         print(f"{variant:<16} {sum(p.numel() for p in net.parameters()):>10,} params | {result['steps']:>6} steps | "
               f"val {result['val_loss'] / math.log(2):.3f} bits/char", flush=True)
 

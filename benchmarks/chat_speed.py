@@ -21,10 +21,12 @@ import time
 import torch
 
 import common  # noqa: E402,F401  (puts the project on sys.path)
-import model as M  # noqa: E402
 import ChatAI  # noqa: E402
 import Train  # noqa: E402
-from config import parse_cli  # noqa: E402
+from lumina.config import parse_cli  # noqa: E402
+from lumina.engine import generate, sample  # noqa: E402
+from lumina.model import CharTransformer, ModelConfig  # noqa: E402
+from lumina.vocab import SPECIAL_TOKENS  # noqa: E402
 
 CONFIG = {
     "threads": 1,      # CPU threads for generation (ChatAI's default is 1)
@@ -40,7 +42,7 @@ def plain_generate(net, prompt, n, generator):
     ids = list(prompt)
     for _ in range(n):
         logits, _ = net(torch.tensor([ids[-net.config.seq_length:]]))
-        ids.append(M.sample(logits[0, -1], 1.0, 40, generator=generator))
+        ids.append(sample(logits[0, -1], 1.0, 40, generator=generator))
         yield ids[-1]
 
 
@@ -59,14 +61,14 @@ def main(argv):
     torch.set_num_threads(settings["threads"])
     shape = {k: v for k, v in Train.PRESETS["cpu"].items() if k in ("hidden_size", "num_layers", "nhead", "seq_length")}
     torch.manual_seed(0)
-    net = M.CharTransformer(M.ModelConfig(vocab_size=120, **shape)).eval()
+    net = CharTransformer(ModelConfig(vocab_size=120, **shape)).eval()
     T, n = shape["seq_length"], settings["chars"]
-    prompt = lambda length: torch.randint(len(M.SPECIAL_TOKENS), 120, (length,)).tolist()
+    prompt = lambda length: torch.randint(len(SPECIAL_TOKENS), 120, (length,)).tolist()
     print(f"model: CPU preset {shape}, {net.num_params():,} params | threads {settings['threads']} | torch {torch.__version__}")
-    cached = lambda model: lambda p, n, g: M.generate(model, p, n, 1.0, 40, stop_ids=(), generator=g)
+    cached = lambda model: lambda p, n, g: generate(model, p, n, 1.0, 40, stop_ids=(), generator=g)
     ways = {"cached": cached(net),
             "plain": lambda p, n, g: plain_generate(net, p, n, g),
-            "rule": lambda p, n, g: M.generate(net, p, n, 1.0, 40, stop_ids=(), generator=g, use_cache=False)}
+            "rule": lambda p, n, g: generate(net, p, n, 1.0, 40, stop_ids=(), generator=g, use_cache=False)}
     if settings["compile"]:
         start = time.perf_counter()
         ways = {"compiled": cached(ChatAI.compile_for_chat(net, "cpu")), **ways}

@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from common import ROOT
-from config import parse_cli
+from lumina.config import parse_cli
 
 CONFIG = {
     "runs": 3,  # timed runs of the whole script; best and median are reported

@@ -18,6 +18,7 @@ the weights, so no bits/char there).
 Run:  python benchmarks/export_speed.py --checkpoint=Model.pth [--rounds=3] [--chars=200]
       (with torchao: pip install --no-deps --target DIR torchao, then PYTHONPATH=DIR)
 """
+import dataclasses
 import math
 import os
 import sys
@@ -29,11 +30,13 @@ import torch
 import torch.nn.functional as F
 
 import common
-import data
 import export
-import model as M
 import Train
-from config import parse_cli
+from lumina import data, engine
+from lumina.checkpoint import build_model, load_checkpoint, model_state, quantize_int8, save_checkpoint
+from lumina.config import parse_cli
+from lumina.model import CharTransformer, ModelConfig
+from lumina.vocab import SPECIAL_TOKENS, Vocab, encode_documents
 
 CONFIG = {
     "checkpoint": "Model.pth",  # a trained checkpoint of the default CPU preset
@@ -50,7 +53,7 @@ class PackedInt8Linear(torch.nn.Module):
 
     def __init__(self, linear):
         super().__init__()
-        weights, scales = M.quantize_int8({"w": linear.weight.detach()})  # the same int8 as export.py's
+        weights, scales = quantize_int8({"w": linear.weight.detach()})  # the same int8 as export.py's
         self.weight, self.scale = weights["w"], scales["w"]
 
     def forward(self, x):
@@ -59,25 +62,25 @@ class PackedInt8Linear(torch.nn.Module):
 
 def int8_variants(path):
     """{way: model} for the torch ways of running `path`."""
-    fp32 = M.build_model(M.load_checkpoint(path))[0].eval()
+    fp32 = build_model(load_checkpoint(path))[0].eval()
     folder = tempfile.mkdtemp()
     int8_path = os.path.join(folder, "Model.int8.pth")
     export.export_int8(path, int8_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its successor, torchao
-        dynamic = torch.ao.quantization.quantize_dynamic(M.build_model(M.load_checkpoint(path))[0].eval(),
+        dynamic = torch.ao.quantization.quantize_dynamic(build_model(load_checkpoint(path))[0].eval(),
                                                          {torch.nn.Linear}, dtype=torch.qint8)
-    packed = M.build_model(M.load_checkpoint(path))[0].eval()
+    packed = build_model(load_checkpoint(path))[0].eval()
     for block in packed.blocks:
         for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "up"), (block.mlp, "proj")):
             setattr(parent, name, PackedInt8Linear(getattr(parent, name)))
     packed.head = PackedInt8Linear(packed.head)
-    models = {"fp32": fp32, "int8 file": M.build_model(M.load_checkpoint(int8_path))[0].eval(),
+    models = {"fp32": fp32, "int8 file": build_model(load_checkpoint(int8_path))[0].eval(),
               "int8 dynamic": dynamic, "int8 packed": packed}
     try:  # torchao, when installed (it is no requirement): its own int8 CPU paths, measured the same way
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
         for way, config in (("torchao weight", Int8WeightOnlyConfig()), ("torchao dynamic", Int8DynamicActivationInt8WeightConfig())):
-            models[way] = M.build_model(M.load_checkpoint(path))[0].eval()
+            models[way] = build_model(load_checkpoint(path))[0].eval()
             quantize_(models[way], config)
     except ImportError:
         pass
@@ -106,9 +109,9 @@ def measure(path, settings, held_out_ids=None):
     export.export_onnx(path, onnx_path)
     onnx = export.OnnxChat(onnx_path, settings["threads"])
     config = models["fp32"].config
-    prompt = torch.randint(len(M.SPECIAL_TOKENS), config.vocab_size, (config.seq_length,),
+    prompt = torch.randint(len(SPECIAL_TOKENS), config.vocab_size, (config.seq_length,),
                            generator=torch.Generator().manual_seed(0)).tolist()
-    ways = {way: (lambda net: lambda p, n: M.generate(net, p, n, 1.0, 40, stop_ids=(),
+    ways = {way: (lambda net: lambda p, n: engine.generate(net, p, n, 1.0, 40, stop_ids=(),
                                                        generator=torch.Generator().manual_seed(0)))(net)
             for way, net in models.items()}
     ways["onnxruntime"] = lambda p, n: onnx.generate(p, n, 1.0, 40, seed=0, stop_ids=())
@@ -131,18 +134,18 @@ def main(argv):
     torch.set_num_threads(settings["threads"])
     print(f"torch {torch.__version__} | threads {settings['threads']} | {settings['chars']} chars at full context, "
           f"best of {settings['rounds']}")
-    checkpoint = M.load_checkpoint(settings["checkpoint"])
-    vocab = M.Vocab(checkpoint["vocab"])
+    checkpoint = load_checkpoint(settings["checkpoint"])
+    vocab = Vocab(checkpoint["vocab"])
     documents = [("prose", row["text"]) for _, row in data.read_jsonl(HELD_OUT, []) if row.get("text")]
-    ids, _ = M.encode_documents(documents, vocab, assistant_only=False)
-    print(f"\n{settings['checkpoint']} ({M.CharTransformer(M.ModelConfig(**checkpoint['model_config'])).num_params():,} "
+    ids, _ = encode_documents(documents, vocab, assistant_only=False)
+    print(f"\n{settings['checkpoint']} ({CharTransformer(ModelConfig(**checkpoint['model_config'])).num_params():,} "
           f"parameters), bits/char on {settings['eval_windows']} windows of the OASST1 validation sample")
     measure(settings["checkpoint"], settings, ids)
     shape = {k: v for k, v in Train.PRESETS["gpu"].items() if k in ("hidden_size", "num_layers", "nhead", "seq_length")}
-    net = M.CharTransformer(M.ModelConfig(vocab_size=len(vocab), **shape))
+    net = CharTransformer(ModelConfig(vocab_size=len(vocab), **shape))
     path = os.path.join(tempfile.mkdtemp(), "Model.pth")
-    M.save_checkpoint(path, {"stage": "random", "vocab": vocab.chars, "model": M.model_state(net),
-                             "model_config": M.dataclasses.asdict(net.config), "config": {}, "metrics": {}})
+    save_checkpoint(path, {"stage": "random", "vocab": vocab.chars, "model": model_state(net),
+                             "model_config": dataclasses.asdict(net.config), "config": {}, "metrics": {}})
     print(f"\nGPU preset's shape {shape}, random weights ({net.num_params():,} parameters), on this CPU")
     measure(path, settings)
 

@@ -23,9 +23,11 @@ import time
 import torch
 
 import common
-import model as M
-import Train
-from config import parse_cli
+from lumina.checkpoint import build_model, load_checkpoint
+from lumina.config import parse_cli
+from lumina.corpus import load_data
+from lumina.evaluate import end_of_turn_rate
+from lumina.training import Runtime
 
 CONFIG = {
     "base": "Model.pth",   # the base model every variant starts from
@@ -56,12 +58,12 @@ def run(base, data, variant):
 def more_replies(path, data, per_prompt):
     """(replies that ended, replies) for the fine-tuned model: each held-out prompt sampled
     per_prompt times, as fine_tune.py samples them (its split, its seed)."""
-    checkpoint = M.load_checkpoint(path)
-    net, vocab = M.build_model(checkpoint)
-    found = Train.load_data(data, tempfile.mkdtemp(), checkpoint["config"]["val_fraction"], True,
+    checkpoint = load_checkpoint(path)
+    net, vocab = build_model(checkpoint)
+    found = load_data(data, tempfile.mkdtemp(), checkpoint["config"]["val_fraction"], True,
                             checkpoint["config"]["seed"], vocab, log=lambda *a: None)
     prompts = found.val_prompts * per_prompt  # slot i samples with seed i: every copy differs
-    rate = Train.end_of_turn_rate(net, prompts, Train.Runtime(torch.device("cpu"), torch.float32))
+    rate = end_of_turn_rate(net, prompts, Runtime(torch.device("cpu"), torch.float32))
     return round(rate * len(prompts)), len(prompts)
 
 

@@ -9,6 +9,7 @@ over the whole burst, and each client's time to its first character (p50 and p95
 Run:  python benchmarks/serve_speed.py [--rounds=2] [--clients=16] [--chars=200]
 """
 import concurrent.futures
+import dataclasses
 import json
 import os
 import socket
@@ -22,9 +23,11 @@ import httpx
 import torch
 
 import common  # noqa: F401  (puts the project on sys.path)
-import model as M
 import Train
-from config import parse_cli
+from lumina.checkpoint import model_state, save_checkpoint
+from lumina.config import parse_cli
+from lumina.model import CharTransformer, ModelConfig
+from lumina.vocab import SPECIAL_TOKENS, Vocab
 
 CONFIG = {
     "rounds": 2,      # each round serves the burst once batched and once one at a time
@@ -38,15 +41,15 @@ def endless_model(path):
     """The CPU preset's shape; the final norm's gain is zero, so every position's hidden state is
     its bias v, and the special tokens' rows point against v: it never ends a turn."""
     shape = {k: v for k, v in Train.PRESETS["cpu"].items() if k in ("hidden_size", "num_layers", "nhead", "seq_length")}
-    vocab = M.Vocab([chr(c) for c in range(32, 127)])
+    vocab = Vocab([chr(c) for c in range(32, 127)])
     torch.manual_seed(0)
-    net = M.CharTransformer(M.ModelConfig(vocab_size=len(vocab), **shape))
+    net = CharTransformer(ModelConfig(vocab_size=len(vocab), **shape))
     with torch.no_grad():
         net.norm.weight.zero_()
         net.norm.bias.normal_()
-        net.tok_emb.weight[:len(M.SPECIAL_TOKENS)] = -10 * net.norm.bias
-    M.save_checkpoint(path, {"stage": "bench", "vocab": vocab.chars, "model": M.model_state(net),
-                             "model_config": M.dataclasses.asdict(net.config), "config": {}, "metrics": {}})
+        net.tok_emb.weight[:len(SPECIAL_TOKENS)] = -10 * net.norm.bias
+    save_checkpoint(path, {"stage": "bench", "vocab": vocab.chars, "model": model_state(net),
+                             "model_config": dataclasses.asdict(net.config), "config": {}, "metrics": {}})
     return net.num_params()
 
 

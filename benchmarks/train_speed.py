@@ -34,7 +34,7 @@ import time
 import torch
 
 from common import ROOT, TEXT, split_text
-from config import parse_cli
+from lumina.config import parse_cli
 
 REF = os.path.join(ROOT, "..", "shared", "bench", "ref_gpt.py")
 NANOGPT_SHAPE = dict(num_layers=4, nhead=4, hidden_size=128, seq_length=64, batch_size=12)

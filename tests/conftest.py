@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models and data, so the whole suite runs in minutes on 2 CPU cores."""
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -12,7 +13,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import model as M  # noqa: E402
+from lumina.checkpoint import model_state, save_checkpoint  # noqa: E402
+from lumina.model import CharTransformer, ModelConfig  # noqa: E402
+from lumina.vocab import Vocab  # noqa: E402
 
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data", "oasst1")
 TINY = dict(seq_length=16, hidden_size=32, num_layers=2, nhead=2, dropout=0.0)
@@ -26,15 +29,15 @@ CHATS = [
 
 def tiny_model(vocab, seed=0, **overrides):
     torch.manual_seed(seed)
-    return M.CharTransformer(M.ModelConfig(vocab_size=len(vocab), **{**TINY, **overrides}))
+    return CharTransformer(ModelConfig(vocab_size=len(vocab), **{**TINY, **overrides}))
 
 
 def tiny_checkpoint(path, seed=0, stage="train", text="abcdefghijklmnopqrstuvwxyz !?.,\n"):
-    vocab = M.Vocab.from_text(text)
+    vocab = Vocab.from_text(text)
     net = tiny_model(vocab, seed)
-    M.save_checkpoint(path, {"stage": stage, "vocab": vocab.chars,
-                             "model_config": M.dataclasses.asdict(net.config),
-                             "model": M.model_state(net), "config": {}, "metrics": {}})
+    save_checkpoint(path, {"stage": stage, "vocab": vocab.chars,
+                             "model_config": dataclasses.asdict(net.config),
+                             "model": model_state(net), "config": {}, "metrics": {}})
     return net, vocab
 
 
@@ -50,19 +53,19 @@ def write_jsonl(path, rows):
 def interrupt_after(step):
     """Deliver a real SIGINT right after training step `step` is logged (None: never), to test
     Ctrl-C and --resume inside this process."""
-    import Train
-    real_log = Train.log_metrics
+    from lumina import training
+    real_log = training.log_metrics
 
     def log_and_maybe_interrupt(path, record):
         real_log(path, record)
         if record.get("step") == step and "loss" in record:
             os.kill(os.getpid(), signal.SIGINT)
 
-    Train.log_metrics = log_and_maybe_interrupt
+    training.log_metrics = log_and_maybe_interrupt
     try:
         yield
     finally:
-        Train.log_metrics = real_log
+        training.log_metrics = real_log
 
 
 def run_script(script, *args, cwd=None, input=None, timeout=300, env=None):
@@ -74,4 +77,4 @@ def run_script(script, *args, cwd=None, input=None, timeout=300, env=None):
 
 @pytest.fixture
 def vocab():
-    return M.Vocab.from_text("abcdefghijklmnopqrstuvwxyz !?.,\n\tñ")
+    return Vocab.from_text("abcdefghijklmnopqrstuvwxyz !?.,\n\tñ")

@@ -1,4 +1,5 @@
 """ChatAI.py, driven as a person would: piped input, --prompt, Ctrl-C, bad checkpoints."""
+import dataclasses
 import json
 import os
 import signal
@@ -10,25 +11,26 @@ import pytest
 import torch
 
 import ChatAI
-import model as M
+from lumina.checkpoint import model_state, save_checkpoint
+from lumina.vocab import BOT, SPECIAL_TOKENS, USER, Vocab, render_chat
 from conftest import ROOT, run_script, tiny_checkpoint, tiny_model
 
 TEXT = "abcdefghijklmnopqrstuvwxyz !?.,\n<|>"
-VOCAB_SIZE = len(M.Vocab.from_text(TEXT))
+VOCAB_SIZE = len(Vocab.from_text(TEXT))
 
 
 def endless_checkpoint(path, seq_length=64):
     """A tiny model that never ends a turn: its final hidden state is always v, and the rows of
     <|end|>, the other special ids and newline point against v, so their logits are hugely negative."""
-    vocab = M.Vocab.from_text(TEXT)
+    vocab = Vocab.from_text(TEXT)
     net = tiny_model(vocab, seq_length=seq_length)
     with torch.no_grad():
         net.norm.weight.zero_()
         net.norm.bias.copy_(torch.randn(net.config.hidden_size))
-        for never in [*range(len(M.SPECIAL_TOKENS)), vocab.stoi["\n"]]:  # one reply, one output line
+        for never in [*range(len(SPECIAL_TOKENS)), vocab.stoi["\n"]]:  # one reply, one output line
             net.tok_emb.weight[never] = -10 * net.norm.bias
-    M.save_checkpoint(str(path), {"stage": "train", "vocab": vocab.chars, "model": M.model_state(net),
-                                  "model_config": M.dataclasses.asdict(net.config), "config": {}, "metrics": {}})
+    save_checkpoint(str(path), {"stage": "train", "vocab": vocab.chars, "model": model_state(net),
+                                  "model_config": dataclasses.asdict(net.config), "config": {}, "metrics": {}})
     return str(path)
 
 
@@ -111,13 +113,13 @@ def test_multi_turn_past_the_window_drops_whole_turns_and_save_keeps_all(ckpt, t
 
 
 def test_history_is_trimmed_to_whole_turns(tmp_path):
-    vocab = M.Vocab.from_text(TEXT)
+    vocab = Vocab.from_text(TEXT)
     session = ChatAI.Session(tiny_model(vocab, seq_length=64), vocab, dict(ChatAI.CONFIG))
     session.history = [{"role": r, "content": f"turn {i} " * 3} for i, r in enumerate(["user", "assistant"] * 4)]
     dropped = ChatAI.fit_history(session)
-    ids, _ = M.render_chat(ChatAI.conversation(session), vocab, add_generation_prompt=True)
+    ids, _ = render_chat(ChatAI.conversation(session), vocab, add_generation_prompt=True)
     assert dropped > 0 and len(ids) <= 48 and ChatAI.conversation(session) == session.history[dropped:]
-    assert ids[0] in (M.USER, M.BOT)  # the first visible id opens a turn: nothing was cut mid-turn
+    assert ids[0] in (USER, BOT)  # the first visible id opens a turn: nothing was cut mid-turn
 
 
 def test_prompt_flag_prints_one_reply(ckpt):

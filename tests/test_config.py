@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import config as C
+from lumina import config as C
 from conftest import ROOT
 
 
@@ -68,7 +68,7 @@ def no_torch(tmp_path):
 
 def test_config_data_and_dataset_download_need_no_torch(no_torch, tmp_path):
     assert subprocess.run([sys.executable, "-c", "import torch"], env=no_torch, capture_output=True).returncode != 0
-    out = subprocess.run([sys.executable, "-c", "import config, data, Dataset_download"], cwd=ROOT, env=no_torch,
+    out = subprocess.run([sys.executable, "-c", "import lumina, lumina.config, lumina.data, lumina.vocab, Dataset_download"], cwd=ROOT, env=no_torch,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     script = os.path.join(ROOT, "Dataset_download.py")

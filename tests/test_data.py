@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import data
+from lumina import data
 from conftest import CHATS, write_jsonl
 
 

@@ -1,5 +1,6 @@
 """export.py: int8 checkpoints every chat stage reads, and an ONNX step that onnxruntime runs as
 model.py does."""
+import dataclasses
 import os
 import sys
 
@@ -8,16 +9,18 @@ import pytest
 import torch
 
 import export
-import model as M
+from lumina.checkpoint import CheckpointError, build_model, load_checkpoint, model_state, save_checkpoint
+from lumina.engine import generate, new_cache, window_start
+from lumina.vocab import BOT, END, SPECIAL_TOKENS, SYSTEM, USER, Vocab, render_chat
 from conftest import ROOT, run_script, tiny_model, write_jsonl
 
 TEXT = "abcdefghijklmnopqrstuvwxyz !?.,\n"
-STOPS = (M.END, M.USER, M.BOT, M.SYSTEM)
+STOPS = (END, USER, BOT, SYSTEM)
 
 
 def save(net, vocab, path):
-    M.save_checkpoint(str(path), {"stage": "train", "vocab": vocab.chars, "model": M.model_state(net),
-                                  "model_config": M.dataclasses.asdict(net.config), "config": {}, "metrics": {}})
+    save_checkpoint(str(path), {"stage": "train", "vocab": vocab.chars, "model": model_state(net),
+                                  "model_config": dataclasses.asdict(net.config), "config": {}, "metrics": {}})
     return str(path)
 
 
@@ -33,7 +36,7 @@ def lively_model(vocab, seq_length):
 # --- int8 ------------------------------------------------------------------------------------------
 @pytest.fixture
 def float_and_int8(tmp_path):
-    vocab = M.Vocab.from_text(TEXT)
+    vocab = Vocab.from_text(TEXT)
     net = tiny_model(vocab, seq_length=32, hidden_size=96, num_layers=3)
     path = save(net, vocab, tmp_path / "Model.pth")
     out = run_script("export.py", path, "--int8")
@@ -45,11 +48,11 @@ def test_int8_file_is_a_quarter_and_gives_nearly_the_same_logits(float_and_int8)
     path, int8, message = float_and_int8
     assert os.path.getsize(int8) <= 0.30 * os.path.getsize(path)
     assert f"of {path}" in message and "%" in message
-    checkpoint = M.load_checkpoint(int8)  # weights_only, and the dtypes are checked
+    checkpoint = load_checkpoint(int8)  # weights_only, and the dtypes are checked
     assert checkpoint["model"]["blocks.0.attn.qkv.weight"].dtype == torch.int8
     assert checkpoint["model"]["tok_emb.weight"] is checkpoint["model"]["head.weight"]  # tied: stored once
-    (full, _), (small, _) = M.build_model(M.load_checkpoint(path)), M.build_model(checkpoint)
-    ids = torch.randint(len(M.SPECIAL_TOKENS), full.config.vocab_size, (2, 32))
+    (full, _), (small, _) = build_model(load_checkpoint(path)), build_model(checkpoint)
+    ids = torch.randint(len(SPECIAL_TOKENS), full.config.vocab_size, (2, 32))
     with torch.no_grad():
         a, b = full.eval()(ids)[0].log_softmax(-1), small.eval()(ids)[0].log_softmax(-1)
     assert (a - b).abs().max() < 0.05 and not torch.equal(a, b)
@@ -72,13 +75,13 @@ def test_a_damaged_int8_file_fails_by_name(float_and_int8, tmp_path):
     checkpoint = torch.load(int8, weights_only=True)
     checkpoint["model"]["blocks.1.mlp.up.weight"] = checkpoint["model"]["blocks.1.mlp.up.weight"].float()
     torch.save(checkpoint, tmp_path / "float_where_int8.pth")
-    with pytest.raises(M.CheckpointError, match="'blocks.1.mlp.up.weight'.*int8"):
-        M.load_checkpoint(str(tmp_path / "float_where_int8.pth"))
+    with pytest.raises(CheckpointError, match="'blocks.1.mlp.up.weight'.*int8"):
+        load_checkpoint(str(tmp_path / "float_where_int8.pth"))
     checkpoint = torch.load(int8, weights_only=True)
     checkpoint["int8_scales"]["blocks.0.attn.proj.weight"] = torch.ones(3)
     torch.save(checkpoint, tmp_path / "bad_scales.pth")
-    with pytest.raises(M.CheckpointError, match="scales of 'blocks.0.attn.proj.weight'"):
-        M.load_checkpoint(str(tmp_path / "bad_scales.pth"))
+    with pytest.raises(CheckpointError, match="scales of 'blocks.0.attn.proj.weight'"):
+        load_checkpoint(str(tmp_path / "bad_scales.pth"))
 
 
 # --- ONNX ------------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def test_a_damaged_int8_file_fails_by_name(float_and_int8, tmp_path):
 def onnx_model(tmp_path_factory):
     pytest.importorskip("onnxruntime")
     folder = tmp_path_factory.mktemp("onnx")
-    vocab = M.Vocab.from_text(TEXT)
+    vocab = Vocab.from_text(TEXT)
     net = lively_model(vocab, seq_length=64)
     path = save(net, vocab, folder / "Model.pth")
     out = run_script("export.py", path, "--onnx")
@@ -98,9 +101,9 @@ def test_onnx_logits_match_on_the_prompt_and_50_cached_steps(onnx_model):
     net, vocab, path = onnx_model
     chat = export.OnnxChat(path)
     prompt = chat.prompt_ids([{"role": "user", "content": "hello there"}])
-    assert prompt == M.render_chat([{"role": "user", "content": "hello there"}], vocab, True)[0]  # template from metadata
+    assert prompt == render_chat([{"role": "user", "content": "hello there"}], vocab, True)[0]  # template from metadata
     logits, past = chat.step(prompt, chat.empty)
-    cache = M.new_cache(net)
+    cache = new_cache(net)
     with torch.no_grad():
         expected, _ = net(torch.tensor([prompt]), cache=cache)
         assert np.abs(logits - expected[0, -1].numpy()).max() < 1e-4
@@ -114,8 +117,8 @@ def test_onnx_logits_match_on_the_prompt_and_50_cached_steps(onnx_model):
 
 def test_onnx_greedy_equals_model_py_across_window_rereads(onnx_model):
     net, vocab, path = onnx_model
-    prompt = M.render_chat([{"role": "user", "content": "what is this?"}], vocab, True)[0]
-    expected = list(M.generate(net, prompt, 200, temperature=0, stop_ids=()))
+    prompt = render_chat([{"role": "user", "content": "what is this?"}], vocab, True)[0]
+    expected = list(generate(net, prompt, 200, temperature=0, stop_ids=()))
     chat = export.OnnxChat(path)
     assert list(chat.generate(prompt, 200, stop_ids=())) == expected and len(set(expected)) > 5  # 200 ids: 4 re-reads of 64
 
@@ -128,18 +131,18 @@ def test_the_onnx_chat_needs_no_torch(onnx_model):
     import subprocess
     out = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    prompt = M.render_chat([{"role": "user", "content": "hi"}], vocab, True)[0]
-    reply = [i for i in M.generate(net, prompt, 30, temperature=0, stop_ids=STOPS) if i >= len(M.SPECIAL_TOKENS)]
+    prompt = render_chat([{"role": "user", "content": "hi"}], vocab, True)[0]
+    reply = [i for i in generate(net, prompt, 30, temperature=0, stop_ids=STOPS) if i >= len(SPECIAL_TOKENS)]
     assert out.stdout == vocab.decode(reply) + "\n"
 
 
 def test_the_window_rule_is_model_pys():
     for seq_length in (4, 16, 64, 256):
-        assert all(export.window_start(n, seq_length) == M.window_start(n, seq_length) for n in range(1, 1200))
+        assert all(export.window_start(n, seq_length) == window_start(n, seq_length) for n in range(1, 1200))
 
 
 def test_bad_requests_get_one_line_each(tmp_path):
-    vocab = M.Vocab.from_text(TEXT)
+    vocab = Vocab.from_text(TEXT)
     path = save(tiny_model(vocab), vocab, tmp_path / "Model.pth")
     cases = [([path], "say what to write"), ([path, "--int8", "--onnx"], "one at a time"),
              ([], "give the checkpoint"), ([str(tmp_path / "nope.pth"), "--int8"], "not found"),

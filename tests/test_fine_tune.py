@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import fine_tune
-import model as M
+from lumina.checkpoint import build_model, load_checkpoint
+from lumina.corpus import load_data
+from lumina.vocab import Vocab
 from conftest import CHATS, interrupt_after, run_script, write_jsonl
 from test_train import TINY_ARGS
 
@@ -33,7 +35,7 @@ def spanish(tmp_path):
 
 
 def test_growth_adds_exactly_the_new_characters_and_keeps_old_rows_and_logits(base):
-    net, vocab = M.build_model(M.load_checkpoint(str(base)))
+    net, vocab = build_model(load_checkpoint(str(base)))
     net.eval()
     old_rows = net.tok_emb.weight.detach().clone()
     x = torch.tensor([vocab.encode("hi there")])
@@ -47,7 +49,7 @@ def test_growth_adds_exactly_the_new_characters_and_keeps_old_rows_and_logits(ba
 
 
 def test_too_many_new_characters_are_refused_with_the_worst_named(base):
-    net, vocab = M.build_model(M.load_checkpoint(str(base)))
+    net, vocab = build_model(load_checkpoint(str(base)))
     strange = {chr(0x4E00 + i): 100 - i for i in range(80)}
     with pytest.raises(SystemExit, match=r"80 characters the model never saw.*'一' x100.*encoding"):
         fine_tune.grow_vocabulary(net, vocab, strange, 64, print)
@@ -60,9 +62,9 @@ def test_spanish_fine_tune_learns_new_letters_and_chat_uses_them(base, spanish, 
     assert out.returncode == 0, out.stderr
     assert "inherited: batch_size" not in out.stdout and "inherited: grad_accum=1" in out.stdout
     assert "new 'ñ' x" in out.stdout and "fine-tuned:" in out.stdout
-    ckpt = M.load_checkpoint(str(out_path))
+    ckpt = load_checkpoint(str(out_path))
     assert ckpt["stage"] == "fine_tune" and ckpt["base_model"] == str(base)
-    base_chars = M.load_checkpoint(str(base))["vocab"]
+    base_chars = load_checkpoint(str(base))["vocab"]
     unseen = {c for chat in SPANISH for m in chat for c in m["content"]} - set(base_chars)
     assert {"ñ", "ú"} <= unseen
     assert ckpt["vocab"][: len(base_chars)] == base_chars and set(ckpt["vocab"][len(base_chars):]) == unseen
@@ -77,7 +79,7 @@ def test_spanish_fine_tune_learns_new_letters_and_chat_uses_them(base, spanish, 
     again = run_script("fine_tune.py", f"--base_model={out_path}", f"--data={spanish}",
                        f"--output={tmp_path / 'Round2.pth'}", *FT_ARGS, "--max_iters=20", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert M.load_checkpoint(str(tmp_path / "Round2.pth"))["old_vocab_size"] == ckpt["new_vocab_size"]
+    assert load_checkpoint(str(tmp_path / "Round2.pth"))["old_vocab_size"] == ckpt["new_vocab_size"]
 
 
 def test_bad_inputs_get_their_messages(base, spanish, tmp_path):
@@ -101,9 +103,8 @@ def test_bad_inputs_get_their_messages(base, spanish, tmp_path):
 
 
 def test_assistant_only_loss_masks_user_turns(base, spanish, tmp_path):
-    import Train
-    vocab = M.Vocab(M.load_checkpoint(str(base))["vocab"])
-    data = Train.load_data(spanish, str(tmp_path / "cache"), 0.1, True, 0, vocab)
+    vocab = Vocab(load_checkpoint(str(base))["vocab"])
+    data = load_data(spanish, str(tmp_path / "cache"), 0.1, True, 0, vocab)
     text_with_mask = "".join(data.vocab.itos[i] if m else "_" for i, m in zip(data.train.tolist(), data.train_mask.tolist()))
     assert "hola" not in text_with_mask and "que tal" not in text_with_mask
     assert "mañana señor<|end|>" in text_with_mask
@@ -123,16 +124,16 @@ def test_lora_fine_tune_grows_the_vocabulary_and_resumes_exactly(base, spanish, 
     run_in_process(straight, base, spanish)
     with pytest.raises(SystemExit):
         run_in_process(broken, base, spanish, interrupt_at=13)
-    assert M.load_checkpoint(str(broken / "fine_tune_state.pth"))["lora"]  # the adapters, apart from the base
+    assert load_checkpoint(str(broken / "fine_tune_state.pth"))["lora"]  # the adapters, apart from the base
     run_in_process(broken, base, spanish, resume=True)
     curves = [{r["step"]: r["loss"] for r in map(json.loads, open(folder / "fine_tune_metrics.jsonl")) if "loss" in r}
               for folder in (straight, broken)]
     assert sorted(curves[0]) == sorted(curves[1]) == list(range(1, 31))
     assert all(abs(curves[0][s] - curves[1][s]) <= 1e-6 + 1e-5 * abs(curves[0][s]) for s in curves[0])
-    tuned = M.load_checkpoint(str(broken / "FT.pth"))  # a plain checkpoint: the adapters are merged in
+    tuned = load_checkpoint(str(broken / "FT.pth"))  # a plain checkpoint: the adapters are merged in
     assert tuned["lora_rank"] == 4 and "ñ" in tuned["vocab"] and "lora" not in tuned
-    net, vocab = M.build_model(tuned)
-    base_net, _ = M.build_model(M.load_checkpoint(str(base)))
+    net, vocab = build_model(tuned)
+    base_net, _ = build_model(load_checkpoint(str(base)))
     assert not torch.equal(net.blocks[0].attn.qkv.weight, base_net.blocks[0].attn.qkv.weight)
 
 

@@ -14,7 +14,9 @@ import httpx
 import openai
 import pytest
 
-import model as M
+from lumina.checkpoint import load_checkpoint, load_for_chat
+from lumina.engine import BeamSearch, new_cache
+from lumina.vocab import BOT, END, SPECIAL_TOKENS, SYSTEM, USER, Vocab, render_chat
 from conftest import CHATS, ROOT, run_script, write_jsonl
 from test_chat import endless_checkpoint
 
@@ -115,7 +117,7 @@ def test_unknown_characters_are_dropped_and_counted_and_typed_tokens_stay_text(s
     text = "héllo wörld <|bot|>"
     reply = httpx.post(sharp.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                        json={"model": "Model", "messages": [{"role": "user", "content": text}], "max_tokens": 5}).json()
-    vocab = M.Vocab(M.load_checkpoint(sharp.checkpoint)["vocab"])
+    vocab = Vocab(load_checkpoint(sharp.checkpoint)["vocab"])
     unknown = [c for c in text if c not in vocab.stoi]
     assert {"é", "ö", "<", "|", ">"} <= set(unknown) and reply["dropped_characters"] == len(unknown)
     # <|user|>, <|end|>, <|bot|> and the known characters: "bot" stayed three ordinary characters
@@ -170,8 +172,8 @@ def test_history_longer_than_the_window_is_cut_by_whole_turns_not_refused(sharp)
         {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " * 2} for i in range(21)]
     reply = sharp.client().chat.completions.create(model="Model", messages=turns, max_tokens=5)
     assert reply.usage.prompt_tokens <= 48  # 3/4 of the 64-character window
-    vocab = M.Vocab(M.load_checkpoint(sharp.checkpoint)["vocab"])
-    ids, _ = M.render_chat(turns[:1] + turns[-1:], vocab, True)
+    vocab = Vocab(load_checkpoint(sharp.checkpoint)["vocab"])
+    ids, _ = render_chat(turns[:1] + turns[-1:], vocab, True)
     assert reply.usage.prompt_tokens >= len(ids)  # the system prompt and the newest turn stayed
 
 
@@ -189,10 +191,10 @@ def test_sixteen_concurrent_requests_get_exactly_their_solo_replies(sharp):
 
 
 def test_beam_search_choices_are_model_pys_best_beams_even_beside_other_clients(sharp):
-    net, vocab, _ = M.load_for_chat(sharp.checkpoint, "cpu")
-    ids, _ = M.render_chat([{"role": "user", "content": "hello there"}], vocab, add_generation_prompt=True)
-    search = M.BeamSearch(ids, 40, range(4), 1.0, (M.END, M.USER, M.BOT, M.SYSTEM))
-    expected = [vocab.decode([t for t in new if t >= len(M.SPECIAL_TOKENS)]) for _, new in search.run(net, M.new_cache(net, 4))]
+    net, vocab, _ = load_for_chat(sharp.checkpoint, "cpu")
+    ids, _ = render_chat([{"role": "user", "content": "hello there"}], vocab, add_generation_prompt=True)
+    search = BeamSearch(ids, 40, range(4), 1.0, (END, USER, BOT, SYSTEM))
+    expected = [vocab.decode([t for t in new if t >= len(SPECIAL_TOKENS)]) for _, new in search.run(net, new_cache(net, 4))]
     client = sharp.client()
     beams = lambda **kw: ask(client, "hello there", max_tokens=40, n=2, extra_body={"num_beams": 4}, **kw)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # sampled requests share its steps

@@ -11,10 +11,15 @@ import time
 import pytest
 import torch
 
-import data
-import model as M
+from lumina import data
 import Train
-from config import apply_overrides
+from lumina import training
+from lumina.checkpoint import build_model, load_checkpoint
+from lumina.corpus import load_data
+from lumina.optim import Muon, lr_at, make_optimizer, orthogonalize
+from lumina.training import INTERRUPTED, Runtime, choose_compile, choose_dtype, forward_backward, pick_dtype, with_oom_backoff
+from lumina.vocab import END, USER, Vocab
+from lumina.config import apply_overrides
 from conftest import CHATS, ROOT, interrupt_after, run_script, tiny_model, write_jsonl
 
 TINY_ARGS = ["--seq_length=16", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8",
@@ -40,10 +45,10 @@ def test_a_tiny_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path, chat_f
     assert re.search(r"Model\.pth: ends its turn in \d+% of \d+ held-out replies", out.stdout)  # chat data: does it stop?
     curve = losses(tmp_path)
     assert curve[120] < curve[20] - 0.5
-    ckpt = M.load_checkpoint(str(tmp_path / "Model.pth"))
+    ckpt = load_checkpoint(str(tmp_path / "Model.pth"))
     assert ckpt["stage"] == "train" and ckpt["config"]["max_iters"] == 120
     assert ckpt["metrics"]["val_bpc"] < 4.0
-    net, vocab = M.build_model(ckpt)
+    net, vocab = build_model(ckpt)
     assert "?" in vocab.chars and net.config.hidden_size == 32
     try:
         import matplotlib  # noqa: F401  (optional: the plot is made only when it is installed)
@@ -74,17 +79,17 @@ def test_bad_config_keys_and_values_are_refused(tmp_path):
 # --- data -------------------------------------------------------------------------------------
 def test_load_data_splits_by_document_masks_and_caches(tmp_path, chat_file):
     cache = tmp_path / "cache"
-    data = Train.load_data(chat_file, str(cache), 0.1, True, 0)
+    data = load_data(chat_file, str(cache), 0.1, True, 0)
     assert len(data.val) > 0 and len(data.train) > len(data.val)
     # With assistant_only_loss, user text never counts: every masked-in id is assistant text or <|end|>.
     ids, mask = data.train.tolist(), data.train_mask.tolist()
     inside_user = False
     for i, m in zip(ids, mask):
-        inside_user = i == M.USER or (inside_user and i != M.END)
+        inside_user = i == USER or (inside_user and i != END)
         assert not (m and inside_user)
     assert any(mask) and not all(mask)
     logs = []
-    again = Train.load_data(chat_file, str(cache), 0.1, True, 0, log=logs.append)
+    again = load_data(chat_file, str(cache), 0.1, True, 0, log=logs.append)
     assert torch.equal(again.train, data.train) and again.vocab.chars == data.vocab.chars
     assert "reusing the encoded cache" in logs[0]
 
@@ -92,7 +97,7 @@ def test_load_data_splits_by_document_masks_and_caches(tmp_path, chat_file):
 def test_a_file_with_no_usable_text_is_an_error(tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", ["{bad", {"x": 1}])
     with pytest.raises(data.DataError, match="no usable text.*empty.jsonl:1"):
-        Train.load_data(empty, str(tmp_path / "c"), 0.1, False, 0)
+        load_data(empty, str(tmp_path / "c"), 0.1, False, 0)
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -110,8 +115,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, chat_file, optimizer)
     run_in_process(straight, chat_file, optimizer=optimizer)
     with pytest.raises(SystemExit) as stopped:
         run_in_process(broken, chat_file, interrupt_at=23, optimizer=optimizer)
-    assert stopped.value.code == Train.INTERRUPTED
-    assert M.load_checkpoint(str(broken / "train_state.pth"))["step"] == 23
+    assert stopped.value.code == INTERRUPTED
+    assert load_checkpoint(str(broken / "train_state.pth"))["step"] == 23
     run_in_process(broken, chat_file, resume=True, optimizer=optimizer)
     a, b = losses(straight), losses(broken)
     assert sorted(a) == sorted(b) == list(range(1, 41))
@@ -129,9 +134,9 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path, chat_file):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == Train.INTERRUPTED, err
+    assert proc.returncode == INTERRUPTED, err
     assert "Resume with: python Train.py --data=" in out and out.rstrip().endswith("--resume") and "Traceback" not in err
-    state = M.load_checkpoint(str(tmp_path / "train_state.pth"))
+    state = load_checkpoint(str(tmp_path / "train_state.pth"))
     assert state["step"] >= 5 and "optimizer" in state and "sampler" in state["rng"]
 
 
@@ -144,20 +149,20 @@ def test_oom_backoff_halves_the_micro_batch_and_keeps_the_batch():
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return "done"
 
-    assert Train.with_oom_backoff(step, 8, logs.append) == ("done", 2)
+    assert with_oom_backoff(step, 8, logs.append) == ("done", 2)
     assert calls == [8, 4, 2] and "micro-batch 8 -> 4" in logs[0] and "effective batch is unchanged" in logs[0]
     with pytest.raises(SystemExit, match="micro-batch of 1"):
-        Train.with_oom_backoff(lambda micro: step(micro + 10), 1, logs.append)
+        with_oom_backoff(lambda micro: step(micro + 10), 1, logs.append)
 
 
 def test_micro_batches_give_the_same_gradient_as_one_batch(vocab):
-    runtime = Train.Runtime(torch.device("cpu"), torch.float32)
+    runtime = Runtime(torch.device("cpu"), torch.float32)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x, y = torch.randint(len(vocab), (8, 16)), torch.randint(len(vocab), (8, 16))
     grads = []
     for micro in (8, 2):
         net = tiny_model(vocab)
-        Train.forward_backward(net, x, y, micro, runtime, scaler, {"label_smoothing": 0.0})
+        forward_backward(net, x, y, micro, runtime, scaler, {"label_smoothing": 0.0})
         grads.append(net.tok_emb.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -165,7 +170,7 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(vocab):
 def test_muon_gets_the_blocks_matrices_and_adamw_everything_else(vocab):
     net = tiny_model(vocab)
     config = {**Train.CONFIG, "learning_rate": 1e-3, "optimizer": "muon"}
-    muon, adamw = Train.make_optimizer(net, config, torch.device("cpu")).optimizers
+    muon, adamw = make_optimizer(net, config, torch.device("cpu")).optimizers
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     in_adamw = [id(p) for g in adamw.param_groups for p in g["params"]]
     names = {id(p): n for n, p in net.named_parameters()}
@@ -174,17 +179,17 @@ def test_muon_gets_the_blocks_matrices_and_adamw_everything_else(vocab):
     assert sorted(names[i] for i in in_muon) == sorted(n for n, p in net.named_parameters()
                                                        if n.startswith("blocks.") and p.dim() == 2)
     assert {names[i] for i in in_adamw} >= {"tok_emb.weight", "norm.weight", "blocks.0.norm1.bias"}
-    only_adamw = Train.make_optimizer(net, {**config, "optimizer": "adamw"}, torch.device("cpu")).optimizers
+    only_adamw = make_optimizer(net, {**config, "optimizer": "adamw"}, torch.device("cpu")).optimizers
     assert len(only_adamw) == 1 and isinstance(only_adamw[0], torch.optim.AdamW)
 
 
 def test_orthogonalize_brings_every_singular_value_near_one_one_matrix_or_many():
     g = torch.randn(3, 48, 16, generator=torch.Generator().manual_seed(0)) * torch.logspace(-1, 1, 16)
-    out = Train.orthogonalize(g)  # g's singular values spread over two decades; out's near 1
+    out = orthogonalize(g)  # g's singular values spread over two decades; out's near 1
     singular = torch.linalg.svdvals(out)
     assert out.shape == g.shape and singular.min() > 0.5 and singular.max() < 1.5
-    assert torch.allclose(out[1], Train.orthogonalize(g[1]), atol=1e-5)  # batched = one by one
-    assert torch.allclose(Train.orthogonalize(g[0].T), out[0].T, atol=1e-5)  # wide and tall alike
+    assert torch.allclose(out[1], orthogonalize(g[1]), atol=1e-5)  # batched = one by one
+    assert torch.allclose(orthogonalize(g[0].T), out[0].T, atol=1e-5)  # wide and tall alike
 
 
 def test_muon_orthogonalises_fused_matrices_part_by_part(vocab):
@@ -192,7 +197,7 @@ def test_muon_orthogonalises_fused_matrices_part_by_part(vocab):
     the stacked 3d x d matrix (whose thirds would then have singular values near 1/sqrt(3))."""
     net = tiny_model(vocab)
     config = {**Train.CONFIG, "learning_rate": 1e-2, "weight_decay": 0.0, "optimizer": "muon"}
-    muon = Train.make_optimizer(net, config, torch.device("cpu")).optimizers[0]
+    muon = make_optimizer(net, config, torch.device("cpu")).optimizers[0]
     assert sorted(g["parts"] for g in muon.param_groups) == [1, 2, 3]
     for p in net.parameters():
         p.grad = torch.randn_like(p)
@@ -207,7 +212,7 @@ def test_muon_orthogonalises_fused_matrices_part_by_part(vocab):
 
 def test_muon_momentum_warms_up_and_its_count_survives_a_save():
     w = torch.nn.Parameter(torch.zeros(8, 8))
-    muon = Train.Muon([{"params": [w]}], lr=1e-2, weight_decay=0.0, warmup_steps=10)
+    muon = Muon([{"params": [w]}], lr=1e-2, weight_decay=0.0, warmup_steps=10)
     grads = torch.randn(12, 8, 8, generator=torch.Generator().manual_seed(0))
     expected = torch.zeros(8, 8)
     for step, g in enumerate(grads):
@@ -216,7 +221,7 @@ def test_muon_momentum_warms_up_and_its_count_survives_a_save():
         w.grad = g.clone()
         muon.step()
         assert torch.allclose(muon.state[w]["momentum"], expected, atol=1e-6), step
-    again = Train.Muon([{"params": [w]}], lr=1e-2, weight_decay=0.0, warmup_steps=10)
+    again = Muon([{"params": [w]}], lr=1e-2, weight_decay=0.0, warmup_steps=10)
     again.load_state_dict(muon.state_dict())
     assert again.param_groups[0]["steps"] == 12  # a resumed run does not warm up a second time
     before_warmup = muon.state_dict()  # as a run of an older LuminaAI saved it
@@ -231,10 +236,10 @@ def test_muon_momentum_warms_up_and_its_count_survives_a_save():
 
 def test_lr_schedule_warms_up_then_decays_to_min():
     cfg = {"learning_rate": 1e-3, "warmup_ratio": 0.1, "min_lr_ratio": 0.1}
-    assert Train.lr_at(0.0, cfg) < 1e-4
-    assert math.isclose(Train.lr_at(0.1, cfg), 1e-3)
-    assert Train.lr_at(0.5, cfg) < Train.lr_at(0.2, cfg)
-    assert math.isclose(Train.lr_at(1.0, cfg), 1e-4)
+    assert lr_at(0.0, cfg) < 1e-4
+    assert math.isclose(lr_at(0.1, cfg), 1e-3)
+    assert lr_at(0.5, cfg) < lr_at(0.2, cfg)
+    assert math.isclose(lr_at(1.0, cfg), 1e-4)
 
 
 # --- beyond one process --------------------------------------------------------------------------
@@ -246,9 +251,9 @@ def test_two_gloo_processes_train_and_rank0_saves(tmp_path, chat_file):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2 process(es)" in out.stdout and out.stdout.count("done: 30 steps") == 1
-    ckpt = M.load_checkpoint(str(tmp_path / "Model.pth"))
-    M.build_model(ckpt)
-    assert len(M.load_checkpoint(str(tmp_path / "train_state.pth"))["rng"]["sampler"]) == 2
+    ckpt = load_checkpoint(str(tmp_path / "Model.pth"))
+    build_model(ckpt)
+    assert len(load_checkpoint(str(tmp_path / "train_state.pth"))["rng"]["sampler"]) == 2
 
 
 def test_a_shape_rotary_cannot_use_is_refused_without_a_traceback(tmp_path, chat_file):
@@ -264,6 +269,7 @@ KILLER = r"""
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import torch, Train
+from lumina import training
 kind, n, argv = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 calls = []
 
@@ -272,7 +278,7 @@ def kill_on_nth(name):
     if calls.count(name) == n:
         os.kill(os.getpid(), signal.SIGKILL)
 
-real_step, real_eval, real_save = Train.forward_backward, Train.evaluate, torch.save
+real_step, real_eval, real_save = training.forward_backward, training.evaluate, torch.save
 
 def step(*a, **k):
     loss = real_step(*a, **k)
@@ -292,7 +298,7 @@ def save(obj, f, *a, **k):
             kill_on_nth(kind)
     return real_save(obj, f, *a, **k)
 
-Train.forward_backward, Train.evaluate, torch.save = step, evaluate, save
+training.forward_backward, training.evaluate, torch.save = step, evaluate, save
 Train.main(argv)
 """
 # (moment, n) in order; each run resumes from the last train_state.pth (saved every 5 steps).
@@ -321,10 +327,10 @@ def test_sigkill_at_ten_moments_then_resume_continues_the_same_run(tmp_path, cha
         proc = subprocess.run([sys.executable, "-c", KILLER, ROOT, moment, str(n), *args, f"--out_dir={broken}", *resume],
                               capture_output=True, text=True, cwd=tmp_path, timeout=300)
         assert proc.returncode == -signal.SIGKILL, (moment, n, proc.stderr[-2000:])
-        state = M.load_checkpoint(str(broken / "train_state.pth"))  # never torn, whatever the moment
+        state = load_checkpoint(str(broken / "train_state.pth"))  # never torn, whatever the moment
         assert state["step"] % 5 == 0
         if (broken / "Model.pth").exists():
-            M.build_model(M.load_checkpoint(str(broken / "Model.pth")))
+            build_model(load_checkpoint(str(broken / "Model.pth")))
         metric_records(broken)
     out = run_script("Train.py", *args, f"--out_dir={broken}", "--resume", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -333,8 +339,8 @@ def test_sigkill_at_ten_moments_then_resume_continues_the_same_run(tmp_path, cha
     a, b = losses(straight), losses(broken)
     for step in a:
         assert math.isclose(a[step], b[step], rel_tol=1e-5, abs_tol=1e-6), step
-    assert M.load_checkpoint(str(broken / "Model.pth"))["metrics"]["val_loss"] == \
-        M.load_checkpoint(str(straight / "Model.pth"))["metrics"]["val_loss"]
+    assert load_checkpoint(str(broken / "Model.pth"))["metrics"]["val_loss"] == \
+        load_checkpoint(str(straight / "Model.pth"))["metrics"]["val_loss"]
 
 
 def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path, chat_file):
@@ -347,17 +353,17 @@ def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path, chat_file):
 
 # --- precision by measurement ------------------------------------------------------------------------
 def test_dtype_auto_times_both_precisions_and_keeps_the_faster(monkeypatch):
-    net = tiny_model(M.Vocab.from_text("abcdefgh"))
+    net = tiny_model(Vocab.from_text("abcdefgh"))
     config = {**Train.CONFIG, "batch_size": 2, "seq_length": 16, "dtype": "auto"}
-    monkeypatch.setattr(Train, "cpu_has_bf16", lambda: True)  # as on a CPU with AVX512-BF16 or AMX
-    real = Train.forward_backward
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)  # as on a CPU with AVX512-BF16 or AMX
+    real = forward_backward
     for slow, expected in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
         def timed(model, x, y, micro_batch, runtime, scaler, cfg):
             time.sleep(0.03 if runtime.dtype == slow else 0.0)
             return real(model, x, y, micro_batch, runtime, scaler, cfg)
-        monkeypatch.setattr(Train, "forward_backward", timed)
-        runtime, logs = Train.Runtime(torch.device("cpu"), torch.float32), []
-        Train.choose_dtype(net, config, runtime, logs.append)
+        monkeypatch.setattr(training, "forward_backward", timed)
+        runtime, logs = Runtime(torch.device("cpu"), torch.float32), []
+        choose_dtype(net, config, runtime, logs.append)
         assert runtime.dtype == expected
         assert re.fullmatch(r"dtype auto: \w+ \(a training step took \d+ ms in float32, \d+ ms in bfloat16\)", logs[0])
         assert logs[0].startswith(f"dtype auto: {str(expected)[6:]}")
@@ -365,28 +371,28 @@ def test_dtype_auto_times_both_precisions_and_keeps_the_faster(monkeypatch):
 
 
 def test_a_forced_dtype_is_obeyed_and_an_emulated_bf16_is_not_tried(monkeypatch):
-    net = tiny_model(M.Vocab.from_text("abcdefgh"))
-    monkeypatch.setattr(Train, "forward_backward", lambda *a: pytest.fail("a forced or hopeless choice times nothing"))
+    net = tiny_model(Vocab.from_text("abcdefgh"))
+    monkeypatch.setattr(training, "forward_backward", lambda *a: pytest.fail("a forced or hopeless choice times nothing"))
     for forced in ("float32", "bfloat16"):
-        runtime = Train.Runtime(torch.device("cpu"), Train.pick_dtype(forced, torch.device("cpu")))
-        Train.choose_dtype(net, {**Train.CONFIG, "dtype": forced}, runtime, pytest.fail)
+        runtime = Runtime(torch.device("cpu"), pick_dtype(forced, torch.device("cpu")))
+        choose_dtype(net, {**Train.CONFIG, "dtype": forced}, runtime, pytest.fail)
         assert str(runtime.dtype) == f"torch.{forced}"
-    monkeypatch.setattr(Train, "cpu_has_bf16", lambda: False)
-    runtime, logs = Train.Runtime(torch.device("cpu"), torch.float32), []
-    Train.choose_dtype(net, {**Train.CONFIG, "dtype": "auto"}, runtime, logs.append)
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    runtime, logs = Runtime(torch.device("cpu"), torch.float32), []
+    choose_dtype(net, {**Train.CONFIG, "dtype": "auto"}, runtime, logs.append)
     assert runtime.dtype == torch.float32 and "no AVX512-BF16 or AMX" in logs[0]
 
 
 def test_compile_forced_is_obeyed_and_auto_says_why():
-    cpu, gpu = Train.Runtime(torch.device("cpu"), torch.float32), Train.Runtime(torch.device("cuda"), torch.bfloat16)
+    cpu, gpu = Runtime(torch.device("cpu"), torch.float32), Runtime(torch.device("cuda"), torch.bfloat16)
     for runtime in (cpu, gpu):
-        assert Train.choose_compile({**Train.CONFIG, "compile": "true"}, runtime, pytest.fail) is True
-        assert Train.choose_compile({**Train.CONFIG, "compile": "false"}, runtime, pytest.fail) is False
+        assert choose_compile({**Train.CONFIG, "compile": "true"}, runtime, pytest.fail) is True
+        assert choose_compile({**Train.CONFIG, "compile": "false"}, runtime, pytest.fail) is False
     cases = [(cpu, 60.0, False, "no faster than eager"), (gpu, 15.0, True, "a 15-minute budget leaves time"),
              (gpu, 0.0, True, "no time budget leaves time"), (gpu, 2.0, False, "a 2-minute budget is too short")]
     for runtime, minutes, chosen, why in cases:
         logs = []
-        assert Train.choose_compile({**Train.CONFIG, "max_minutes": minutes}, runtime, logs.append) is chosen
+        assert choose_compile({**Train.CONFIG, "max_minutes": minutes}, runtime, logs.append) is chosen
         assert logs[0].startswith(f"compile auto: {'on' if chosen else 'off'}") and why in logs[0]
 
 

@@ -1,4 +1,4 @@
-"""config.py: how every LuminaAI script is configured. It imports nothing heavy (no torch), so
+"""lumina/config.py: how every LuminaAI script is configured. It imports nothing heavy (no torch), so
 Dataset_download.py and any script's --help run where torch is absent.
 
 A script declares one commented `CONFIG = {...}` dict after its imports; the dict is the

@@ -1,4 +1,4 @@
-"""data.py: everything that turns files into conversations, once. It imports no torch.
+"""lumina/data.py: everything that turns files into conversations, once. It imports no torch.
 
 A document is ("chat", [{"role", "content"}, ...]) or ("text", "prose"). Readers for every input
 format end there:
@@ -9,7 +9,7 @@ format end there:
   - text with <|user|> / <|bot|> at the start of a line; any other text file is prose
 OASST rows are validated (every dropped message counted under its reason) and threaded by
 parent_id, never by row order. Files are written atomically: a crash leaves the old file or the new
-one, never half of one. Turning documents into ids needs the vocabulary, so that is model.py's.
+one, never half of one. Turning documents into ids needs the vocabulary, so that is vocab.py's.
 """
 import gzip
 import hashlib

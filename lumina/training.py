@@ -1,0 +1,428 @@
+"""The training run shared by Train.py and fine_tune.py: the runtime (device, precision,
+processes, compile), the step and its out-of-memory back-off, logging and files, and the Trainer.
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from lumina import checkpoint as ckpt, data
+from lumina.adapt import lora_state
+from lumina.corpus import random_windows
+from lumina.device import pick_device
+from lumina.evaluate import end_of_turn_rate, evaluate, probe_replies, turn_ends
+from lumina.model import CharTransformer, ModelConfig
+from lumina.optim import lr_at, make_optimizer
+
+POSITIVE = ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size", "grad_accum", "max_iters",
+            "eval_interval", "eval_windows", "log_interval", "checkpoint_interval")
+RULES = {"val_fraction": (0.0, 0.5), "warmup_ratio": (0.0, 0.5), "min_lr_ratio": (0.0, 1.0), "dropout": (0.0, 0.9),
+         "label_smoothing": (0.0, 0.5), "grad_clip": (0.0, math.inf), "max_minutes": (0.0, math.inf),
+         "weight_decay": (0.0, math.inf), "beta2": (0.0, 0.9999), "learning_rate": (1e-9, 10.0),
+         "probe_chars": (0, 10000), "threads": (0, 1024), "dtype": ("auto", "float32", "bfloat16", "float16"),
+         "optimizer": ("adamw", "muon"), "compile": ("auto", "true", "false"),
+         **{key: (1, math.inf) for key in POSITIVE}}
+END_WEIGHT = 0.1        # bits/char of val that a fine-tune's model selection trades for ending every reply
+COMPILE_MIN_MINUTES = 5.0  # compile=auto on a GPU: a budget at least this long (compiling costs about 1 min)
+INTERRUPTED = 130  # exit code after Ctrl-C, as shells report it
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: device, precision and processes, decided once before the loop
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    world: int = 1
+    is_main: bool = True  # rank 0: the one process that logs and saves
+
+    def autocast(self):
+        """Mixed precision for forward passes; does nothing in float32."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def cpu_has_bf16():
+    """AMX or AVX512-BF16 makes bf16 matmuls several times faster than fp32 (Linux only); without
+    them bf16 is emulated, about 1 GFLOP/s against 180 for fp32 on an AVX2-only EPYC."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_dtype(name, device):
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name != "auto":
+        return choices[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # a CPU starts in float32; choose_dtype() may measure bf16 against it
+
+
+DTYPE_TRIAL_STEPS = 3  # timed training steps per precision when dtype=auto must measure (after one warm-up)
+
+
+def choose_dtype(net, config, runtime, log):
+    """dtype=auto on a CPU whose flags promise fast bf16: time a few real training steps of this
+    model in float32 and in bf16 autocast, and keep the faster. A matmul peak says little when the
+    model is small enough for everything else to dominate (on an EPYC with avx512_bf16, bf16's
+    matmul peak was 2.4x fp32's, yet training ran at 0.88x), so the decision is measured, on the
+    actual model and batch, and logged. The trial steps' gradients are thrown away."""
+    if config["dtype"] != "auto" or runtime.device.type != "cpu":
+        return
+    if runtime.world > 1:  # every process must train in the same precision, and timings differ
+        log("dtype auto: float32 (several CPU processes; choose one with --dtype to use bf16)")
+        return
+    if not cpu_has_bf16():
+        log("dtype auto: float32 (no AVX512-BF16 or AMX in this CPU's flags: bf16 would be emulated, far slower)")
+        return
+    x = torch.randint(net.config.vocab_size, (config["batch_size"], config["seq_length"]), generator=torch.Generator().manual_seed(0))
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        trial = dataclasses.replace(runtime, dtype=dtype)
+        durations = []
+        for _ in range(1 + DTYPE_TRIAL_STEPS):
+            start = time.perf_counter()
+            forward_backward(net, x, x, len(x), trial, torch.amp.GradScaler("cpu", enabled=False), config)
+            durations.append(time.perf_counter() - start)
+        times[dtype] = min(durations[1:])
+    net.zero_grad(set_to_none=True)
+    runtime.dtype = min(times, key=times.get)
+    log(f"dtype auto: {str(runtime.dtype).replace('torch.', '')} (a training step took "
+        + ", ".join(f"{t * 1000:.0f} ms in {str(d).replace('torch.', '')}" for d, t in times.items()) + ")")
+
+
+def choose_compile(config, runtime, log):
+    """compile=true or false is obeyed. auto compiles only where it was measured to pay: on a CPU,
+    compiled steps of the CPU preset were no faster than eager ones (benchmarks/README.md, "When
+    torch.compile pays"), so the 35-60 s of compiling never comes back; on a GPU, whose step is
+    mostly kernel launches that compiling fuses, when the budget leaves COMPILE_MIN_MINUTES to win
+    it back."""
+    if config["compile"] != "auto":
+        return config["compile"] == "true"
+    budget = config["max_minutes"]
+    chosen = runtime.device.type == "cuda" and (not budget or budget >= COMPILE_MIN_MINUTES)
+    length = f"a {budget:g}-minute budget" if budget else "no time budget"
+    why = {"cuda": f"{length} {'leaves time to win back' if chosen else 'is too short to win back'} a minute of compiling",
+           "cpu": "compiled steps were measured no faster than eager ones on CPUs"}.get(runtime.device.type, "not measured here")
+    log(f"compile auto: {'on' if chosen else 'off'} ({why})")
+    return chosen
+
+
+def setup_runtime(config):
+    """One process, or one of torchrun's: nccl between GPUs, gloo between CPU processes."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        device = pick_device(config["device"], int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if config["grad_accum"] % world:
+        raise SystemExit(f"error: grad_accum ({config['grad_accum']}) must be a multiple of the number of processes "
+                         f"({world}) so the effective batch stays the same; use --grad_accum={world}")
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device, pick_dtype(config["dtype"], device), rank, world, rank == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step: gradients over micro-batches, and the out-of-memory back-off
+# ----------------------------------------------------------------------------------------------
+def forward_backward(model, x, y, micro_batch, runtime, scaler, config):
+    """Gradients of the mean loss over all windows, in micro-batches of `micro_batch` windows.
+    Each micro-batch's loss is weighted by its share because backward() sums gradients."""
+    total = torch.zeros((), device=runtime.device)  # a tensor: reading it would wait for the GPU
+    chunks = list(zip(x.split(micro_batch), y.split(micro_batch)))
+    for i, (xb, yb) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        # DDP averages gradients across processes on the last micro-batch only.
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with runtime.autocast():
+                _, loss = model(xb.to(runtime.device, non_blocking=True), yb.to(runtime.device, non_blocking=True),
+                                label_smoothing=config["label_smoothing"])
+            scaler.scale(loss * len(xb) / len(x)).backward()
+        total += loss.detach() * len(xb) / len(x)
+    return total
+
+
+def with_oom_backoff(step, micro_batch, log):
+    """Run step(micro_batch). On CUDA out-of-memory, halve the micro-batch (so twice as many are
+    accumulated and the effective batch stays the same), log it and retry. step() must start from
+    zeroed gradients, since a failed attempt may have left some behind."""
+    while True:
+        try:
+            return step(micro_batch), micro_batch
+        except torch.cuda.OutOfMemoryError:
+            if micro_batch == 1:
+                raise SystemExit("error: out of memory even with a micro-batch of 1; "
+                                 "lower seq_length or hidden_size") from None
+            log(f"out of memory: micro-batch {micro_batch} -> {micro_batch // 2}, accumulating twice as "
+                f"many; the effective batch is unchanged")
+            micro_batch //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging and files
+# ----------------------------------------------------------------------------------------------
+def output_files(out_dir, best="Model.pth", prefix="train"):
+    """Where a run writes: the best model, resumable state, metrics and the loss-curve plot."""
+    return {"best": os.path.join(out_dir, best), "state": os.path.join(out_dir, f"{prefix}_state.pth"),
+            "metrics": os.path.join(out_dir, f"{prefix}_metrics.jsonl"),
+            "plot": os.path.join(out_dir, f"{prefix}_loss.png")}
+
+
+def log_metrics(path, record):
+    """Append one record. One short write per line: a crash loses at most the line being written,
+    and start_metrics() drops such a torn line on resume."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def start_metrics(path, last_step):
+    """Keep the records up to last_step (0 for a fresh run) and drop the rest: a resumed run redoes
+    the steps after its checkpoint, and they must not appear twice. Rewritten atomically."""
+    kept = []
+    if last_step and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash
+                if record.get("step", math.inf) <= last_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    data.write_text(path, "".join(kept))
+
+
+def plot_losses(metrics_path, png_path):
+    """A loss-curve PNG, only when matplotlib is installed; training never needs it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    with open(metrics_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "val"):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), label=key)
+    ax.set(xlabel="step", ylabel="loss (nats/char)", title="LuminaAI training")
+    ax.legend()
+    data.atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return True
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While inside, Ctrl-C or SIGTERM does not kill the run: it appends to the yielded list, and
+    the loop stops after the current step and saves. A second Ctrl-C interrupts at once."""
+    asked = []
+
+    def handler(signum, frame):
+        if asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop (fine_tune.py runs it too)
+# ----------------------------------------------------------------------------------------------
+class Trainer:
+    """One run: the model, its optimizer, the data sampler and the loop's position. `meta` holds
+    extra checkpoint fields (stage, base model...); `files` comes from output_files()."""
+
+    def __init__(self, config, net, found, runtime, files, meta, end_probes=False):
+        self.config, self.net, self.data, self.runtime, self.files, self.meta = config, net, found, runtime, files, meta
+        self.end_probes = end_probes and bool(found.val_prompts)  # the end-of-turn rate at every evaluation
+        self.log = tqdm.write if runtime.is_main else (lambda *a: None)
+        net.to(runtime.device).train()
+        self.optimizer = make_optimizer(net, config, runtime.device)
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+        self.sampler = torch.Generator().manual_seed(config["seed"] + runtime.rank)  # each process its own windows
+        self.step, self.best_val, self.val_loss, self.micro_batch = 0, math.inf, None, config["batch_size"]
+        self.t0 = time.time()
+        self.model = net  # what runs the steps: net, wrapped for several processes and compiled
+        if runtime.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        if choose_compile(config, runtime, self.log):
+            self.model = torch.compile(self.model)
+
+    def resume(self, state):
+        """Continue exactly where `state` (a loaded *_state.pth) stopped: same windows, same losses."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.set_state(state["rng"]["sampler"][self.runtime.rank])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.step, self.best_val, self.micro_batch = state["step"], state["best_val"], state["micro_batch"]
+        self.t0 = time.time() - state["elapsed"]
+
+    def run(self):
+        """Train until max_iters or max_minutes; returns the final metrics. Exits 130 after Ctrl-C."""
+        config, runtime = self.config, self.runtime
+        if runtime.is_main:
+            start_metrics(self.files["metrics"], self.step)
+        per_step = config["batch_size"] * config["grad_accum"] // runtime.world  # windows per process per step
+        since, budget = (time.time(), self.step), config["max_minutes"] * 60  # speed is measured since the last log
+        bar = tqdm(total=config["max_iters"], initial=self.step, disable=None if runtime.is_main else True,
+                   desc="training", dynamic_ncols=True, leave=False)  # None: no bar when not a terminal
+        with stop_on_signals() as asked:
+            while not self.stop_requested(asked):
+                progress = max(self.step / config["max_iters"], (time.time() - self.t0) / budget if budget else 0.0)
+                if progress >= 1:
+                    break
+                loss, lr = self.train_step(progress, per_step)
+                bar.update(1)
+                if self.step % config["log_interval"] == 0 and runtime.is_main:
+                    since = self.log_step(loss, lr, since, per_step * runtime.world)
+                if self.step % config["eval_interval"] == 0 and runtime.is_main:
+                    self.evaluate_and_save()
+                if self.step % config["checkpoint_interval"] == 0:
+                    self.save_state()
+        bar.close()
+        return self.finish(bool(asked))
+
+    def train_step(self, progress, per_step):
+        """One optimizer step at the learning rate for `progress`; returns (loss tensor, lr)."""
+        lr = lr_at(progress, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = random_windows(self.data.train, self.data.train_mask, per_step, self.config["seq_length"], self.sampler)
+
+        def attempt(micro_batch):
+            self.optimizer.zero_grad(set_to_none=True)  # also clears what a failed (out-of-memory) try left
+            return forward_backward(self.model, x, y, micro_batch, self.runtime, self.scaler, self.config)
+
+        loss, self.micro_batch = with_oom_backoff(attempt, self.micro_batch, self.log)
+        if self.config["grad_clip"]:
+            for optimizer in self.optimizer.optimizers:
+                self.scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config["grad_clip"])
+        for optimizer in self.optimizer.optimizers:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        self.step += 1
+        return loss, lr
+
+    def log_step(self, loss, lr, since, windows_per_step):
+        """step 00420/05000 | loss 1.2345 | val 1.3012 | lr 3.0e-04 | 41 ms | 98,000 tok/s, with the
+        speed since (time, step) `since`. Returns the new `since`."""
+        now, steps = time.time(), self.step - since[1]
+        tokens = steps * windows_per_step * min(self.config["seq_length"], len(self.data.train) - 1)
+        record = {"step": self.step, "loss": loss.item(), "lr": lr, "ms": (now - since[0]) * 1000 / steps,
+                  "tok_s": tokens / (now - since[0]), "elapsed": now - self.t0}
+        val = "-" if self.val_loss is None else f"{self.val_loss:.4f}"
+        self.log(f"step {self.step:0{len(str(self.config['max_iters']))}d}/{self.config['max_iters']} | "
+                 f"loss {record['loss']:.4f} | val {val} | lr {lr:.1e} | {record['ms']:.0f} ms | {record['tok_s']:,.0f} tok/s")
+        log_metrics(self.files["metrics"], record)
+        return now, self.step
+
+    def evaluate_and_save(self):
+        """Val loss and bits/char, probe replies, and the best model file when val improved."""
+        self.val_loss = evaluate(self.net, self.data.val, self.data.val_mask, self.config, self.runtime)
+        metrics = {"step": self.step, "val": self.val_loss, "val_bpc": self.val_loss / math.log(2)}
+        if self.end_probes:
+            metrics["end_rate"] = end_of_turn_rate(self.net, self.data.val_prompts, self.runtime)
+        # With end-of-turn probes the kept model is not simply the lowest val: a reply that never
+        # ends costs END_WEIGHT bits/char, so ending every reply is worth 0.1 bits/char of val.
+        score = self.val_loss + (1 - metrics["end_rate"]) * END_WEIGHT * math.log(2) if self.end_probes else self.val_loss
+        improved = score < self.best_val
+        self.log(f"eval step {self.step} | val {self.val_loss:.4f} | {metrics['val_bpc']:.3f} bits/char"
+                 + (f" | {turn_ends(metrics['end_rate'], self.data.val_prompts)}" if self.end_probes else "")
+                 + (" | best, saved" if improved else ""))
+        if self.config["probe_chars"]:
+            for prompt, reply in probe_replies(self.net, self.data.vocab, self.config["probe_chars"]):
+                self.log(f"probe | {prompt} -> {reply!r}")
+        log_metrics(self.files["metrics"], metrics)
+        if improved:
+            self.best_val = score
+            ckpt.save_checkpoint(self.files["best"], self.checkpoint({**metrics, "val_loss": self.val_loss}))
+
+    def checkpoint(self, metrics):
+        """What a model file holds: weights, vocabulary and both configs, plus `metrics` and meta."""
+        return {"vocab": self.data.vocab.chars, "model_config": dataclasses.asdict(self.net.config),
+                "model": ckpt.model_state(self.net), "config": self.config, "metrics": metrics, **self.meta}
+
+    def save_state(self):
+        """The resumable checkpoint: the model plus everything needed to redo the same next step."""
+        rng = {"torch": torch.get_rng_state(), "sampler": self.gather_sampler_states()}
+        if self.runtime.is_main:
+            ckpt.save_checkpoint(self.files["state"], {
+                **self.checkpoint({"val_loss": self.val_loss}), "optimizer": self.optimizer.state_dict(),
+                "model": ckpt.model_state(self.net, merge=False), "lora": lora_state(self.net),  # LoRA: base and adapters apart
+                "step": self.step, "elapsed": time.time() - self.t0, "best_val": self.best_val,
+                "micro_batch": self.micro_batch, "rng": rng})
+
+    def gather_sampler_states(self):
+        """Every process's data-sampler state, so a resumed run draws the same windows."""
+        if self.runtime.world == 1:
+            return [self.sampler.get_state()]
+        states = [None] * self.runtime.world
+        dist.all_gather_object(states, self.sampler.get_state())
+        return states
+
+    def stop_requested(self, asked):
+        """True when any process was asked to stop: every process must leave the loop together."""
+        if self.runtime.world == 1:
+            return bool(asked)
+        flag = torch.tensor([float(bool(asked))], device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def finish(self, interrupted):
+        """Save; after Ctrl-C print how to resume and exit 130, else evaluate once more and plot."""
+        if interrupted:
+            self.save_state()
+            if self.runtime.is_main:
+                again = ["python", os.path.basename(sys.argv[0]), *sys.argv[1:]] + ["--resume"] * ("--resume" not in sys.argv)
+                print(f"interrupted at step {self.step}: saved {self.files['state']}. Resume with: {' '.join(again)}")
+            sys.exit(INTERRUPTED)
+        if self.runtime.is_main and self.step % self.config["eval_interval"]:
+            self.evaluate_and_save()  # a budgeted run ends with an evaluation, wherever it stopped
+        self.save_state()
+        if self.runtime.is_main and plot_losses(self.files["metrics"], self.files["plot"]):
+            self.log(f"wrote {self.files['plot']}")
+        return {"steps": self.step, "val_loss": self.val_loss, "best_val": self.best_val,
+                "minutes": (time.time() - self.t0) / 60}
+
+
+# ----------------------------------------------------------------------------------------------
+def new_model(config, vocab):
+    """A fresh transformer of the configured shape; ModelConfig owns the shape rules."""
+    try:
+        shape = ModelConfig(vocab_size=len(vocab), **{k: config[k] for k in
+                                                        ("seq_length", "hidden_size", "num_layers", "nhead", "dropout")})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    return CharTransformer(shape)
