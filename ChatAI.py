@@ -17,6 +17,7 @@ import torch
 from lumina import data
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import parse_cli
+from lumina.device import DTYPE_CHOICES, dtype_line, generation_dtype
 from lumina.engine import beam_search, generate
 from lumina.model import CharTransformer
 from lumina.vocab import BOT, SPECIAL_TOKENS, TURN_ENDS, USER, Vocab, render_chat, turns_to_drop, unknown_chars_dropped
@@ -37,12 +38,14 @@ CONFIG = {
     "prompt": None,             # a message: print one reply to it and exit
     # --- system ---
     "device": "auto",           # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps
+    "dtype": "auto",            # auto: bf16 on a GPU, float32 on a CPU (faster for one reply: see README);
+                                # or float32, bfloat16, float16. The weights are cast to it once
     "threads": 1,               # CPU threads; one stream of a small model ran as fast on 1 as on 2 (benchmarks/README.md)
     "compile": False,           # torch.compile the model: each character about 2x cheaper, after a compile
                                 # at start (2 cores: ~35 s the first time, ~12 s later; benchmarks/README.md)
 }
 TYPES = {"seed": int, "prompt": str}
-RULES = {"mode": ("topk", "nucleus", "greedy"), "threads": (1, 1024), "top_k": (1, 10 ** 6),
+RULES = {"mode": ("topk", "nucleus", "greedy"), "threads": (1, 1024), "top_k": (1, 10 ** 6), "dtype": DTYPE_CHOICES,
          "length_penalty": (-5.0, 5.0)}
 MAX_BEAMS = 16
 
@@ -197,11 +200,9 @@ def reply_ids(session, prompt_ids):
     config, stops = session.config, TURN_ENDS
     if config["num_beams"] > 1:
         return beam_search(session.model, prompt_ids, config["max_new_chars"], config["num_beams"],
-                             config["length_penalty"], stops)
-    seed = config["seed"]
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return generate(session.model, prompt_ids, config["max_new_chars"], generator=generator, stop_ids=stops,
-                      **sampling_args(config))
+                           config["length_penalty"], stops)
+    return generate(session.model, prompt_ids, config["max_new_chars"], seed=config["seed"], stop_ids=stops,
+                    **sampling_args(config))
 
 
 def respond(session, text, write, notice, prefix=""):
@@ -245,17 +246,21 @@ def check_config(config):
 
 
 def load_session(path, config):
+    """(Session, the lines that describe it): the model on its device, and its precision."""
     try:
         net, vocab, checkpoint = load_for_chat(path, config["device"])
     except (ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     device = net.tok_emb.weight.device
-    info = (f"LuminaAI | {path} | stage {checkpoint.get('stage', '?')} | {net.num_params():,} parameters | "
-            f"context {net.config.seq_length} | vocabulary {len(vocab)} | device {device}")
+    dtype, why = generation_dtype(config["dtype"], device, rows=1)
+    net = net.to(dtype)
+    info = [f"LuminaAI | {path} | stage {checkpoint.get('stage', '?')} | {net.num_params():,} parameters | "
+            f"context {net.config.seq_length} | vocabulary {len(vocab)} | device {device}",
+            dtype_line(dtype, config["dtype"], why)]
     if config["compile"]:
         print("compiling the model (a one-off wait; later runs reuse torch's compile cache)...", file=sys.stderr)
         net = compile_for_chat(net, device.type)
-    return Session(net, vocab, config), info
+    return Session(net, vocab, config), "\n".join(info)
 
 
 def compile_for_chat(net, device):

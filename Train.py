@@ -64,7 +64,7 @@ CONFIG = {
     "checkpoint_interval": 500,    # steps between resumable saves (also saved at the end and on Ctrl-C)
     # --- system ---
     "device": "auto",              # auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu
-    "dtype": "auto",               # auto, float32, bfloat16 or float16 (autocast; float16 adds a GradScaler)
+    "dtype": "auto",               # auto (measured: see README), float32, bfloat16 or float16 (autocast; float16 adds a GradScaler)
     "compile": "auto",             # torch.compile the model: auto (by the rule in choose_compile), true or false
     "threads": 0,                  # CPU threads; 0 = one per physical core
     "seed": 1337,                  # same seed, same data and same losses
@@ -112,8 +112,7 @@ def main(argv):
         sys.exit(f"error: cannot resume: {e}")
     config = resolve_config(config, argv, state, runtime.device)
     torch.manual_seed(config["seed"])
-    log(f"device {runtime.device} | dtype {str(runtime.dtype).replace('torch.', '')} | "
-        f"{runtime.world} process(es) | threads {torch.get_num_threads()}")
+    log(f"device {runtime.device} | {runtime.world} process(es) | threads {torch.get_num_threads()}")
     # --- data ---
     try:
         found = load_data(config["data"], os.path.join(config["out_dir"], ".lumina_cache"), config["val_fraction"],
@@ -138,7 +137,7 @@ def main(argv):
         f"({result['best_val'] / math.log(2):.3f} bits/char) | wrote {files['best']}")
     if runtime.is_main and found.val_prompts:  # chat data: does the saved model end its turns?
         best = ckpt.build_model(ckpt.load_checkpoint(files["best"]))[0].to(runtime.device)
-        log(f"{files['best']}: {turn_ends(end_of_turn_rate(best, found.val_prompts, runtime), found.val_prompts)}")
+        log(f"{files['best']}: {turn_ends(end_of_turn_rate(best, found.val_prompts, runtime.dtype), found.val_prompts)}")
     if runtime.world > 1:
         dist.destroy_process_group()
 

@@ -148,29 +148,68 @@ def choose_trainable(net, config, new_rows, state, state_path, log):
 def report(net, found, config, runtime, label, log):
     """((val loss, end-of-turn rate or None), probe replies) on the held-out fine-tuning data."""
     loss = evaluate(net, found.val, found.val_mask, config, runtime)
-    rate = end_of_turn_rate(net, found.val_prompts, runtime) if found.val_prompts else None
+    rate = end_of_turn_rate(net, found.val_prompts, runtime.dtype) if found.val_prompts else None
     log(f"{label}: val {loss:.4f} | {loss / math.log(2):.3f} bits/char"
         + (f" | {turn_ends(rate, found.val_prompts)}" if found.val_prompts else ""))
-    replies = probe_replies(net, found.vocab, config["probe_chars"]) if config["probe_chars"] else []
+    replies = probe_replies(net, found.vocab, config["probe_chars"], runtime.dtype) if config["probe_chars"] else []
     return (loss, rate), replies
 
 
-def main(argv):
-    config, flags, _ = parse_cli(argv, CONFIG, __file__, types=TYPES, rules=RULES, flags=("resume",))
+def open_checkpoints(config, files, resume):
+    """(base checkpoint, resumable state or None), or an exit with the reason."""
     if os.path.abspath(config["output"]) == os.path.abspath(config["base_model"]) and not config["overwrite"]:
         sys.exit(f"error: output {config['output']} is the base model itself; choose another --output, "
                  f"or pass --overwrite to replace it")
-    files = output_files(os.path.dirname(os.path.abspath(config["output"])), os.path.basename(config["output"]),
-                               prefix="fine_tune")
-    # --- checkpoints ---
     try:
         base = load_checkpoint(config["base_model"])
-        state = load_checkpoint(files["state"]) if flags["resume"] else None
+        state = load_checkpoint(files["state"]) if resume else None
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     if "int8_scales" in base:
         sys.exit(f"error: {config['base_model']} holds int8 weights (from export.py --int8), and fine-tuning needs "
                  f"float weights: fine-tune the checkpoint it was exported from, then export again")
+    return base, state
+
+
+def read_data(config, train_config, vocab, state, log):
+    """The new data as ids, in the base vocabulary extended by its new characters."""
+    try:
+        found = load_data(config["data"], os.path.join(train_config["out_dir"], ".lumina_cache"),
+                          config["val_fraction"], config["assistant_only_loss"], config["seed"], vocab, log)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    report_data(found, log)
+    if state and found.new_chars:
+        sys.exit("error: the data changed since the fine-tune was interrupted; resume with the same --data")
+    return found
+
+
+def run_meta(config, found, old_size, state, before):
+    """What the fine-tuned checkpoint records beside the weights: its base, vocabulary sizes, the
+    held-out figures before (kept from the first start when resumed) and what trained."""
+    lora = {"lora_rank": config["lora_rank"], "lora_alpha": config["lora_alpha"]} if config["train"] == "lora" else {}
+    return {"stage": "fine_tune", "base_model": os.path.abspath(config["base_model"]), "old_vocab_size": old_size,
+            "new_vocab_size": len(found.vocab), "val_loss_before": state["val_loss_before"] if state else before[0],
+            "end_rate_before": state.get("end_rate_before") if state else before[1], "train": config["train"], **lora}
+
+
+def report_after(files, found, train_config, runtime, meta, base_replies, log):
+    """The saved model against the base: held-out figures and probe replies, side by side."""
+    best, _ = build_model(load_checkpoint(files["best"]))
+    after, tuned_replies = report(best.to(runtime.device), found, train_config, runtime, "after fine-tuning", log)
+    for (prompt, old), (_, new) in zip(base_replies, tuned_replies):
+        log(f"probe | {prompt}\n  base:       {old!r}\n  fine-tuned: {new!r}")
+    turns = (f"ends its turn {meta['end_rate_before']:.0%} -> {after[1]:.0%} of {len(found.val_prompts)} held-out "
+             f"replies | " if found.val_prompts else "")
+    log(f"val bits/char {meta['val_loss_before'] / math.log(2):.3f} -> {after[0] / math.log(2):.3f} | {turns}"
+        f"wrote {files['best']}")
+
+
+def main(argv):
+    config, flags, _ = parse_cli(argv, CONFIG, __file__, types=TYPES, rules=RULES, flags=("resume",))
+    files = output_files(os.path.dirname(os.path.abspath(config["output"])), os.path.basename(config["output"]),
+                         prefix="fine_tune")
+    base, state = open_checkpoints(config, files, flags["resume"])
     train_config, inherited = training_config(config, base)
     runtime = setup_runtime(train_config)
     torch.manual_seed(train_config["seed"])  # the same seed, the same LoRA start and dropout: the same run
@@ -180,43 +219,23 @@ def main(argv):
     log("set here: " + ", ".join(f"{k}={train_config[k]}" for k in CONFIG if config[k] is not None and k in TRAINING_RULES))
     # --- data ---
     net, vocab = build_model(state or base)  # a LoRA state holds the base weights; its adapters go on below
-    try:
-        found = load_data(config["data"], os.path.join(train_config["out_dir"], ".lumina_cache"),
-                                config["val_fraction"], config["assistant_only_loss"], config["seed"], vocab, log)
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
-    report_data(found, log)
-    if state and found.new_chars:
-        sys.exit("error: the data changed since the fine-tune was interrupted; resume with the same --data")
+    found = read_data(config, train_config, vocab, state, log)
     budget(train_config, config, found, log)
-    # --- vocabulary ---
+    # --- vocabulary, and what learns ---
     old_size = len(Vocab(base["vocab"]))
     grow_vocabulary(net, vocab, found.new_chars, config["max_new_chars"], log)
     choose_trainable(net, config, net.config.vocab_size - old_size, state, files["state"], log)
     net.to(runtime.device)
     choose_dtype(net, train_config, runtime, log)
-    # --- before ---
+    # --- before, train, after ---
     before, base_replies = report(net, found, train_config, runtime, "before fine-tuning", log)
-    meta = {"stage": "fine_tune", "base_model": os.path.abspath(config["base_model"]), "old_vocab_size": old_size,
-            "new_vocab_size": len(found.vocab), "val_loss_before": state["val_loss_before"] if state else before[0],
-            "end_rate_before": state.get("end_rate_before") if state else before[1],
-            "train": config["train"], **({"lora_rank": config["lora_rank"], "lora_alpha": config["lora_alpha"]}
-                                         if config["train"] == "lora" else {})}
-    # --- train ---
+    meta = run_meta(config, found, old_size, state, before)
     trainer = Trainer(train_config, net, found, runtime, files, meta, end_probes=True)
     if state:
         trainer.resume(state)
     trainer.run()
-    # --- after ---
     if runtime.is_main:
-        best, _ = build_model(load_checkpoint(files["best"]))
-        after, tuned_replies = report(best.to(runtime.device), found, train_config, runtime, "after fine-tuning", log)
-        for (prompt, old), (_, new) in zip(base_replies, tuned_replies):
-            log(f"probe | {prompt}\n  base:       {old!r}\n  fine-tuned: {new!r}")
-        turns = (f"ends its turn {meta['end_rate_before']:.0%} -> {after[1]:.0%} of {len(found.val_prompts)} held-out "
-                 f"replies | " if found.val_prompts else "")
-        log(f"val bits/char {meta['val_loss_before'] / math.log(2):.3f} -> {after[0] / math.log(2):.3f} | {turns}"
-            f"wrote {config['output']}")
+        report_after(files, found, train_config, runtime, meta, base_replies, log)
 
 
 if __name__ == "__main__":

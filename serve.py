@@ -23,11 +23,13 @@ The model id is the checkpoint's file name without .pth (GET /v1/models says it)
 import asyncio
 import collections
 import dataclasses
+import heapq
 import json
 import os
 import sys
 import threading
 import time
+import traceback
 import uuid
 
 import torch
@@ -38,7 +40,8 @@ from starlette.exceptions import HTTPException
 
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import parse_cli
-from lumina.engine import BeamSearch, Row, new_cache, step_logits
+from lumina.device import DTYPE_CHOICES, dtype_line, generation_dtype
+from lumina.engine import BeamSearch, Engine, Row
 from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, render_chat, turns_to_drop, unknown_chars_dropped
 
 CONFIG = {
@@ -63,13 +66,15 @@ CONFIG = {
     "length_penalty": 1.0,      # beam search (a request's num_beams > 1): log p / length**this; >0 favours longer
     # --- system ---
     "device": "auto",           # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps
+    "dtype": "auto",            # auto: bf16 on a GPU, and on a CPU with native bf16 when max_batch >= 32 (measured
+                                # faster there: see README); or float32, bfloat16, float16. The weights are cast once
     "threads": 0,               # CPU threads for the model; 0 = torch's default
 }
 TYPES = {"api_key": str, "model_name": str}
 RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "max_tokens_limit": (1, 10 ** 6),
          "max_body_bytes": (1000, 10 ** 9), "shutdown_seconds": (0, 3600), "temperature": (0.0, 2.0),
          "top_k": (1, 10 ** 6), "top_p": (0.0, 1.0), "repetition_penalty": (1.0, 2.0), "max_tokens": (1, 10 ** 6),
-         "threads": (0, 1024), "length_penalty": (-5.0, 5.0)}
+         "threads": (0, 1024), "length_penalty": (-5.0, 5.0), "dtype": DTYPE_CHOICES}
 SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # per-request settings
 MAX_STOPS = 4  # as OpenAI's API allows
 
@@ -77,7 +82,7 @@ MAX_STOPS = 4  # as OpenAI's API allows
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status, message, param=None, code=None):
         super().__init__(message)
@@ -114,6 +119,7 @@ class ChatRequest:
     stops: list
     seed: int
     sampling: dict  # temperature, top_k, top_p, repetition_penalty
+    user: str       # the client's name for its end user (OpenAI's field): only logged with a failure
 
 
 def field(body, name, kind, low=None, high=None, default=None):
@@ -176,7 +182,7 @@ def parse_request(body, config, model_name):
         length_penalty=field(body, "length_penalty", float, *RULES["length_penalty"], config["length_penalty"]),
         max_tokens=max_tokens or config["max_tokens"], stops=stops, seed=field(body, "seed", int, -2 ** 63, 2 ** 63 - 1),
         sampling={key: field(body, key, kind, *RULES[key], config[key])  # the ranges of the server's own defaults
-                  for key, kind in SAMPLING.items()})
+                  for key, kind in SAMPLING.items()}, user=field(body, "user", str))
 
 
 def prompt_for(request, vocab, seq_length):
@@ -222,7 +228,7 @@ class StopText:
 
 
 # ----------------------------------------------------------------------------------------------
-# The scheduler: one thread owns the model and steps every sequence in flight together
+# The scheduler: one thread owns the engine and steps every sequence in flight together
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Job:
@@ -233,45 +239,59 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     slots: list = dataclasses.field(default_factory=list)     # the KV-cache slots it holds
-    rows: list = dataclasses.field(default_factory=list)      # one Row per sampled choice
-    beam: BeamSearch = None                                 # num_beams > 1: its best beams are the choices
+    rows: list = dataclasses.field(default_factory=list)      # one engine Row per sampled choice
+    beam: BeamSearch = None                                   # num_beams > 1: its best beams are the choices
     texts: list = dataclasses.field(default_factory=list)     # one StopText per choice
     finished: list = dataclasses.field(default_factory=list)  # per choice: its last event was sent
     cancelled: bool = False
+    failed: bool = False                                      # an error event was sent; nothing more will be
 
     @property
     def slots_needed(self):
         return max(self.request.n, self.request.num_beams)
 
+    def start(self, slots):
+        """Take the slots and set up the choices: seeded rows (choice i uses seed + i), or a beam search."""
+        request = self.request
+        self.slots = slots
+        if request.num_beams > 1:
+            self.beam = BeamSearch(self.prompt_ids, request.max_tokens, slots, request.length_penalty, TURN_ENDS)
+        else:
+            self.rows = [Row(list(self.prompt_ids), request.max_tokens, slot, stop_ids=TURN_ENDS,
+                             seed=None if request.seed is None else request.seed + i, **request.sampling)
+                         for i, slot in enumerate(slots)]
+        self.texts = [StopText(request.stops) for _ in range(request.n)]
+        self.finished = [False] * request.n
+
     def live_rows(self):
-        """The rows that need logits at the next step."""
-        if self.beam:
-            return [] if self.beam.done else self.beam.rows
         return [row for row in self.rows if not row.done]
 
-    def take(self, cache, logits, rows):
-        """This job's share of a step: `logits` maps id(row) to that row's logits, for `rows`."""
-        if not self.beam:
-            for row in rows:
-                row.take(logits[id(row)])
-        elif rows:
-            self.beam.update(cache, [logits[id(row)] for row in rows])
+    def live_searches(self):
+        return [self.beam] if self.beam and not self.beam.done else []
 
 
 class Scheduler:
-    """Iteration-level scheduling (Orca, vLLM): before every step, cancelled and finished rows leave
-    and waiting requests join while slots are free; then one advance() over every row in flight."""
+    """Iteration-level scheduling (Orca, vLLM): before every step, cancelled and finished jobs leave
+    and waiting ones join while slots are free; then one engine step over every row in flight.
+
+    A failure is contained: one job's failure (setting it up, or checking its stop strings) fails
+    that job with a 500; a failed engine step fails the jobs of that step; either way the slots are
+    freed and the next step goes on. If the thread dies anyway, `failure` says why, every waiting
+    client gets a 503 at once, and so does every new request and /health."""
 
     def __init__(self, net, vocab, config):
         self.net, self.vocab, self.config = net, vocab, config
-        self.cache = new_cache(net, config["max_batch"])
-        self.free = list(range(config["max_batch"]))
+        self.dtype = next(net.parameters()).dtype  # serve.py casts the weights to the precision it chose
+        self.engine = Engine(net, config["max_batch"])
+        self.free = list(range(config["max_batch"]))  # a heap: the lowest slots first, so rows stay neighbours
         self.waiting, self.running = collections.deque(), []
-        self.wake, self.accepting, self.outbox = threading.Condition(), True, []
+        self.wake, self.accepting, self.outbox, self.failure = threading.Condition(), True, [], None
         self.thread = threading.Thread(target=self.loop, daemon=True, name="scheduler")
 
     def submit(self, job):
         with self.wake:
+            if self.failure:
+                raise APIError(503, f"the server cannot generate: its scheduler stopped ({self.failure})")
             if not self.accepting:
                 raise APIError(503, "the server is shutting down")
             if len(self.waiting) >= self.config["max_queue"]:
@@ -287,40 +307,62 @@ class Scheduler:
                 self.post(self.waiting.popleft(), "error", APIError(503, "the server is shutting down"))
             self.send()
 
+    def loop(self):
+        try:
+            while True:
+                self.step()
+        except BaseException as e:  # the thread is ending: say why, and leave no client waiting
+            self.die(e)
+
+    def step(self):
+        """Let jobs leave and join, then advance every row in flight by one id."""
+        with self.wake:
+            self.running = [job for job in self.running if not self.retire(job)]
+            self.send()
+            self.admit()
+            if not self.running:
+                self.wake.wait()
+                return
+        try:
+            self.engine.step([row for job in self.running for row in job.live_rows()],
+                             [search for job in self.running for search in job.live_searches()])
+        except Exception as e:  # the batched step failed: every job in it fails, the server goes on
+            for job in self.running:
+                self.fail(job, e)
+        for job in self.running:
+            if not job.failed:
+                self.guarded(job, self.deliver, job)
+        self.send()
+
     def admit(self):
         """Waiting jobs join, first come first served, while their rows or beams fit in free slots."""
         while self.waiting and (self.waiting[0].cancelled or self.waiting[0].slots_needed <= len(self.free)):
             job = self.waiting.popleft()
-            request = job.request
-            if job.cancelled:
-                continue
-            job.slots = [self.free.pop() for _ in range(job.slots_needed)]
-            if request.num_beams > 1:
-                job.beam = BeamSearch(job.prompt_ids, request.max_tokens, job.slots, request.length_penalty, TURN_ENDS)
-            for i, slot in enumerate(job.slots if not job.beam else []):
-                seed = None if request.seed is None else request.seed + i
-                generator = torch.Generator().manual_seed(seed) if seed is not None else None
-                job.rows.append(Row(list(job.prompt_ids), request.max_tokens, slot, generator=generator,
-                                      stop_ids=TURN_ENDS, **request.sampling))
-            job.texts = [StopText(request.stops) for _ in range(request.n)]
-            job.finished = [False] * request.n
-            self.running.append(job)
+            if not job.cancelled:
+                self.running.append(job)
+                self.guarded(job, job.start, [heapq.heappop(self.free) for _ in range(job.slots_needed)])
 
-    def loop(self):
-        while True:
-            with self.wake:
-                self.running = [job for job in self.running if not self.retire(job)]
-                self.send()
-                self.admit()
-                if not self.running:
-                    self.wake.wait()
-                    continue
-            rows = {id(job): job.live_rows() for job in self.running}
-            every = [row for job_rows in rows.values() for row in job_rows]
-            logits = dict(zip(map(id, every), step_logits(self.net, self.cache, every)))
-            for job in self.running:
-                job.take(self.cache, logits, rows[id(job)])
-                self.deliver(job)
+    def guarded(self, job, work, *args):
+        """work(*args) for one job; an exception fails that job alone."""
+        try:
+            work(*args)
+        except Exception as e:
+            self.fail(job, e)
+
+    def fail(self, job, error):
+        """Answer the job with a 500 that names the error; retire() frees its slots."""
+        traceback.print_exception(error, file=sys.stderr)
+        who = f" (user {job.request.user!r})" if job.request.user else ""
+        self.post(job, "error", APIError(500, f"generation failed{who}: {type(error).__name__}: {error}"))
+        job.failed = True
+
+    def die(self, error):
+        traceback.print_exception(error, file=sys.stderr)
+        with self.wake:
+            self.failure, self.accepting = f"{type(error).__name__}: {error}", False
+            for job in [*self.waiting, *self.running]:
+                self.post(job, "error", APIError(503, f"the server cannot generate: its scheduler stopped ({self.failure})"))
+            self.waiting.clear()
             self.send()
 
     def post(self, job, *event):
@@ -360,14 +402,15 @@ class Scheduler:
         return hit or ended
 
     def retire(self, job):
-        """True when the job can leave: cancelled, or every choice finished. Frees its slots."""
-        if not job.cancelled and not all(job.finished):
+        """True when the job can leave: cancelled, failed, or every choice finished. Frees its slots."""
+        if not (job.cancelled or job.failed or all(job.finished)):
             return False
-        self.free += job.slots
-        if not job.cancelled:
+        for slot in job.slots:
+            heapq.heappush(self.free, slot)
+        if not (job.cancelled or job.failed):
             completion = sum(len(t.text) for t in job.texts)
             self.post(job, "done", {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
-                              "total_tokens": len(job.prompt_ids) + completion})
+                                    "total_tokens": len(job.prompt_ids) + completion})
         return True
 
     def cancel(self, job):
@@ -400,8 +443,9 @@ def events_to_sse(events, stream, include_usage):
         if event[0] == "delta":  # a choice's last text, with its finish_reason
             out.append(chunk(stream, [{"index": event[1], "delta": {"content": event[2]} if event[2] else {},
                                        "finish_reason": event[3]}], usage=None))
-        elif event[0] == "error":
+        elif event[0] == "error":  # the error, then the end of the stream, so a client stops waiting
             out.append("data: " + json.dumps({"error": {"message": event[1].message, "type": "server_error"}}) + "\n\n")
+            out.append("data: [DONE]\n\n")
         elif event[0] == "done":
             out += [chunk(stream, [], usage=event[1])] if include_usage else []
             out.append("data: [DONE]\n\n")
@@ -463,7 +507,10 @@ def build_app(scheduler, config, model_name):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "running": len(scheduler.running), "waiting": len(scheduler.waiting)}
+        if scheduler.failure:
+            return JSONResponse({"status": "failed", "reason": scheduler.failure}, status_code=503)
+        return {"status": "ok", "model": model_name, "dtype": str(scheduler.dtype).replace("torch.", ""),
+                "running": len(scheduler.running), "waiting": len(scheduler.waiting)}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -548,12 +595,14 @@ def main(argv):
     except (ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     model_name = config["model_name"] or os.path.splitext(os.path.basename(config["checkpoint"]))[0]
-    scheduler = Scheduler(net, vocab, config)
+    dtype, why = generation_dtype(config["dtype"], net.tok_emb.weight.device, config["max_batch"])
+    scheduler = Scheduler(net.to(dtype), vocab, config)
     scheduler.thread.start()
     # --- serve until Ctrl-C or SIGTERM ---
     print(f"LuminaAI | {config['checkpoint']} as {model_name!r} | {net.num_params():,} parameters | "
           f"context {net.config.seq_length} | batch {config['max_batch']} | queue {config['max_queue']} | "
           f"http://{config['host']}:{config['port']}" + (" | API key required" if config["api_key"] else ""), flush=True)
+    print(dtype_line(dtype, config["dtype"], why), flush=True)
     app = build_app(scheduler, config, model_name)
     server = Server(uvicorn.Config(app, host=config["host"], port=config["port"], log_level="warning",
                                    timeout_graceful_shutdown=config["shutdown_seconds"]), scheduler)

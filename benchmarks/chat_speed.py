@@ -24,7 +24,8 @@ import common  # noqa: E402,F401  (puts the project on sys.path)
 import ChatAI  # noqa: E402
 import Train  # noqa: E402
 from lumina.config import parse_cli  # noqa: E402
-from lumina.engine import generate, sample  # noqa: E402
+from lumina.device import seeded_generator  # noqa: E402
+from lumina.engine import generate  # noqa: E402
 from lumina.model import CharTransformer, ModelConfig  # noqa: E402
 from lumina.vocab import SPECIAL_TOKENS  # noqa: E402
 
@@ -37,19 +38,21 @@ CONFIG = {
 
 
 @torch.inference_mode()
-def plain_generate(net, prompt, n, generator):
-    """The textbook uncached loop: every new id re-runs the model over the last seq_length ids."""
-    ids = list(prompt)
+def plain_generate(net, prompt, n, seed):
+    """The textbook uncached loop: every new id re-runs the model over the last seq_length ids and
+    samples among the 40 likeliest."""
+    ids, generator = list(prompt), seeded_generator(seed)
     for _ in range(n):
         logits, _ = net(torch.tensor([ids[-net.config.seq_length:]]))
-        ids.append(sample(logits[0, -1], 1.0, 40, generator=generator))
+        top = logits[0, -1].topk(40)
+        ids.append(int(top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=generator)]))
         yield ids[-1]
 
 
 def timed_generate(stream_of, prompt, n):
-    """(seconds to the first id, ids/s over the next n-1 ids) of stream_of(prompt, n, generator)."""
+    """(seconds to the first id, ids/s over the next n-1 ids) of stream_of(prompt, n, seed)."""
     start = time.perf_counter()
-    stream = stream_of(prompt, n, torch.Generator().manual_seed(0))
+    stream = stream_of(prompt, n, 0)
     next(stream)
     first = time.perf_counter()
     count = sum(1 for _ in stream)
@@ -65,10 +68,10 @@ def main(argv):
     T, n = shape["seq_length"], settings["chars"]
     prompt = lambda length: torch.randint(len(SPECIAL_TOKENS), 120, (length,)).tolist()
     print(f"model: CPU preset {shape}, {net.num_params():,} params | threads {settings['threads']} | torch {torch.__version__}")
-    cached = lambda model: lambda p, n, g: generate(model, p, n, 1.0, 40, stop_ids=(), generator=g)
+    cached = lambda model: lambda p, n, seed: generate(model, p, n, 1.0, 40, stop_ids=(), seed=seed)
     ways = {"cached": cached(net),
-            "plain": lambda p, n, g: plain_generate(net, p, n, g),
-            "rule": lambda p, n, g: generate(net, p, n, 1.0, 40, stop_ids=(), generator=g, use_cache=False)}
+            "plain": lambda p, n, seed: plain_generate(net, p, n, seed),
+            "rule": lambda p, n, seed: generate(net, p, n, 1.0, 40, stop_ids=(), seed=seed, use_cache=False)}
     if settings["compile"]:
         start = time.perf_counter()
         ways = {"compiled": cached(ChatAI.compile_for_chat(net, "cpu")), **ways}

@@ -35,6 +35,7 @@ import Train
 from lumina import data, engine
 from lumina.checkpoint import build_model, load_checkpoint, model_state, quantize_int8, save_checkpoint
 from lumina.config import parse_cli
+from lumina.device import seeded_generator
 from lumina.model import CharTransformer, ModelConfig
 from lumina.vocab import SPECIAL_TOKENS, Vocab, encode_documents
 
@@ -110,9 +111,8 @@ def measure(path, settings, held_out_ids=None):
     onnx = export.OnnxChat(onnx_path, settings["threads"])
     config = models["fp32"].config
     prompt = torch.randint(len(SPECIAL_TOKENS), config.vocab_size, (config.seq_length,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
-    ways = {way: (lambda net: lambda p, n: engine.generate(net, p, n, 1.0, 40, stop_ids=(),
-                                                       generator=torch.Generator().manual_seed(0)))(net)
+                           generator=seeded_generator(0)).tolist()
+    ways = {way: (lambda net: lambda p, n: engine.generate(net, p, n, 1.0, 40, stop_ids=(), seed=0))(net)
             for way, net in models.items()}
     ways["onnxruntime"] = lambda p, n: onnx.generate(p, n, 1.0, 40, seed=0, stop_ids=())
     speed = {}

@@ -1,68 +1,121 @@
-"""The engine: everything that generates text from a model. The KV cache, sampling, the window
-rule, rows (sequences in flight) and their batched step, plain generation and beam search.
+"""The engine: everything that generates text from a model.
+
+  1. the KV cache, and the view of it that one forward pass reads and writes;
+  2. sampling: every row's next id in one batched draw, with its own settings as tensors and
+     counter-based noise, so a seeded row gets the same reply alone, in a batch of 64, on any device;
+  3. the window rule: what a row reads once its text outgrows the context;
+  4. rows and the Engine, whose step advances every row in flight with at most two forward passes
+     and one transfer to the host;
+  5. generate() (one streamed reply) and beam search.
+
+ChatAI.py, serve.py, the probes and the end-of-turn rate all generate through the Engine.
 """
+import contextlib
 import dataclasses
-import types
+import secrets
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from lumina.device import autocast
 from lumina.vocab import END
 
 
+# ----------------------------------------------------------------------------------------------
+# 1. The KV cache
+# ----------------------------------------------------------------------------------------------
 class KVCache:
-    """Keys and values of every layer for several sequences at once, preallocated to the window.
+    """Keys and values of every layer for `slots` sequences, one slot each, up to the window.
 
-    k[layer] has shape (slots, nhead, seq_length, head_dim): one slot per sequence being generated.
-    lengths[slot] counts the positions filled in that slot; each sequence advances on its own.
+    k[layer] has shape (slots, nhead, seq_length, head_dim). The buffers are made at the first
+    write, in the dtype of the keys written, which is the dtype of the forward pass the cache
+    serves (bf16 under bf16 autocast): no caller can hand it the wrong one. lengths[slot] counts
+    the positions a slot holds, as plain ints, so bookkeeping never waits for the device.
     """
 
-    def __init__(self, config, slots=1, device="cpu", dtype=torch.float32):
-        shape = (slots, config.nhead, config.seq_length, config.hidden_size // config.nhead)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.lengths = [0] * slots  # plain ints: the bookkeeping of a step should not launch tensor ops
+    def __init__(self, config, slots, device):
+        self.config, self.slots, self.device = config, slots, torch.device(device)
+        self.k = self.v = None
+        self.lengths = [0] * slots
 
-    def step(self, slots, T, device):
-        """Where a forward pass of T new positions in `slots` reads and writes: see CacheStep."""
-        return CacheStep(self, slots, T, device)
+    def buffers(self, like):
+        """(keys, values) lists, made on first use in like's dtype; converted if a pass changes it."""
+        if self.k is None:
+            c = self.config
+            shape = (self.slots, c.nhead, c.seq_length, c.hidden_size // c.nhead)
+            self.k, self.v = ([torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(c.num_layers)]
+                              for _ in range(2))
+        elif self.k[0].dtype != like.dtype:
+            self.k, self.v = [t.to(like.dtype) for t in self.k], [t.to(like.dtype) for t in self.v]
+        return self.k, self.v
 
-    def attend(self, layer, step, k, v):
-        """Write the new keys and values (B, nhead, T, head_dim) at each row's next positions in its
-        slot; return every key and value the rows may see, and the mask that says which."""
-        if step.rows is None:
-            (slot,), (start,), T = step.slots, step.starts, k.shape[2]
-            self.k[layer][slot, :, start:start + T] = k[0]
-            self.v[layer][slot, :, start:start + T] = v[0]
-            return self.k[layer][slot:slot + 1, :, :step.end], self.v[layer][slot:slot + 1, :, :step.end], step.mask
-        self.k[layer][step.slot_index, :, step.positions] = k.transpose(1, 2)  # indexed as (B, T, nhead, head_dim)
-        self.v[layer][step.slot_index, :, step.positions] = v.transpose(1, 2)
-        return self.k[layer][step.rows, :, :step.end], self.v[layer][step.rows, :, :step.end], step.mask
+    def view(self, slots, starts, T):
+        """Where one forward pass of T new positions per row reads and writes: see CacheView."""
+        return CacheView(self, slots, starts, T)
+
+    def copy_slots(self, sources, targets):
+        """Each target slot takes a copy of its source slot's keys, values and length (beam search)."""
+        if sources == targets or not targets:
+            return
+        end = max(self.lengths[s] for s in sources)
+        src, dst = torch.tensor(sources, device=self.device), torch.tensor(targets, device=self.device)
+        for keys in (self.k or []) + (self.v or []):  # none yet when nothing was written (a stand-in model)
+            keys[dst, :, :end] = keys[src, :, :end]  # the right side is gathered first: overlaps are safe
+        lengths = [self.lengths[s] for s in sources]
+        for slot, length in zip(targets, lengths):
+            self.lengths[slot] = length
+
+
+class CacheView:
+    """One forward pass's place in a KVCache: row b writes its T new keys at positions starts[b]...
+    and its query t (at starts[b] + t) sees the keys up to there. Rows that all start at the same
+    position (one sequence, or prompts read together from 0) need no index tensors; a single new
+    position of one such row needs no mask. Rows in neighbouring slots read through a view, others
+    are gathered."""
+
+    def __init__(self, cache, slots, starts, T):
+        device, self.cache, self.T = cache.device, cache, T
+        self.start, self.end = starts[0], max(starts) + T
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.rows = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=device)
+        if all(s == self.start for s in starts):
+            self.positions = None
+            self.mask = None if T == 1 else torch.ones(T, self.end, dtype=torch.bool, device=device).tril(self.start)
+        else:
+            self.slot_index = torch.tensor(slots, device=device)[:, None]
+            self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
+            self.mask = (torch.arange(self.end, device=device) <= self.positions[:, :, None])[:, None]  # (B, 1, T, end)
+
+    def attend(self, layer, k, v):
+        """Store k and v (B, nhead, T, head_dim); return every key and value the rows may see, and the mask."""
+        keys, values = self.cache.buffers(k)
+        K, V = keys[layer], values[layer]
+        if self.positions is None:
+            K[self.rows, :, self.start:self.start + self.T] = k
+            V[self.rows, :, self.start:self.start + self.T] = v
+        else:
+            K[self.slot_index, :, self.positions] = k.transpose(1, 2)  # indexed as (B, T, nhead, head_dim)
+            V[self.slot_index, :, self.positions] = v.transpose(1, 2)
+        return K[self.rows, :, :self.end], V[self.rows, :, :self.end], self.mask
 
 
 class PastKV:
-    """One sequence's keys and values passed in and handed back rather than written in place: the
-    cache of an exported graph (export.py --onnx), where a step is a pure function.
+    """One sequence's keys and values passed in and handed back, not written in place: the cache of
+    an exported graph (export.py --onnx), where a step is a pure function. It is a view like
+    CacheView for the model. past has shape (layers, 2, 1, nhead, P, head_dim) for P positions read
+    so far (P may be 0); after a pass of T ids, present() has the same layout with P + T."""
 
-    past has shape (layers, 2, 1, nhead, P, head_dim) for P positions read so far (P may be 0);
-    after a forward pass of T ids, present() has the same layout with P + T positions.
-    """
-
-    def __init__(self, past):
-        self.past, self.presents = past, []
-        self.lengths = [past.shape[-2]]
-
-    def step(self, slots, T, device):
-        start = self.past.shape[-2]
+    def __init__(self, past, T):
+        self.past, self.presents, self.positions = past, [], None
+        self.start = past.shape[-2]
+        self.end = self.start + T
         # Always a mask, even for one new id: a branch on T would not survive export.
-        mask = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
-        return types.SimpleNamespace(slots=[0], starts=[start], end=start + T, positions=None, mask=mask)
+        self.mask = torch.ones(T, self.end, dtype=torch.bool, device=past.device).tril(diagonal=self.start)
 
-    def attend(self, layer, step, k, v):
+    def attend(self, layer, k, v):
         k, v = torch.cat([self.past[layer, 0], k], dim=2), torch.cat([self.past[layer, 1], v], dim=2)
         self.presents.append(torch.stack([k, v]))
-        return k, v, step.mask
+        return k, v, self.mask
 
     def present(self):
         return torch.stack(self.presents)
@@ -77,77 +130,146 @@ class StepGraph(nn.Module):
         self.model = model
 
     def forward(self, ids, past):
-        cache = PastKV(past)
+        cache = PastKV(past, ids.shape[1])
         logits, _ = self.model(ids, cache=cache)
         return logits, cache.present()
 
 
-class CacheStep:
-    """Where one forward pass reads and writes in a KVCache: the same for every layer, so it is
-    worked out once per pass. Row b's new query t sits at absolute position starts[b] + t and may
-    see the keys up to there. One sequence (every chat step) needs no index tensors, and no mask
-    for a single new position; a batch of sequences of different lengths reads up to the longest
-    and masks each row's unfilled tail."""
-
-    def __init__(self, cache, slots, T, device):
-        self.slots, self.starts = slots, [cache.lengths[s] for s in slots]
-        self.end = max(self.starts) + T
-        self.rows = self.positions = self.mask = None
-        if len(slots) == 1 and T > 1:
-            self.mask = torch.ones(T, self.end, dtype=torch.bool, device=device).tril(diagonal=self.starts[0])
-        elif len(slots) > 1:
-            # Rows in a run of neighbouring slots read their keys through a view; others are gathered.
-            contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-            self.rows = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=device)
-            self.slot_index = torch.tensor(slots, device=device)[:, None]
-            self.positions = torch.tensor(self.starts, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
-            self.mask = (torch.arange(self.end, device=device) <= self.positions[:, :, None])[:, None]  # (B, 1, T, end)
-
-
 # ----------------------------------------------------------------------------------------------
-# 4. Sampling and generation
+# 2. Sampling: one batched draw for every row
 # ----------------------------------------------------------------------------------------------
 REPETITION_WINDOW = 64  # at the character level every letter recurs, so penalise recent ids only
+MASK32 = 0xFFFFFFFF
+POSITION_SALT, ID_SALT = 0x9E3779B9, 0x85EBCA6B  # keep position 0 and id 0 away from mix32's fixed point 0
 
 
-def sample(logits, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-           recent_ids=(), generator=None):
-    """Pick the next id from 1-D logits. Pure: it never changes its inputs.
-
-    temperature 0 is greedy argmax; top_k keeps the k most likely ids; top_p keeps the smallest
-    set of ids whose probability mass reaches p; repetition_penalty > 1 makes `recent_ids` rarer.
-    """
-    logits = logits.detach().float()
-    if repetition_penalty != 1.0 and len(recent_ids):
-        seen = torch.tensor(list(set(recent_ids)), dtype=torch.long, device=logits.device)
-        chosen = logits[seen]
-        # Dividing a negative logit would raise it, so negative logits are multiplied instead.
-        # index_put (not index_put_) makes a new tensor: the caller's logits stay as they were.
-        logits = logits.index_put((seen,), torch.where(chosen > 0, chosen / repetition_penalty,
-                                                       chosen * repetition_penalty))
-    if temperature == 0:
-        return int(logits.argmax())
-    ids = None  # None: position i of `logits` is id i; else ids[i] is its id
-    if top_k is not None and top_k < logits.numel():
-        logits, ids = logits.topk(top_k)  # only the k survivors go on, most likely first
-    probs = F.softmax(logits / temperature, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        if ids is None:
-            probs, ids = probs.sort(descending=True)
-        mass_before = probs.cumsum(0) - probs
-        probs = probs.masked_fill(mass_before >= top_p, 0.0)  # everything after the mass has reached p
-    choice = int(torch.multinomial(probs, 1, generator=generator))
-    return choice if ids is None else int(ids[choice])
+def mix32(x):
+    """A 32-bit integer hash (xor-shift and multiply rounds) of a Python int or an int64 tensor of
+    values below 2**32. Every multiplier is below 2**31, so no product overflows int64: the same
+    integer ops give the same bits on a CPU and on a GPU."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & MASK32
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & MASK32
+    x = ((x ^ (x >> 16)) * 0x297A2D39) & MASK32
+    return x ^ (x >> 15)
 
 
+def seed_key(seed):
+    """A row's seed (any int, e.g. OpenAI's signed 64-bit one) as a 32-bit hash key."""
+    seed %= 2 ** 64
+    return mix32((seed & MASK32) ^ mix32(seed >> 32))
+
+
+def gumbel(keys, positions, ids):
+    """Gumbel(0, 1) noise for drawing id `ids` as the positions-th id of a reply whose seed key is
+    `keys`: keys and positions (B,) int64, ids (B, K) or (K,) -> (B, K) float32. Counter-based:
+    each number depends on (seed, position, id) alone, never on what else is drawn beside it, so a
+    row's draw is the same alone, in any batch, and on any device. argmax(logits / T + noise) is
+    then a sample from softmax(logits / T) (the Gumbel-max trick)."""
+    row = mix32(keys ^ mix32((positions + POSITION_SALT) & MASK32))
+    bits = mix32(row[:, None] ^ ((ids + ID_SALT) & MASK32)) >> 8  # 24 random bits: exact in float32
+    uniform = (bits.float() + 0.5) * 2.0 ** -24  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(uniform))
+
+
+@dataclasses.dataclass
+class Sampling:
+    """Every row's settings as tensors (B,), and what the batch needs, worked out on the host so
+    that choosing a code path never waits for the device."""
+    temperature: torch.Tensor  # 0: greedy
+    top_k: torch.Tensor        # int64; the vocabulary size keeps every id
+    top_p: torch.Tensor        # 1: off
+    penalty: torch.Tensor      # 1: off
+    keys: torch.Tensor         # int64 seed keys (seed_key)
+    k_limit: int               # the largest top_k of a row that limits it, 0 if none does
+    candidates: int            # ids a draw looks at: k_limit when every sampled row keeps at most that many
+    top_p_used: bool
+    penalty_used: bool
+    sampled: bool              # False: every row is greedy
+
+    @classmethod
+    def of(cls, rows, vocab_size, device):
+        greedy = [row.temperature == 0 for row in rows]
+        top_k = [min(row.top_k or vocab_size, vocab_size) for row in rows]
+        top_p = [1.0 if row.top_p is None else row.top_p for row in rows]
+        limited = [k for k, g in zip(top_k, greedy) if k < vocab_size and not g]
+        keeps_all = any(k == vocab_size for k, g in zip(top_k, greedy) if not g)
+        tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)
+        return cls(tensor([row.temperature for row in rows], torch.float32), tensor(top_k, torch.int64),
+                   tensor(top_p, torch.float32), tensor([row.repetition_penalty for row in rows], torch.float32),
+                   tensor([seed_key(row.seed) for row in rows], torch.int64), max(limited, default=0),
+                   vocab_size if keeps_all or not limited else max(limited),
+                   any(p < 1 for p, g in zip(top_p, greedy) if not g),
+                   any(row.repetition_penalty != 1 for row in rows), not all(greedy))
+
+
+def penalise(logits, recent, penalty):
+    """Make each row's recent ids (B, W) rarer: a positive logit is divided by the penalty, a
+    negative one multiplied (dividing would raise it). A penalty of 1 changes nothing."""
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, recent, True)
+    p = penalty[:, None]
+    return torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+
+
+def keep_top_p(values, keep, top_p):
+    """Narrow `keep` (B, K) to each row's nucleus: the most likely ids whose mass reaches top_p.
+    Ids of equal probability stay or go together, so the set never depends on their order."""
+    probs = values.masked_fill(~keep, -torch.inf).softmax(-1)
+    ordered = probs.sort(dim=-1, descending=True).values
+    before = ordered.cumsum(-1) - ordered  # the mass of the ids ahead of each, in order
+    columns = torch.arange(ordered.shape[-1], device=ordered.device).expand_as(ordered)
+    starts = torch.where(ordered != ordered.roll(1, -1), columns, 0)
+    starts[:, 0] = 0
+    before = before.gather(-1, starts.cummax(-1).values)  # a run of equal ids: the mass ahead of its first
+    inside = (before < top_p[:, None]) | (top_p[:, None] >= 1)
+    floor = torch.where(inside, ordered, torch.inf).min(-1, keepdim=True).values
+    return keep & (probs >= floor)
+
+
+def choose(logits, sampling, positions, recent=None, noise=None):
+    """The next id of every row, in one batched draw: logits (B, V) -> ids (B,) on their device.
+
+    Per row: the repetition penalty; then greedy (temperature 0) takes the argmax; otherwise the
+    ids outside the row's top_k (every id as likely as the k-th stays too) and outside its nucleus
+    (top_p) are dropped, and Gumbel-max draws one id from softmax(logits / temperature) over the
+    rest. `noise(ids)` gives the Gumbel noise of candidate ids (default: gumbel() with the rows'
+    seeds at `positions`); tests pass fixed noise."""
+    logits = logits.float()
+    if sampling.penalty_used:
+        logits = penalise(logits, recent, sampling.penalty)
+    greedy = logits.argmax(-1)
+    if not sampling.sampled:
+        return greedy
+    vocab = logits.shape[-1]
+    scaled = logits / torch.where(sampling.temperature > 0, sampling.temperature, 1.0)[:, None]
+    if sampling.candidates < vocab:  # every sampled row keeps at most this many: draw among those only
+        values, ids = scaled.topk(sampling.candidates)
+    else:
+        values, ids = scaled, torch.arange(vocab, device=logits.device)
+    keep = torch.ones_like(values, dtype=torch.bool)
+    if sampling.k_limit:
+        top = values[:, :sampling.k_limit] if sampling.candidates < vocab else scaled.topk(sampling.k_limit).values
+        kth = top.gather(1, (sampling.top_k.clamp(max=sampling.k_limit) - 1)[:, None])
+        keep = values >= torch.where(sampling.top_k[:, None] < vocab, kth, -torch.inf)
+    if sampling.top_p_used:
+        keep = keep_top_p(values, keep, sampling.top_p)
+    noise = noise or (lambda candidate_ids: gumbel(sampling.keys, positions, candidate_ids))
+    drawn = (values + noise(ids)).masked_fill(~keep, -torch.inf).argmax(-1)
+    if ids.dim() == 2:
+        drawn = ids.gather(1, drawn[:, None])[:, 0]
+    return torch.where(sampling.temperature > 0, drawn, greedy)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The window rule
+# ----------------------------------------------------------------------------------------------
 def window_start(length, seq_length):
     """First id the model sees when the text is `length` ids long.
 
-    The context-window rule: while the text fits, the model sees all of it. When it outgrows the
-    window, the oldest ids are dropped so that the most recent 3/4 of a window remain, and the
-    model re-reads them in one pass. Re-reading only once per quarter window keeps the cost per new
-    character nearly flat, and the rule depends on lengths alone, so cached and uncached
-    generation see exactly the same text.
+    While the text fits, the model sees all of it. When it outgrows the window, the oldest ids are
+    dropped so that the most recent 3/4 of a window remain, and the model re-reads them in one
+    pass. Re-reading only once per quarter window keeps the cost per new character nearly flat,
+    and the rule depends on lengths alone, so cached and uncached generation see exactly the same
+    text (export.py's ONNX chat restates it).
     """
     if length <= seq_length:
         return 0
@@ -157,91 +279,149 @@ def window_start(length, seq_length):
     return rereads * stride
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. Rows and the engine
+# ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Row:
     """One sequence being generated: its ids so far, how to sample it, and its KV-cache slot.
 
-    A chat uses one row; a server runs many rows through one model, each with its own settings and
-    random generator, so a reply does not depend on what else is being generated beside it."""
+    A chat uses one row; a server runs many through one Engine. A row's draws depend on its seed
+    and its own ids only, so a seeded reply does not depend on what is generated beside it; a
+    row without a seed gets a random one, drawn once: fresh noise."""
     ids: list                  # the prompt, then every id generated so far
     max_new_tokens: int
-    slot: int = 0              # which slot of the KVCache holds this row's keys and values
-    temperature: float = 0.8
+    slot: int = 0              # which slot of the KV cache holds this row's keys and values
+    temperature: float = 0.8   # 0: greedy
     top_k: int = None
     top_p: float = None
     repetition_penalty: float = 1.0
-    generator: torch.Generator = None
+    seed: int = None
     stop_ids: tuple = (END,)
     new: int = 0               # ids generated so far
     window: int = None         # first id of the window the cache holds; None: nothing read yet
+
+    def __post_init__(self):
+        if self.seed is None:
+            self.seed = secrets.randbits(63)
 
     @property
     def done(self):
         return self.new >= self.max_new_tokens or (self.new > 0 and self.ids[-1] in self.stop_ids)
 
-    def take(self, logits):
-        """Sample the next id from this row's logits with its own settings; append and return it."""
-        self.ids.append(sample(logits, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
-                               self.ids[-REPETITION_WINDOW:], self.generator))
+    def take(self, new_id):
+        self.ids.append(new_id)
         self.new += 1
-        return self.ids[-1]
 
 
-@torch.inference_mode()
-def step_logits(model, cache, rows):
-    """The logits of every row's next id, one 1-D tensor per row, in the rows' order.
+class Engine:
+    """A model, a KV cache of `slots` rows, and the step that advances every row in flight.
 
-    A row whose window must be read (its first step, or a re-read when the text outgrows the
-    window: see window_start) gets a prompt pass of its own; every other row needs only its last
-    id, and those rows share one batched single-position step.
-    """
-    logits, stepping = {}, []
-    for row in rows:
-        start = window_start(len(row.ids), model.config.seq_length)
-        if start == row.window:
-            stepping.append(row)
-            continue
-        row.window, cache.lengths[row.slot] = start, 0
-        out, _ = model(torch.tensor([row.ids[start:]], device=cache.k[0].device), cache=cache, slots=[row.slot])
-        logits[id(row)] = out[0, -1]
-    if stepping:
-        stepping.sort(key=lambda row: row.slot)  # neighbouring slots read the cache without a copy
-        last = torch.tensor([[row.ids[-1]] for row in stepping], device=cache.k[0].device)
-        out, _ = model(last, cache=cache, slots=[row.slot for row in stepping])
-        logits.update((id(row), out[b, -1]) for b, row in enumerate(stepping))
-    return [logits[id(row)] for row in rows]
+    A step reads every row whose window must be read (its first step, or a re-read: see
+    window_start) in one padded forward pass, moves every other row one position in a second,
+    draws every row's next id in one call (choose), and brings one tensor to the host: the chosen
+    ids (with the candidates of any beam searches packed in). `dtype` runs the passes under that
+    autocast; None keeps the caller's."""
+
+    def __init__(self, model, slots=1, dtype=None):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.cache = KVCache(model.config, slots, self.device)
+        self.precision = autocast(self.device, dtype) if dtype is not None else contextlib.nullcontext()
+        self.settings = (None, None)  # (the rows' settings, their Sampling): reused while they step
+
+    @torch.inference_mode()
+    def logits(self, rows):
+        """The logits (B, vocab) of every row's next id, in the rows' order."""
+        seq_length, reading, stepping = self.model.config.seq_length, [], []
+        for b, row in enumerate(rows):
+            start = window_start(len(row.ids), seq_length)
+            (stepping if start == row.window else reading).append(b)
+            row.window = start
+        parts, order = [], []
+        with self.precision:
+            if stepping:
+                stepping.sort(key=lambda b: rows[b].slot)  # neighbouring slots read the cache without a copy
+                parts.append(self.forward([rows[b] for b in stepping], [[rows[b].ids[-1]] for b in stepping], False))
+                order += stepping
+            if reading:
+                parts.append(self.forward([rows[b] for b in reading], [rows[b].ids[rows[b].window:] for b in reading], True))
+                order += reading
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if order != list(range(len(rows))):
+            logits = logits[torch.tensor(order, device=self.device).argsort()]
+        return logits
+
+    def forward(self, rows, texts, reading):
+        """One pass of every row's new ids: a window read from position 0 (reading), or one id after
+        what the row's slot holds. Texts are right-padded to the longest: the padding follows each
+        row's last id, where none of its real positions can see it. Returns the logits at each row's
+        last id."""
+        T, cache = max(map(len, texts)), self.cache
+        starts = [0 if reading else cache.lengths[row.slot] for row in rows]
+        x = torch.tensor([text + text[-1:] * (T - len(text)) for text in texts], device=self.device)
+        out, _ = self.model(x, cache=cache.view([row.slot for row in rows], starts, T))
+        for row, text, start in zip(rows, texts, starts):
+            cache.lengths[row.slot] = start + len(text)
+        if T == 1:
+            return out[:, -1]
+        last = torch.tensor([len(text) - 1 for text in texts], device=self.device)
+        return out[torch.arange(len(texts), device=self.device), last]
+
+    def sampling(self, rows):
+        settings = [(row.temperature, row.top_k, row.top_p, row.repetition_penalty, row.seed) for row in rows]
+        if settings != self.settings[0]:
+            self.settings = (settings, Sampling.of(rows, self.model.config.vocab_size, self.device))
+        return self.settings[1]
+
+    @torch.inference_mode()
+    def step(self, rows, searches=()):
+        """Advance every row and every beam search one id; returns the rows' new ids."""
+        beams = [row for search in searches for row in search.rows]
+        logits = self.logits(list(rows) + beams)
+        parts = []
+        if rows:
+            sampling = self.sampling(rows)
+            positions = torch.tensor([row.new for row in rows], device=self.device)  # which id of its reply each draws
+            recent = (torch.tensor([row.ids[:1] * (REPETITION_WINDOW - len(row.ids)) + row.ids[-REPETITION_WINDOW:]
+                                    for row in rows], device=self.device) if sampling.penalty_used else None)
+            parts.append(choose(logits[:len(rows)], sampling, positions, recent).double())
+        offset = len(rows)
+        for search in searches:
+            parts.append(search.propose(logits[offset:offset + len(search.rows)]))
+            offset += len(search.rows)
+        numbers = torch.cat(parts).tolist() if parts else []  # the step's one transfer to the host
+        new_ids = [int(n) for n in numbers[:len(rows)]]
+        for row, new_id in zip(rows, new_ids):
+            row.take(new_id)
+        offset = len(rows)
+        for search in searches:
+            width = search.proposal_size
+            search.accept(numbers[offset:offset + width], self.cache)
+            offset += width
+        return new_ids
 
 
-def advance(model, cache, rows):
-    """One generation step for every row: sample one new id for each, append it, and return them."""
-    return [row.take(logits) for row, logits in zip(rows, step_logits(model, cache, rows))]
-
-
-def new_cache(model, slots=1):
-    """An empty KVCache for `model`, on its device and in its dtype."""
-    weight = model.tok_emb.weight
-    return KVCache(model.config, slots, device=weight.device, dtype=weight.dtype)
-
-
-@torch.inference_mode()
+# ----------------------------------------------------------------------------------------------
+# 5. One streamed reply, and beam search
+# ----------------------------------------------------------------------------------------------
 def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None,
-             repetition_penalty=1.0, generator=None, stop_ids=(END,), use_cache=True):
+             repetition_penalty=1.0, seed=None, stop_ids=(END,), use_cache=True, dtype=None):
     """Yield new ids one at a time, stopping after a stop id or max_new_tokens.
 
     The prompt (or its most recent window, see window_start) goes through in one forward pass;
-    each later id costs one cached step: one Row through advance(). use_cache=False re-runs the
-    whole window every step: the slow textbook version, kept for tests and benchmarks.
+    each later id costs one cached step of one row. use_cache=False re-reads the whole window every
+    step: the slow textbook version, kept for tests and benchmarks.
     """
-    model.eval()
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt id")
-    row = Row(list(prompt_ids), max_new_tokens, 0, temperature, top_k, top_p, repetition_penalty, generator,
+    engine = Engine(model, 1, dtype)
+    row = Row(list(prompt_ids), max_new_tokens, 0, temperature, top_k, top_p, repetition_penalty, seed,
               tuple(stop_ids))
-    cache = new_cache(model)
     while not row.done:
         if not use_cache:
             row.window = None  # forget the cache: the whole window is read again
-        yield advance(model, cache, [row])[0]
+        yield engine.step([row])[0]
 
 
 class BeamSearch:
@@ -255,19 +435,19 @@ class BeamSearch:
     when the beams reach max_new_tokens.
 
     The prompt is read once, in the first slot: a new beam starts from its parent's keys and
-    values, copied from the parent's slot rather than recomputed. `rows` (the live beams) and
-    `update` let a server run the beams in the same batched step as other clients' rows
-    (serve.py); `run` does it alone.
+    values, copied from the parent's slot rather than recomputed. An Engine steps the beams beside
+    any other rows: propose() ranks the candidates on the device, accept() takes them on the host.
     """
 
     def __init__(self, prompt_ids, max_new_tokens, slots, length_penalty=1.0, stop_ids=(END,)):
         if not prompt_ids:
             raise ValueError("beam search needs at least one prompt id")
         self.slots, self.length_penalty, self.stop_ids = list(slots), length_penalty, tuple(stop_ids)
-        self.rows = [Row(list(prompt_ids), max_new_tokens, self.slots[0], stop_ids=self.stop_ids)]
+        self.rows = [Row(list(prompt_ids), max_new_tokens, self.slots[0], temperature=0, stop_ids=self.stop_ids)]
         self.scores = [0.0]    # total log probability of each live beam's new ids
         self.finished = []     # (normalised score, new ids), best first, at most num_beams
         self.prompt_length = len(prompt_ids)
+        self.vocab_size = self.proposal_size = 0
 
     @property
     def num_beams(self):
@@ -288,15 +468,21 @@ class BeamSearch:
         self.finished.append((self.normalised(score, len(new_ids)), new_ids))
         self.finished = sorted(self.finished, key=lambda f: -f[0])[:self.num_beams]
 
-    @torch.inference_mode()
-    def update(self, cache, logits):
-        """Take the step's logits (one per live beam, in self.rows' order) and choose the new beams."""
-        logprobs = torch.stack(logits).float().log_softmax(-1) + torch.tensor(self.scores, device=logits[0].device)[:, None]
-        vocab = logprobs.shape[1]
+    def propose(self, logits):
+        """The best 2 x num_beams (score, beam x vocab + id) of the live beams' logits (beams, vocab),
+        as one float64 tensor: the scores, then the flat indices (exact in float64)."""
+        self.vocab_size = logits.shape[1]
+        logprobs = logits.float().log_softmax(-1) + torch.tensor(self.scores, device=logits.device)[:, None]
         top = logprobs.flatten().topk(min(2 * self.num_beams, logprobs.numel()))
+        self.proposal_size = 2 * len(top.values)
+        return torch.cat([top.values.double(), top.indices.double()])
+
+    def accept(self, numbers, cache):
+        """Choose the new beams from propose()'s numbers, now on the host."""
+        half = len(numbers) // 2
         rows, scores, parents = [], [], []
-        for rank, (score, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-            parent, token = divmod(flat, vocab)
+        for rank, (score, flat) in enumerate(zip(numbers[:half], numbers[half:])):
+            parent, token = divmod(int(flat), self.vocab_size)
             ids = self.rows[parent].ids + [token]
             if token in self.stop_ids:
                 if rank < self.num_beams:
@@ -308,34 +494,20 @@ class BeamSearch:
             parents.append(old.slot)
             if len(rows) == self.num_beams:
                 break
-        self.copy_slots(cache, parents, [row.slot for row in rows])
+        cache.copy_slots(parents, [row.slot for row in rows])
         self.rows, self.scores = rows, scores
         if rows and rows[0].new >= rows[0].max_new_tokens:  # out of length: each beam is a reply as it stands
             for row, score in zip(rows, scores):
                 self.finish(row.ids, score)
             self.rows, self.scores = [], []
 
-    @staticmethod
-    def copy_slots(cache, sources, targets):
-        """Each target slot takes a copy of its source slot's keys and values (and length)."""
-        if sources == targets or not targets:
-            return
-        end = max(cache.lengths[s] for s in sources)
-        src, dst = torch.tensor(sources, device=cache.k[0].device), torch.tensor(targets, device=cache.k[0].device)
-        for keys in cache.k + cache.v:
-            keys[dst, :, :end] = keys[src, :, :end]  # the right side is gathered first: overlaps are safe
-        lengths = [cache.lengths[s] for s in sources]
-        for slot, length in zip(targets, lengths):
-            cache.lengths[slot] = length
-
-    def run(self, model, cache):
+    def run(self, engine):
         while not self.done:
-            self.update(cache, step_logits(model, cache, self.rows))
+            engine.step([], [self])
         return self.finished
 
 
-def beam_search(model, prompt_ids, max_new_tokens, num_beams=4, length_penalty=1.0, stop_ids=(END,)):
+def beam_search(model, prompt_ids, max_new_tokens, num_beams=4, length_penalty=1.0, stop_ids=(END,), dtype=None):
     """The new ids of the best reply beam search finds (ending in its stop id, if it reached one)."""
-    model.eval()
     search = BeamSearch(prompt_ids, max_new_tokens, range(num_beams), length_penalty, stop_ids)
-    return search.run(model, new_cache(model, num_beams))[0][1]
+    return search.run(Engine(model, num_beams, dtype))[0][1]

@@ -27,18 +27,14 @@ def evaluate(net, ids, mask, config, runtime):
     return total / max(count, 1)
 
 
-def end_of_turn_rate(net, prompts, runtime, seed=0):
+def end_of_turn_rate(net, prompts, dtype=None, seed=0, max_chars=END_PROBE_CHARS):
     """The share of held-out prompts whose reply, sampled as ChatAI samples by default (temperature
-    0.8, top-k 40) with a fixed seed, closes its turn with <|end|> within END_PROBE_CHARS. A
-    chatbot that never ends its turn reads well in val loss and badly in a chat; this says which.
-    All prompts run as one batch through the KV cache: seconds, even when no reply ends."""
-    net.eval()
-    cache = engine.new_cache(net, len(prompts))
-    rows = [engine.Row(list(p), END_PROBE_CHARS, slot, temperature=0.8, top_k=40, stop_ids=TURN_ENDS,
-                  generator=torch.Generator(runtime.device).manual_seed(seed + slot)) for slot, p in enumerate(prompts)]
-    with runtime.autocast():
-        while live := [row for row in rows if not row.done]:
-            engine.advance(net, cache, live)
+    0.8, top-k 40) with fixed seeds, closes its turn with <|end|> within max_chars. A chatbot that
+    never ends its turn reads well in val loss and badly in a chat; this says which. All prompts
+    run as one batch through the engine: seconds, even when no reply ends."""
+    rows = [engine.Row(list(p), max_chars, slot, temperature=0.8, top_k=40, seed=seed + slot, stop_ids=TURN_ENDS)
+            for slot, p in enumerate(prompts)]
+    run(engine.Engine(net, len(rows), dtype), rows)
     net.train()
     return sum(row.ids[-1] == END for row in rows) / len(rows)
 
@@ -47,12 +43,18 @@ def turn_ends(rate, prompts):
     return f"ends its turn in {rate:.0%} of {len(prompts)} held-out replies"
 
 
-def probe_replies(net, vocab, max_chars, seed=0):
+def probe_replies(net, vocab, max_chars, dtype=None, seed=0):
     """Short replies to fixed prompts through the chat template, so progress can be read."""
-    replies = []
-    for prompt in PROBES:
-        ids, _ = render_chat([{"role": "user", "content": prompt}], vocab, add_generation_prompt=True)
-        out = engine.generate(net, ids, max_chars, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(seed))
-        replies.append((prompt, vocab.decode(i for i in out if i != END)))
+    prompts = [render_chat([{"role": "user", "content": prompt}], vocab, add_generation_prompt=True)[0]
+               for prompt in PROBES]
+    rows = [engine.Row(ids, max_chars, slot, temperature=0.8, top_k=40, seed=seed) for slot, ids in enumerate(prompts)]
+    run(engine.Engine(net, len(rows), dtype), rows)
     net.train()
-    return replies
+    return [(prompt, vocab.decode(i for i in row.ids[len(ids):] if i != END))
+            for prompt, ids, row in zip(PROBES, prompts, rows)]
+
+
+def run(eng, rows):
+    """Step the rows until every one is done."""
+    while live := [row for row in rows if not row.done]:
+        eng.step(live)

@@ -60,7 +60,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, x, rotary, cache=None, layer=0, step=None):
+    def forward(self, x, rotary, cache=None, layer=0):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.nhead, C // self.nhead)
         # Rotate queries and keys together, then (B, T, nhead, head_dim) -> (B, nhead, T, head_dim).
@@ -69,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k, v, mask = cache.attend(layer, step, k, v)
+            k, v, mask = cache.attend(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -98,8 +98,8 @@ class Block(nn.Module):
         self.attn, self.mlp = CausalSelfAttention(config), MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary, cache=None, layer=0, step=None):
-        x = x + self.drop(self.attn(self.norm1(x), rotary, cache, layer, step))
+    def forward(self, x, rotary, cache=None, layer=0):
+        x = x + self.drop(self.attn(self.norm1(x), rotary, cache, layer))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -133,26 +133,26 @@ class CharTransformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, slots=None):
+    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0):
         """idx (B, T) ids -> logits (B, T, vocab). With targets, also the mean loss over targets
-        that are not -1 (masked). With a cache, row b of idx continues the positions cached in
-        slot slots[b] (default: slot b)."""
+        that are not -1 (masked).
+
+        With a cache (a view from engine.py for this one pass), row b's ids continue the positions
+        the cache holds for it: the view says where they sit (`start`, the same for every row, or
+        `positions` (B, T)), and `attend(layer, k, v)` stores the new keys and values and returns
+        every key and value the rows may see, with the mask that says which."""
         T = idx.shape[1]
-        step = None if cache is None else cache.step(slots or list(range(idx.shape[0])), T, idx.device)
-        end = step.end if step else T
+        start = 0 if cache is None else cache.start
+        end = T if cache is None else cache.end
         if end > self.config.seq_length:
             raise ValueError(f"{end} positions exceed the context window of {self.config.seq_length}")
-        if step is None or step.positions is None:  # every row at the same position: a slice
-            start = step.starts[0] if step else 0
+        if cache is None or cache.positions is None:  # every row at the same positions: a slice
             rotary = (self.cos[start:start + T], self.sin[start:start + T])
         else:  # each row its own positions: (B, T, 1, 1, head_dim)
-            rotary = (self.cos[step.positions], self.sin[step.positions])
+            rotary = (self.cos[cache.positions], self.sin[cache.positions])
         x = self.drop(self.tok_emb(idx))
         for layer, block in enumerate(self.blocks):
-            x = block(x, rotary, cache, layer, step)
-        if cache is not None:
-            for s in step.slots:
-                cache.lengths[s] += T
+            x = block(x, rotary, cache, layer)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None

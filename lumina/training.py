@@ -17,7 +17,7 @@ from tqdm import tqdm
 from lumina import checkpoint as ckpt, data
 from lumina.adapt import lora_state
 from lumina.corpus import random_windows
-from lumina.device import pick_device
+from lumina.device import DTYPE_CHOICES, DTYPES, autocast, cpu_has_bf16, dtype_line, gpu_dtype, pick_device, seeded_generator
 from lumina.evaluate import end_of_turn_rate, evaluate, probe_replies, turn_ends
 from lumina.model import CharTransformer, ModelConfig
 from lumina.optim import lr_at, make_optimizer
@@ -27,7 +27,7 @@ POSITIVE = ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size", "g
 RULES = {"val_fraction": (0.0, 0.5), "warmup_ratio": (0.0, 0.5), "min_lr_ratio": (0.0, 1.0), "dropout": (0.0, 0.9),
          "label_smoothing": (0.0, 0.5), "grad_clip": (0.0, math.inf), "max_minutes": (0.0, math.inf),
          "weight_decay": (0.0, math.inf), "beta2": (0.0, 0.9999), "learning_rate": (1e-9, 10.0),
-         "probe_chars": (0, 10000), "threads": (0, 1024), "dtype": ("auto", "float32", "bfloat16", "float16"),
+         "probe_chars": (0, 10000), "threads": (0, 1024), "dtype": DTYPE_CHOICES,
          "optimizer": ("adamw", "muon"), "compile": ("auto", "true", "false"),
          **{key: (1, math.inf) for key in POSITIVE}}
 END_WEIGHT = 0.1        # bits/char of val that a fine-tune's model selection trades for ending every reply
@@ -41,54 +41,45 @@ INTERRUPTED = 130  # exit code after Ctrl-C, as shells report it
 @dataclasses.dataclass
 class Runtime:
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype = torch.float32  # choose_dtype() decides it once the model is built
     rank: int = 0
     world: int = 1
     is_main: bool = True  # rank 0: the one process that logs and saves
 
     def autocast(self):
         """Mixed precision for forward passes; does nothing in float32."""
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
-
-def cpu_has_bf16():
-    """AMX or AVX512-BF16 makes bf16 matmuls several times faster than fp32 (Linux only); without
-    them bf16 is emulated, about 1 GFLOP/s against 180 for fp32 on an AVX2-only EPYC."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def pick_dtype(name, device):
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name != "auto":
-        return choices[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # a CPU starts in float32; choose_dtype() may measure bf16 against it
+        return autocast(self.device, self.dtype)
 
 
 DTYPE_TRIAL_STEPS = 3  # timed training steps per precision when dtype=auto must measure (after one warm-up)
 
 
 def choose_dtype(net, config, runtime, log):
-    """dtype=auto on a CPU whose flags promise fast bf16: time a few real training steps of this
-    model in float32 and in bf16 autocast, and keep the faster. A matmul peak says little when the
-    model is small enough for everything else to dominate (on an EPYC with avx512_bf16, bf16's
-    matmul peak was 2.4x fp32's, yet training ran at 0.88x), so the decision is measured, on the
-    actual model and batch, and logged. The trial steps' gradients are thrown away."""
-    if config["dtype"] != "auto" or runtime.device.type != "cpu":
-        return
-    if runtime.world > 1:  # every process must train in the same precision, and timings differ
-        log("dtype auto: float32 (several CPU processes; choose one with --dtype to use bf16)")
-        return
-    if not cpu_has_bf16():
-        log("dtype auto: float32 (no AVX512-BF16 or AMX in this CPU's flags: bf16 would be emulated, far slower)")
-        return
-    x = torch.randint(net.config.vocab_size, (config["batch_size"], config["seq_length"]), generator=torch.Generator().manual_seed(0))
+    """The run's precision, decided once: what `dtype` asks for, or for auto bf16 (or fp16) autocast
+    on a GPU, and on a CPU whose flags promise fast bf16 the faster of float32 and bf16 in a few
+    timed steps. It is logged on one line (chosen, asked, why), set on runtime, and written into
+    config, so checkpoints store the precision the run used, not "auto"."""
+    asked, why = config["dtype"], ""
+    if asked != "auto":
+        dtype = DTYPES[asked]
+    elif runtime.device.type != "cpu":
+        dtype, why = gpu_dtype(runtime.device)
+    elif runtime.world > 1:  # every process must train in the same precision, and timings differ
+        dtype, why = torch.float32, "several CPU processes; choose one with --dtype to use bf16"
+    elif not cpu_has_bf16():
+        dtype, why = torch.float32, "no AVX512-BF16 or AMX in this CPU's flags: bf16 would be emulated, far slower"
+    else:
+        dtype, why = time_precisions(net, config, runtime)
+    runtime.dtype, config["dtype"] = dtype, str(dtype).replace("torch.", "")
+    log(dtype_line(dtype, asked, why))
+
+
+def time_precisions(net, config, runtime):
+    """(the faster dtype, the timings) of a few real training steps of this model in float32 and in
+    bf16 autocast. A matmul peak says little when the model is small enough for everything else to
+    dominate (on an EPYC with avx512_bf16, bf16's matmul peak was 2.4x fp32's, yet training ran at
+    0.88x), so the choice is measured on the actual model and batch. The trial gradients are dropped."""
+    x = torch.randint(net.config.vocab_size, (config["batch_size"], config["seq_length"]), generator=seeded_generator(0))
     times = {}
     for dtype in (torch.float32, torch.bfloat16):
         trial = dataclasses.replace(runtime, dtype=dtype)
@@ -99,9 +90,8 @@ def choose_dtype(net, config, runtime, log):
             durations.append(time.perf_counter() - start)
         times[dtype] = min(durations[1:])
     net.zero_grad(set_to_none=True)
-    runtime.dtype = min(times, key=times.get)
-    log(f"dtype auto: {str(runtime.dtype).replace('torch.', '')} (a training step took "
-        + ", ".join(f"{t * 1000:.0f} ms in {str(d).replace('torch.', '')}" for d, t in times.items()) + ")")
+    return min(times, key=times.get), "a training step took " + ", ".join(
+        f"{t * 1000:.0f} ms in {str(d).replace('torch.', '')}" for d, t in times.items())
 
 
 def choose_compile(config, runtime, log):
@@ -124,6 +114,9 @@ def choose_compile(config, runtime, log):
 def setup_runtime(config):
     """One process, or one of torchrun's: nccl between GPUs, gloo between CPU processes."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and config["device"].startswith("cuda:"):
+        raise SystemExit(f"error: --device={config['device']} with {world} processes would put every process on that "
+                         f"one GPU; use --device=cuda, which gives each process its own (cuda:LOCAL_RANK)")
     try:
         device = pick_device(config["device"], int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError as e:
@@ -140,7 +133,7 @@ def setup_runtime(config):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, pick_dtype(config["dtype"], device), rank, world, rank == 0)
+    return Runtime(device, torch.float32, rank, world, rank == 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,22 +157,60 @@ def forward_backward(model, x, y, micro_batch, runtime, scaler, config):
     return total
 
 
-def with_oom_backoff(step, micro_batch, log):
-    """Run step(micro_batch). On CUDA out-of-memory, halve the micro-batch (so twice as many are
-    accumulated and the effective batch stays the same), log it and retry. step() must start from
-    zeroed gradients, since a failed attempt may have left some behind."""
+def with_oom_backoff(step, micro_batch, log, device):
+    """Run step(micro_batch). When the device runs out of memory, halve the micro-batch (so twice as
+    many are accumulated and the effective batch stays the same), free the device's cache, log it
+    and retry. step() must start from zeroed gradients, since a failed attempt may have left some."""
     while True:
         try:
             return step(micro_batch), micro_batch
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:  # CUDA raises OutOfMemoryError (a RuntimeError); MPS a plain RuntimeError
+            if not out_of_memory(e):
+                raise
             if micro_batch == 1:
                 raise SystemExit("error: out of memory even with a micro-batch of 1; "
                                  "lower seq_length or hidden_size") from None
             log(f"out of memory: micro-batch {micro_batch} -> {micro_batch // 2}, accumulating twice as "
                 f"many; the effective batch is unchanged")
             micro_batch //= 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            empty_cache(device)
+
+
+def out_of_memory(error):
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error)
+
+
+def empty_cache(device):
+    """Give the failed attempt's cached blocks back to the device that ran out."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# Random state: every process's, so a resumed run draws what the uninterrupted one would
+# ----------------------------------------------------------------------------------------------
+def rng_state(device, sampler):
+    """This process's random state: the CPU's, its GPU's or MPS's (dropout there), and its data sampler's."""
+    on_device = {"cuda": lambda: torch.cuda.get_rng_state(device), "mps": torch.mps.get_rng_state}.get(device.type)
+    return {"cpu": torch.get_rng_state(), "device": on_device() if on_device else None, "sampler": sampler.get_state()}
+
+
+def set_rng_state(saved, rank, device, sampler):
+    """Restore rank's entry of `saved` (a list, one per process). A state saved before each process
+    kept its own (a dict) holds the CPU state of rank 0 and every rank's sampler."""
+    if isinstance(saved, dict):
+        saved = [{"cpu": saved["torch"], "device": None, "sampler": state} for state in saved["sampler"]]
+    if rank >= len(saved):
+        raise SystemExit(f"error: cannot resume: the state was saved by {len(saved)} process(es); resume with as many")
+    mine = saved[rank]
+    torch.set_rng_state(mine["cpu"])
+    if mine["device"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(mine["device"], device)
+    elif mine["device"] is not None and device.type == "mps":
+        torch.mps.set_rng_state(mine["device"])
+    sampler.set_state(mine["sampler"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +301,7 @@ class Trainer:
         net.to(runtime.device).train()
         self.optimizer = make_optimizer(net, config, runtime.device)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-        self.sampler = torch.Generator().manual_seed(config["seed"] + runtime.rank)  # each process its own windows
+        self.sampler = seeded_generator(config["seed"] + runtime.rank)  # each process its own windows
         self.step, self.best_val, self.val_loss, self.micro_batch = 0, math.inf, None, config["batch_size"]
         self.t0 = time.time()
         self.model = net  # what runs the steps: net, wrapped for several processes and compiled
@@ -283,8 +314,7 @@ class Trainer:
     def resume(self, state):
         """Continue exactly where `state` (a loaded *_state.pth) stopped: same windows, same losses."""
         self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.set_state(state["rng"]["sampler"][self.runtime.rank])
-        torch.set_rng_state(state["rng"]["torch"])
+        set_rng_state(state["rng"], self.runtime.rank, self.runtime.device, self.sampler)
         self.step, self.best_val, self.micro_batch = state["step"], state["best_val"], state["micro_batch"]
         self.t0 = time.time() - state["elapsed"]
 
@@ -324,7 +354,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)  # also clears what a failed (out-of-memory) try left
             return forward_backward(self.model, x, y, micro_batch, self.runtime, self.scaler, self.config)
 
-        loss, self.micro_batch = with_oom_backoff(attempt, self.micro_batch, self.log)
+        loss, self.micro_batch = with_oom_backoff(attempt, self.micro_batch, self.log, self.runtime.device)
         if self.config["grad_clip"]:
             for optimizer in self.optimizer.optimizers:
                 self.scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
@@ -353,7 +383,7 @@ class Trainer:
         self.val_loss = evaluate(self.net, self.data.val, self.data.val_mask, self.config, self.runtime)
         metrics = {"step": self.step, "val": self.val_loss, "val_bpc": self.val_loss / math.log(2)}
         if self.end_probes:
-            metrics["end_rate"] = end_of_turn_rate(self.net, self.data.val_prompts, self.runtime)
+            metrics["end_rate"] = end_of_turn_rate(self.net, self.data.val_prompts, self.runtime.dtype)
         # With end-of-turn probes the kept model is not simply the lowest val: a reply that never
         # ends costs END_WEIGHT bits/char, so ending every reply is worth 0.1 bits/char of val.
         score = self.val_loss + (1 - metrics["end_rate"]) * END_WEIGHT * math.log(2) if self.end_probes else self.val_loss
@@ -362,7 +392,7 @@ class Trainer:
                  + (f" | {turn_ends(metrics['end_rate'], self.data.val_prompts)}" if self.end_probes else "")
                  + (" | best, saved" if improved else ""))
         if self.config["probe_chars"]:
-            for prompt, reply in probe_replies(self.net, self.data.vocab, self.config["probe_chars"]):
+            for prompt, reply in probe_replies(self.net, self.data.vocab, self.config["probe_chars"], self.runtime.dtype):
                 self.log(f"probe | {prompt} -> {reply!r}")
         log_metrics(self.files["metrics"], metrics)
         if improved:
@@ -376,7 +406,7 @@ class Trainer:
 
     def save_state(self):
         """The resumable checkpoint: the model plus everything needed to redo the same next step."""
-        rng = {"torch": torch.get_rng_state(), "sampler": self.gather_sampler_states()}
+        rng = self.gather_rng_states()
         if self.runtime.is_main:
             ckpt.save_checkpoint(self.files["state"], {
                 **self.checkpoint({"val_loss": self.val_loss}), "optimizer": self.optimizer.state_dict(),
@@ -384,12 +414,13 @@ class Trainer:
                 "step": self.step, "elapsed": time.time() - self.t0, "best_val": self.best_val,
                 "micro_batch": self.micro_batch, "rng": rng})
 
-    def gather_sampler_states(self):
-        """Every process's data-sampler state, so a resumed run draws the same windows."""
+    def gather_rng_states(self):
+        """Every process's random state (rng_state), so a resumed run draws the same windows and dropout."""
+        mine = rng_state(self.runtime.device, self.sampler)
         if self.runtime.world == 1:
-            return [self.sampler.get_state()]
+            return [mine]
         states = [None] * self.runtime.world
-        dist.all_gather_object(states, self.sampler.get_state())
+        dist.all_gather_object(states, mine)
         return states
 
     def stop_requested(self, asked):

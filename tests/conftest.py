@@ -18,6 +18,9 @@ from lumina.model import CharTransformer, ModelConfig  # noqa: E402
 from lumina.vocab import Vocab  # noqa: E402
 
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data", "oasst1")
+# The device every stage and model of the suite runs on: LUMINA_TEST_DEVICE=cuda runs the same tests on a GPU.
+DEVICE = os.environ.get("LUMINA_TEST_DEVICE", "cpu")
+DTYPES = ["float32", "bfloat16", "float16"]  # every precision Train.py accepts besides auto; autocast runs all on a CPU
 TINY = dict(seq_length=16, hidden_size=32, num_layers=2, nhead=2, dropout=0.0)
 CHATS = [
     [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello! how can I help?"}],

@@ -10,7 +10,7 @@ import torch
 
 import export
 from lumina.checkpoint import CheckpointError, build_model, load_checkpoint, model_state, save_checkpoint
-from lumina.engine import generate, new_cache, window_start
+from lumina.engine import Engine, Row, generate, window_start
 from lumina.vocab import BOT, END, SPECIAL_TOKENS, SYSTEM, USER, Vocab, render_chat
 from conftest import ROOT, run_script, tiny_model, write_jsonl
 
@@ -103,15 +103,12 @@ def test_onnx_logits_match_on_the_prompt_and_50_cached_steps(onnx_model):
     prompt = chat.prompt_ids([{"role": "user", "content": "hello there"}])
     assert prompt == render_chat([{"role": "user", "content": "hello there"}], vocab, True)[0]  # template from metadata
     logits, past = chat.step(prompt, chat.empty)
-    cache = new_cache(net)
-    with torch.no_grad():
-        expected, _ = net(torch.tensor([prompt]), cache=cache)
-        assert np.abs(logits - expected[0, -1].numpy()).max() < 1e-4
-        for step in range(50):
-            next_id = int(logits.argmax())
-            logits, past = chat.step([next_id], past)
-            expected, _ = net(torch.tensor([[next_id]]), cache=cache)
-            assert np.abs(logits - expected[0, -1].numpy()).max() < 1e-4, step
+    eng, row = Engine(net, 1), Row(list(prompt), 50, temperature=0)
+    assert np.abs(logits - eng.logits([row])[0].numpy()).max() < 1e-4
+    for step in range(50):
+        row.take(int(logits.argmax()))
+        logits, past = chat.step(row.ids[-1:], past)
+        assert np.abs(logits - eng.logits([row])[0].numpy()).max() < 1e-4, step
     assert past.shape[4] == len(prompt) + 50
 
 

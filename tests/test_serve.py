@@ -15,9 +15,9 @@ import openai
 import pytest
 
 from lumina.checkpoint import load_checkpoint, load_for_chat
-from lumina.engine import BeamSearch, new_cache
+from lumina.engine import BeamSearch, Engine
 from lumina.vocab import BOT, END, SPECIAL_TOKENS, SYSTEM, USER, Vocab, render_chat
-from conftest import CHATS, ROOT, run_script, write_jsonl
+from conftest import DEVICE, CHATS, ROOT, run_script, write_jsonl
 from test_chat import endless_checkpoint
 
 KEY = "secret"
@@ -29,7 +29,7 @@ def trained_checkpoint(folder):
     chats = write_jsonl(folder / "chats.jsonl", [{"messages": c} for c in CHATS * 30])
     out = run_script("Train.py", f"--data={chats}", f"--out_dir={folder}", "--max_iters=200", "--eval_interval=200",
                      "--seq_length=64", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8",
-                     "--max_minutes=0", "--probe_chars=0", "--device=cpu", "--dtype=float32", cwd=folder)
+                     "--max_minutes=0", "--probe_chars=0", f"--device={DEVICE}", "--dtype=float32", cwd=folder)
     assert out.returncode == 0, out.stderr
     return str(folder / "Model.pth")
 
@@ -47,7 +47,7 @@ class Server:
         self.checkpoint, self.port = checkpoint, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), checkpoint, f"--port={self.port}",
-                                      "--threads=1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                      "--threads=1", f"--device={DEVICE}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -191,10 +191,10 @@ def test_sixteen_concurrent_requests_get_exactly_their_solo_replies(sharp):
 
 
 def test_beam_search_choices_are_model_pys_best_beams_even_beside_other_clients(sharp):
-    net, vocab, _ = load_for_chat(sharp.checkpoint, "cpu")
+    net, vocab, _ = load_for_chat(sharp.checkpoint, DEVICE)
     ids, _ = render_chat([{"role": "user", "content": "hello there"}], vocab, add_generation_prompt=True)
     search = BeamSearch(ids, 40, range(4), 1.0, (END, USER, BOT, SYSTEM))
-    expected = [vocab.decode([t for t in new if t >= len(SPECIAL_TOKENS)]) for _, new in search.run(net, new_cache(net, 4))]
+    expected = [vocab.decode([t for t in new if t >= len(SPECIAL_TOKENS)]) for _, new in search.run(Engine(net, 4))]
     client = sharp.client()
     beams = lambda **kw: ask(client, "hello there", max_tokens=40, n=2, extra_body={"num_beams": 4}, **kw)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # sampled requests share its steps
@@ -313,3 +313,117 @@ def test_the_page_streams_a_reply_stops_it_and_clears(tmp_path):
             browser.close()
     finally:
         server.stop()
+
+
+# --- failures are contained: one request, one step, or the whole scheduler -------------------------------
+class InProcess:
+    """serve.py's app and scheduler in this process (uvicorn in a thread), so a test can make a
+    chosen part of them fail."""
+
+    def __init__(self, checkpoint, **config):
+        import uvicorn
+        import serve
+        self.config = {**serve.CONFIG, "checkpoint": checkpoint, "device": DEVICE, **config}
+        net, vocab, _ = load_for_chat(checkpoint, DEVICE)
+        self.scheduler = serve.Scheduler(net, vocab, self.config)
+        self.scheduler.thread.start()
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(serve.build_app(self.scheduler, self.config, "Model"),
+                                                    host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    def post(self, text, **fields):
+        return httpx.post(self.url + "/v1/chat/completions", timeout=60, json={
+            "model": "Model", "messages": [{"role": "user", "content": text}], **fields})
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture
+def inprocess(tmp_path):
+    servers = []
+    yield lambda **config: servers.append(InProcess(endless_checkpoint(tmp_path / "Model.pth"), **config)) or servers[-1]
+    for server in servers:
+        server.close()
+
+
+def test_one_requests_failure_fails_that_request_only(inprocess, monkeypatch):
+    """A request's own work is setting up its sampling (its rows, seeds and settings) and checking
+    its stop strings after each step: make each fail for one request while others run beside it."""
+    import serve
+    real_start, real_deliver = serve.Job.start, serve.Scheduler.deliver
+
+    def start(job, slots):
+        if job.request.user == "bad sampling":
+            raise ValueError("injected sampling failure")
+        return real_start(job, slots)
+
+    def deliver(scheduler, job):
+        if job.request.user == "bad stop check" and job.rows[0].new > 5:
+            raise KeyError("injected stop-check failure")
+        return real_deliver(scheduler, job)
+
+    monkeypatch.setattr(serve.Job, "start", start)
+    monkeypatch.setattr(serve.Scheduler, "deliver", deliver)
+    server = inprocess(max_batch=4)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        good = [pool.submit(server.post, f"fine {i}", max_tokens=200) for i in range(2)]
+        for user, message in (("bad sampling", "injected sampling failure"), ("bad stop check", "injected stop-check failure")):
+            bad = server.post("fail", max_tokens=200, user=user)
+            error = bad.json()["error"]
+            assert bad.status_code == 500 and message in error["message"] and error["type"] == "server_error"
+        assert [len(g.result().json()["choices"][0]["message"]["content"]) for g in good] == [200, 200]
+    streamed = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "Model", "messages": [{"role": "user", "content": "x"}], "stream": True, "user": "bad sampling"})
+    assert "injected sampling failure" in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
+    assert server.post("after", max_tokens=10).status_code == 200
+    assert httpx.get(server.url + "/health").json()["running"] == 0  # the failed requests' slots are free
+
+
+def test_a_failed_step_fails_its_requests_and_the_next_request_is_served(inprocess):
+    server = inprocess(max_batch=4)
+    net, failures = server.scheduler.net, []
+    real_forward = net.forward
+
+    def forward(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected forward failure")
+        return real_forward(*args, **kwargs)
+
+    net.forward = forward
+    failed = server.post("first", max_tokens=20)
+    assert failed.status_code == 500 and "injected forward failure" in failed.json()["error"]["message"]
+    served = server.post("second", max_tokens=20)
+    assert served.status_code == 200 and len(served.json()["choices"][0]["message"]["content"]) == 20
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_dead_scheduler_answers_503_at_once_and_waits_for_nothing(inprocess, monkeypatch):
+    import serve
+    server = inprocess(max_batch=1, max_tokens_limit=10 ** 6)
+    running = threading.Thread(target=lambda: results.append(server.post("long", max_tokens=10 ** 6)))
+    results = []
+    running.start()
+    deadline = time.time() + 30
+    while httpx.get(server.url + "/health").json()["running"] < 1 and time.time() < deadline:
+        time.sleep(0.05)
+
+    def broken(scheduler):
+        raise RuntimeError("injected scheduler crash")
+
+    monkeypatch.setattr(serve.Scheduler, "step", broken)
+    running.join(30)
+    assert results and results[0].status_code == 503 and "injected scheduler crash" in results[0].json()["error"]["message"]
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 503 and "injected scheduler crash" in health.json()["reason"]
+    start = time.time()
+    refused = server.post("after", max_tokens=5)
+    assert refused.status_code == 503 and time.time() - start < 5
+    assert "injected scheduler crash" in refused.json()["error"]["message"]

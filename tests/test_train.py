@@ -17,13 +17,14 @@ from lumina import training
 from lumina.checkpoint import build_model, load_checkpoint
 from lumina.corpus import load_data
 from lumina.optim import Muon, lr_at, make_optimizer, orthogonalize
-from lumina.training import INTERRUPTED, Runtime, choose_compile, choose_dtype, forward_backward, pick_dtype, with_oom_backoff
+from lumina.training import INTERRUPTED, Runtime, choose_compile, choose_dtype, forward_backward, with_oom_backoff
 from lumina.vocab import END, USER, Vocab
 from lumina.config import apply_overrides
-from conftest import CHATS, ROOT, interrupt_after, run_script, tiny_model, write_jsonl
+from lumina.device import seeded_generator
+from conftest import DEVICE, CHATS, ROOT, interrupt_after, run_script, tiny_model, write_jsonl
 
 TINY_ARGS = ["--seq_length=16", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8",
-             "--max_minutes=0", "--probe_chars=10", "--device=cpu", "--dtype=float32"]
+             "--max_minutes=0", "--probe_chars=10", f"--device={DEVICE}", "--dtype=float32"]
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path, chat_file):
     assert proc.returncode == INTERRUPTED, err
     assert "Resume with: python Train.py --data=" in out and out.rstrip().endswith("--resume") and "Traceback" not in err
     state = load_checkpoint(str(tmp_path / "train_state.pth"))
-    assert state["step"] >= 5 and "optimizer" in state and "sampler" in state["rng"]
+    assert state["step"] >= 5 and "optimizer" in state and "sampler" in state["rng"][0]
 
 
 def test_oom_backoff_halves_the_micro_batch_and_keeps_the_batch():
@@ -149,10 +150,54 @@ def test_oom_backoff_halves_the_micro_batch_and_keeps_the_batch():
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return "done"
 
-    assert with_oom_backoff(step, 8, logs.append) == ("done", 2)
+    assert with_oom_backoff(step, 8, logs.append, torch.device("cpu")) == ("done", 2)
     assert calls == [8, 4, 2] and "micro-batch 8 -> 4" in logs[0] and "effective batch is unchanged" in logs[0]
     with pytest.raises(SystemExit, match="micro-batch of 1"):
-        with_oom_backoff(lambda micro: step(micro + 10), 1, logs.append)
+        with_oom_backoff(lambda micro: step(micro + 10), 1, logs.append, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("device,error", [
+    ("cuda", torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),
+    ("mps", RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 MB)"))])
+def test_cuda_and_mps_out_of_memory_both_back_off_and_free_their_own_cache(monkeypatch, device, error):
+    freed = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append("cuda"))
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: freed.append("mps"))
+
+    def step(micro):
+        if micro > 2:
+            raise error
+        return "done"
+
+    assert with_oom_backoff(step, 8, lambda line: None, torch.device(device)) == ("done", 2)
+    assert freed == [device, device]
+    with pytest.raises(RuntimeError, match="some other failure"):  # only running out of memory backs off
+        with_oom_backoff(lambda micro: (_ for _ in ()).throw(RuntimeError("some other failure")), 8, print,
+                         torch.device(device))
+
+
+def test_an_explicit_gpu_under_several_processes_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit, match=r"cuda:1.*2 processes.*--device=cuda"):
+        training.setup_runtime({**Train.CONFIG, "device": "cuda:1", "grad_accum": 2})
+
+
+def test_resume_restores_the_cpu_and_device_rng_and_the_sampler_of_its_own_rank():
+    runtime = Runtime(torch.device(DEVICE), torch.float32)
+    sampler = seeded_generator(5)
+    saved = [training.rng_state(runtime.device, sampler)]
+    expected = (torch.rand(3), torch.rand(3, device=DEVICE), torch.randint(100, (3,), generator=sampler))
+    other = training.rng_state(runtime.device, seeded_generator(6))
+    torch.manual_seed(123)
+    training.set_rng_state([other, saved[0]], 1, runtime.device, sampler)  # rank 1 takes the second entry
+    again = (torch.rand(3), torch.rand(3, device=DEVICE), torch.randint(100, (3,), generator=sampler))
+    assert all(torch.equal(a, b) for a, b in zip(expected, again))
+    old = {"torch": saved[0]["cpu"], "sampler": [saved[0]["sampler"]]}  # a state saved before per-rank RNG
+    torch.manual_seed(123)
+    training.set_rng_state(old, 0, runtime.device, sampler)
+    assert torch.equal(torch.rand(3), expected[0])
 
 
 def test_micro_batches_give_the_same_gradient_as_one_batch(vocab):
@@ -184,7 +229,7 @@ def test_muon_gets_the_blocks_matrices_and_adamw_everything_else(vocab):
 
 
 def test_orthogonalize_brings_every_singular_value_near_one_one_matrix_or_many():
-    g = torch.randn(3, 48, 16, generator=torch.Generator().manual_seed(0)) * torch.logspace(-1, 1, 16)
+    g = torch.randn(3, 48, 16, generator=seeded_generator(0)) * torch.logspace(-1, 1, 16)
     out = orthogonalize(g)  # g's singular values spread over two decades; out's near 1
     singular = torch.linalg.svdvals(out)
     assert out.shape == g.shape and singular.min() > 0.5 and singular.max() < 1.5
@@ -213,7 +258,7 @@ def test_muon_orthogonalises_fused_matrices_part_by_part(vocab):
 def test_muon_momentum_warms_up_and_its_count_survives_a_save():
     w = torch.nn.Parameter(torch.zeros(8, 8))
     muon = Muon([{"params": [w]}], lr=1e-2, weight_decay=0.0, warmup_steps=10)
-    grads = torch.randn(12, 8, 8, generator=torch.Generator().manual_seed(0))
+    grads = torch.randn(12, 8, 8, generator=seeded_generator(0))
     expected = torch.zeros(8, 8)
     for step, g in enumerate(grads):
         momentum = 0.85 + 0.10 * min(1.0, step / 10)  # 0.85 on the first step, 0.95 from step 10 on
@@ -253,7 +298,8 @@ def test_two_gloo_processes_train_and_rank0_saves(tmp_path, chat_file):
     assert "2 process(es)" in out.stdout and out.stdout.count("done: 30 steps") == 1
     ckpt = load_checkpoint(str(tmp_path / "Model.pth"))
     build_model(ckpt)
-    assert len(load_checkpoint(str(tmp_path / "train_state.pth"))["rng"]["sampler"]) == 2
+    ranks = load_checkpoint(str(tmp_path / "train_state.pth"))["rng"]
+    assert len(ranks) == 2 and all(set(r) == {"cpu", "device", "sampler"} for r in ranks)
 
 
 def test_a_shape_rotary_cannot_use_is_refused_without_a_traceback(tmp_path, chat_file):
@@ -354,7 +400,6 @@ def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path, chat_file):
 # --- precision by measurement ------------------------------------------------------------------------
 def test_dtype_auto_times_both_precisions_and_keeps_the_faster(monkeypatch):
     net = tiny_model(Vocab.from_text("abcdefgh"))
-    config = {**Train.CONFIG, "batch_size": 2, "seq_length": 16, "dtype": "auto"}
     monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)  # as on a CPU with AVX512-BF16 or AMX
     real = forward_backward
     for slow, expected in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
@@ -362,23 +407,25 @@ def test_dtype_auto_times_both_precisions_and_keeps_the_faster(monkeypatch):
             time.sleep(0.03 if runtime.dtype == slow else 0.0)
             return real(model, x, y, micro_batch, runtime, scaler, cfg)
         monkeypatch.setattr(training, "forward_backward", timed)
-        runtime, logs = Runtime(torch.device("cpu"), torch.float32), []
+        config = {**Train.CONFIG, "batch_size": 2, "seq_length": 16, "dtype": "auto"}
+        runtime, logs = Runtime(torch.device("cpu")), []
         choose_dtype(net, config, runtime, logs.append)
-        assert runtime.dtype == expected
-        assert re.fullmatch(r"dtype auto: \w+ \(a training step took \d+ ms in float32, \d+ ms in bfloat16\)", logs[0])
-        assert logs[0].startswith(f"dtype auto: {str(expected)[6:]}")
+        name = str(expected)[6:]
+        assert runtime.dtype == expected and config["dtype"] == name  # what the checkpoint stores
+        assert re.fullmatch(rf"dtype {name} \(asked auto: a training step took \d+ ms in float32, \d+ ms in bfloat16\)",
+                            logs[0]) and len(logs) == 1
         assert all(p.grad is None for p in net.parameters())  # the trial steps leave nothing behind
 
 
 def test_a_forced_dtype_is_obeyed_and_an_emulated_bf16_is_not_tried(monkeypatch):
     net = tiny_model(Vocab.from_text("abcdefgh"))
     monkeypatch.setattr(training, "forward_backward", lambda *a: pytest.fail("a forced or hopeless choice times nothing"))
-    for forced in ("float32", "bfloat16"):
-        runtime = Runtime(torch.device("cpu"), pick_dtype(forced, torch.device("cpu")))
-        choose_dtype(net, {**Train.CONFIG, "dtype": forced}, runtime, pytest.fail)
-        assert str(runtime.dtype) == f"torch.{forced}"
+    for forced in ("float32", "bfloat16", "float16"):
+        runtime, logs = Runtime(torch.device("cpu")), []
+        choose_dtype(net, {**Train.CONFIG, "dtype": forced}, runtime, logs.append)
+        assert str(runtime.dtype) == f"torch.{forced}" and logs == [f"dtype {forced} (asked {forced})"]
     monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
-    runtime, logs = Runtime(torch.device("cpu"), torch.float32), []
+    runtime, logs = Runtime(torch.device("cpu")), []
     choose_dtype(net, {**Train.CONFIG, "dtype": "auto"}, runtime, logs.append)
     assert runtime.dtype == torch.float32 and "no AVX512-BF16 or AMX" in logs[0]
 

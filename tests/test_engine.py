@@ -1,0 +1,337 @@
+"""lumina/engine.py: the KV cache, batched sampling with counter-based noise, the window rule,
+the Engine's step (two forward passes and one host transfer at most), generate and beam search."""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lumina import engine
+from lumina.device import seeded_generator
+from lumina.engine import BeamSearch, Engine, Row, Sampling, beam_search, choose, generate, gumbel, window_start
+from lumina.model import ModelConfig
+from lumina.vocab import BOT, END, SPECIAL_TOKENS, SYSTEM, USER
+from conftest import DEVICE, tiny_model
+
+
+def model_on_device(vocab, **shape):
+    return tiny_model(vocab, **shape).to(DEVICE).eval()
+
+
+def random_ids(low, high, n, seed):
+    return torch.randint(low, high, (n,), generator=seeded_generator(seed)).tolist()
+
+
+# --- generation ---------------------------------------------------------------------------------
+def _generation_logits(net, prompt, steps, use_cache, monkeypatch):
+    seen = []
+    real_choose = engine.choose
+
+    def recording_choose(logits, *args, **kwargs):
+        seen.append(logits[0].clone())
+        return real_choose(logits, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "choose", recording_choose)
+    ids = list(generate(net, prompt, steps, temperature=0, stop_ids=(), use_cache=use_cache))
+    monkeypatch.setattr(engine, "choose", real_choose)
+    return ids, seen
+
+
+@pytest.mark.parametrize("prompt_len,steps", [(5, 8), (40, 45)])  # inside, then far past, the window
+def test_cached_and_uncached_generation_agree(vocab, monkeypatch, prompt_len, steps):
+    net = model_on_device(vocab)
+    prompt = random_ids(0, len(vocab), prompt_len, 1)
+    ids_c, logits_c = _generation_logits(net, prompt, steps, True, monkeypatch)
+    ids_u, logits_u = _generation_logits(net, prompt, steps, False, monkeypatch)
+    assert ids_c == ids_u and len(ids_c) == steps and len(logits_c) == steps
+    for c, u in zip(logits_c, logits_u):
+        assert torch.allclose(c, u, atol=1e-5), (c - u).abs().max()
+
+
+def test_window_rule_keeps_the_most_recent_text():
+    T = 16
+    for length in range(1, 200):
+        start = window_start(length, T)
+        assert 0 < length - start <= T  # never empty, never past the window
+        if length > T:
+            assert length - start >= T * 3 // 4  # a re-read keeps the most recent 3/4 window
+
+
+def test_generate_streams_and_stops_at_end(vocab):
+    net = tiny_model(vocab)
+    with torch.no_grad():
+        # Final hidden state is always v (norm weight 0, bias v); make <|end|>'s row point along v.
+        net.norm.weight.zero_()
+        net.norm.bias.copy_(torch.randn(net.config.hidden_size))
+        net.head.weight[END] = 10 * net.norm.bias
+    stream = generate(net.to(DEVICE), [USER, BOT], 20, temperature=0)
+    assert next(stream) == END
+    assert list(stream) == []
+
+
+def test_generate_refuses_an_empty_prompt(vocab):
+    with pytest.raises(ValueError, match="at least one prompt id"):
+        list(generate(tiny_model(vocab), [], 5))
+
+
+# --- sampling: one batched draw -------------------------------------------------------------------
+LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, 2.5, -1.0])
+
+
+def draw(logits, seed=0, position=0, recent=None, **settings):
+    """One row's draw through the batched choose()."""
+    row = Row([0], 1, seed=seed, **{"temperature": 1.0, **settings})
+    sampling = Sampling.of([row], logits.shape[-1], logits.device)
+    return int(choose(logits[None], sampling, torch.tensor([position]), recent))
+
+
+def test_temperature_zero_is_argmax():
+    assert draw(LOGITS, temperature=0) == 1
+
+
+def test_top_k_never_picks_outside_the_k_most_likely():
+    assert {draw(LOGITS, seed, temperature=2.0, top_k=3) for seed in range(300)} == {1, 4, 2}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logprobs = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    assert {draw(logprobs, seed, top_p=0.8) for seed in range(300)} == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    assert {draw(logprobs, seed, top_p=0.81) for seed in range(300)} == {0, 1, 2}
+
+
+def test_repetition_penalty_lowers_recent_ids():
+    recent = torch.tensor([[1, 1]])
+    assert draw(LOGITS, temperature=0, repetition_penalty=2.0, recent=recent) == 4
+    assert draw(LOGITS, temperature=0, repetition_penalty=1.0, recent=recent) == 1
+
+
+def test_choose_does_not_modify_its_input():
+    logits = LOGITS.clone()
+    draw(logits, temperature=0.5, top_k=2, top_p=0.5, repetition_penalty=1.5, recent=torch.tensor([[1, 2]]))
+    assert torch.equal(logits, LOGITS)
+
+
+def one_row(logits, noise, temperature, top_k, top_p, penalty, recent):
+    """The definition of one row's draw, written out plainly, with the given Gumbel noise."""
+    logits = logits.clone()
+    for i in set(recent):
+        logits[i] = logits[i] / penalty if logits[i] > 0 else logits[i] * penalty
+    if temperature == 0:
+        return int(logits.argmax())
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if top_k is not None and top_k < len(logits):
+        keep = logits >= logits.sort(descending=True).values[top_k - 1]  # ties with the k-th stay
+    if top_p is not None and top_p < 1:
+        probs = (logits / temperature).masked_fill(~keep, -math.inf).softmax(-1)
+        for i in range(len(logits)):  # i stays if the ids strictly likelier than it hold less than top_p
+            keep[i] &= bool(probs[probs > probs[i]].sum() < top_p)
+    return int(((logits / temperature) + noise).masked_fill(~keep, -math.inf).argmax())
+
+
+def test_each_setting_of_the_batched_draw_matches_its_one_row_definition_on_fixed_noise():
+    B, V = 64, 50
+    logits = torch.randn(B, V, generator=seeded_generator(0)) * 3
+    logits[:, 7] = logits[:, 9]  # a tie, which top-k and top-p must keep or drop together
+    noise = -torch.log(-torch.log(torch.rand(B, V, generator=seeded_generator(1))))
+    rows = []
+    for b in range(B):
+        kind = b % 8
+        rows.append(Row([1 + b % 5] * (1 + b % 70), 1, seed=b,
+                        temperature=0.0 if kind == 0 else 0.3 + 0.1 * (b % 10),
+                        top_k=[None, 1, 3, 10, None, 5, None, V][kind],
+                        top_p=[None, None, None, None, 0.5, 0.9, 0.95, 0.7][kind],
+                        repetition_penalty=1.0 if b % 3 else 1.5))
+    recent = torch.tensor([row.ids[:1] * (engine.REPETITION_WINDOW - len(row.ids)) + row.ids[-engine.REPETITION_WINDOW:]
+                           for row in rows])
+    sampling = Sampling.of(rows, V, logits.device)
+    fixed = lambda ids: noise.gather(1, ids) if ids.dim() == 2 else noise[:, ids]
+    got = choose(logits, sampling, torch.zeros(B, dtype=torch.long), recent, noise=fixed).tolist()
+    expected = [one_row(logits[b], noise[b], row.temperature, row.top_k, row.top_p, row.repetition_penalty,
+                        row.ids[-engine.REPETITION_WINDOW:]) for b, row in enumerate(rows)]
+    assert got == expected
+    assert len(set(got)) > 10  # the settings really chose different things
+
+
+def test_the_noise_is_a_fair_draw_and_depends_on_seed_position_and_id_alone():
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
+    counts = torch.bincount(torch.tensor([draw(logits, seed) for seed in range(4000)]), minlength=5).float()
+    expected = logits.softmax(-1) * 4000
+    assert ((counts - expected) ** 2 / expected).sum() < 20  # chi-square, 4 degrees of freedom: p < 0.001 above 18.5
+    keys, positions = torch.tensor([engine.seed_key(s) for s in (0, 1, 2 ** 63 - 1, -5)]), torch.tensor([0, 5, 9, 1])
+    ids = torch.arange(30)
+    noise = gumbel(keys, positions, ids)
+    assert torch.equal(noise[1:2], gumbel(keys[1:2], positions[1:2], ids))  # alone or beside others
+    assert torch.equal(noise[:, 10:20], gumbel(keys, positions, ids[None, 10:20].expand(4, 10)))  # any candidate set
+    on_device = gumbel(keys.to(DEVICE), positions.to(DEVICE), ids.to(DEVICE)).cpu()
+    assert torch.allclose(on_device, noise, atol=1e-5)  # the same draw on any device (log may round differently)
+    assert len({round(x, 6) for x in noise.flatten().tolist()}) == noise.numel()
+
+
+def test_seeds_repeat_and_unseeded_rows_draw_fresh_noise(vocab):
+    net = model_on_device(vocab)
+    sample = lambda seed: list(generate(net, [USER, 7, 8, BOT], 30, temperature=1.0, top_p=0.95, seed=seed, stop_ids=()))
+    assert sample(42) == sample(42) and sample(42) != sample(43)
+    assert sample(None) != sample(None)
+
+
+# --- the engine's step ---------------------------------------------------------------------------------
+def run_together(net, rows, join_every, slots):
+    """Rows join one by one, every `join_every` steps, and leave when done; returns each row's new ids."""
+    eng, running, step = Engine(net, slots), [], 0
+    while step < join_every * len(rows) or any(not row.done for row in running):
+        if step % join_every == 0 and step // join_every < len(rows):
+            running.append(rows[step // join_every])
+        eng.step([row for row in running if not row.done])
+        step += 1
+    return [row.ids[len(row.ids) - row.new:] for row in rows]
+
+
+def test_a_batched_step_gives_each_row_exactly_what_it_gets_alone(vocab):
+    """Rows of different lengths, joining at different times and re-reading their windows at
+    different steps, each get the ids generate() gives them alone."""
+    net = model_on_device(vocab)  # random weights: greedy would repeat one id, so every row samples
+    prompts = [random_ids(len(SPECIAL_TOKENS), len(vocab), n, n) for n in (3, 9, 15, 30)]
+    settings = [dict(temperature=1.0), dict(temperature=1.0, top_k=5), dict(temperature=0.7, top_p=0.9),
+                dict(temperature=1.2, repetition_penalty=1.3)]
+    solo = [list(generate(net, p, 40, stop_ids=(), seed=i, **s)) for i, (p, s) in enumerate(zip(prompts, settings))]
+    rows = [Row(list(p), 40, slot=slot, seed=i, stop_ids=(), **s)
+            for i, (p, s, slot) in enumerate(zip(prompts, settings, (5, 0, 3, 1)))]
+    assert run_together(net, rows, 7, 6) == solo
+    assert len({tuple(ids) for ids in solo}) == len(solo) and all(len(set(ids)) > 3 for ids in solo)
+
+
+def test_seeded_replies_are_the_same_alone_and_in_a_batch_of_64_with_joins_and_leaves(vocab):
+    net = model_on_device(vocab, seq_length=24)
+    settings = [dict(temperature=0.8, top_k=40), dict(temperature=1.0), dict(temperature=0.9, top_p=0.9),
+                dict(temperature=0), dict(temperature=1.1, top_k=5, repetition_penalty=1.2)]
+    rows = [Row(random_ids(len(SPECIAL_TOKENS), len(vocab), 1 + i % 30, i), 5 + (7 * i) % 40, slot=63 - i, seed=1000 + i,
+                stop_ids=(vocab.stoi["z"],), **settings[i % len(settings)]) for i in range(64)]
+    solo = [list(generate(net, row.ids, row.max_new_tokens, row.temperature, row.top_k, row.top_p,
+                          row.repetition_penalty, row.seed, row.stop_ids)) for row in rows]
+    assert run_together(net, rows, 1, 64) == solo
+    assert sum(ids[-1:] == [vocab.stoi["z"]] for ids in solo) > 3  # some rows left early, at their stop id
+
+
+class Transfers(TorchDispatchMode):
+    """Counts what makes the host wait for the device: reading a scalar, data-dependent shapes, and
+    (patched in by count_transfers) tolist, numpy and cpu."""
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCING:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def count_transfers(monkeypatch, work):
+    mode = Transfers()
+    for name in ("tolist", "numpy", "cpu"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            mode.seen.append(_name) or _real(self, *a, **k))
+    with mode:
+        work()
+    monkeypatch.undo()
+    return mode.seen
+
+
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_a_decode_step_moves_one_tensor_to_the_host(vocab, monkeypatch, rows):
+    net = model_on_device(vocab, seq_length=32)
+    eng = Engine(net, rows)
+    running = [Row(random_ids(len(SPECIAL_TOKENS), len(vocab), 3 + i % 5, i), 100, slot=i, seed=i,
+                   repetition_penalty=1.2 if i % 2 else 1.0, top_p=0.9 if i % 3 else None, top_k=None if i % 4 else 20)
+               for i in range(rows)]
+    eng.step(running)  # every row reads its prompt
+    eng.step(running)
+    assert count_transfers(monkeypatch, lambda: eng.step(running)) == ["tolist"]
+    late = Row([USER, 7, BOT], 10, slot=0, seed=1)  # a join (a prompt read) in the same step as decodes
+    assert count_transfers(monkeypatch, lambda: eng.step(running[1:] + [late])) == ["tolist"]
+
+
+def test_the_cache_takes_the_dtype_of_the_forward_it_serves(vocab):
+    net = model_on_device(vocab)
+    for dtype in (torch.bfloat16, torch.float32):
+        eng = Engine(net, 2, dtype)
+        rows = [Row([USER, 7, 8, BOT], 5, slot=s, seed=s) for s in range(2)]
+        eng.step(rows)
+        eng.step(rows)  # two rows write at once: a mismatched dtype failed here
+        assert eng.cache.k[0].dtype == dtype
+
+
+# --- beam search ----------------------------------------------------------------------------------
+class Bigram(torch.nn.Module):
+    """A stand-in model whose next-id probabilities depend on the last id alone, read from a table,
+    so the best reply can be worked out by hand."""
+
+    def __init__(self, table, vocab_size, seq_length=32):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=vocab_size, hidden_size=2, num_layers=1, nhead=1, seq_length=seq_length)
+        self.tok_emb = torch.nn.Embedding(vocab_size, 2)  # a parameter: where the engine finds the device
+        self.logits = torch.full((vocab_size, vocab_size), -30.0)  # "never", without -inf arithmetic
+        for (after, token), p in table.items():
+            self.logits[after, token] = float(torch.tensor(p).log())
+
+    def forward(self, idx, cache=None):
+        return self.logits[idx], None
+
+
+def test_beam_search_finds_the_likelier_reply_that_greedy_misses():
+    A, B, C = 5, 6, 7
+    # Greedy takes A (0.6), then C (0.55), then <|end|>: 0.6 * 0.55 = 0.33.
+    # B then <|end|> is likelier, 0.4 * 0.9 = 0.36, but B looked worse at the first step.
+    net = Bigram({(BOT, A): 0.6, (BOT, B): 0.4, (A, C): 0.55, (A, END): 0.45, (B, END): 0.9,
+                  (B, C): 0.1, (C, END): 1.0}, vocab_size=8)
+    prompt = [USER, A, BOT]
+    assert list(generate(net, prompt, 10, temperature=0)) == [A, C, END]
+    assert beam_search(net, prompt, 10, num_beams=2, length_penalty=0) == [B, END]
+    # A length penalty of 1 scores log p per character: A C <|end|> (-0.37) now beats B <|end|> (-0.51).
+    assert beam_search(net, prompt, 10, num_beams=2, length_penalty=1) == [A, C, END]
+
+
+def test_one_beam_is_greedy_and_beams_read_the_prompt_once(vocab):
+    """On a real model, across a window re-read: num_beams=1 gives greedy's ids exactly; more beams
+    find a reply at least as likely; the prompt goes through the model once however many beams."""
+    net = model_on_device(vocab, seq_length=16)
+    prompt = [USER, 7, 8, 9, BOT]
+    greedy = list(generate(net, prompt, 30, temperature=0, stop_ids=()))
+    assert beam_search(net, prompt, 30, num_beams=1, stop_ids=()) == greedy
+
+    def log_prob(new):  # uncached, one window: the prompt stays inside it for 11 ids
+        out, _ = net(torch.tensor([prompt + new], device=DEVICE))
+        return out[0].log_softmax(-1)[torch.arange(len(prompt) - 1, len(prompt) + len(new) - 1), new].sum().item()
+    best = beam_search(net, prompt, 11, num_beams=4, length_penalty=0, stop_ids=())
+    assert log_prob(best) >= log_prob(list(generate(net, prompt, 11, temperature=0, stop_ids=()))) - 1e-5
+    long_reads = []
+    forward = net.forward
+    net.forward = lambda idx, **kw: (long_reads.append(idx.shape) if idx.shape[1] > 1 else None) or forward(idx, **kw)
+    beam_search(net, prompt, 8, num_beams=4, stop_ids=())
+    assert long_reads == [torch.Size([1, len(prompt)])]
+
+
+def test_a_beam_reply_never_crosses_a_turn():
+    A, B = 5, 6
+    net = Bigram({(BOT, A): 0.5, (BOT, B): 0.5, (A, USER): 0.7, (A, B): 0.3, (B, A): 0.6, (B, END): 0.4},
+                 vocab_size=8)
+    stops = (END, USER, BOT, SYSTEM)
+    for beams in (1, 2, 4):
+        reply = beam_search(net, [BOT], 20, num_beams=beams, stop_ids=stops)
+        assert reply[-1] in stops and not set(reply[:-1]) & set(stops)
+
+
+def test_beams_step_beside_sampled_rows_in_one_transfer(vocab, monkeypatch):
+    net = model_on_device(vocab)
+    prompt = [USER, 7, 8, BOT]
+    alone = beam_search(net, prompt, 12, num_beams=3, stop_ids=())
+    eng = Engine(net, 5)
+    search, row = BeamSearch(prompt, 12, [0, 1, 2], stop_ids=()), Row([USER, 9, BOT], 12, slot=4, seed=3, stop_ids=())
+    eng.step([row], [search])
+    assert count_transfers(monkeypatch, lambda: eng.step([row], [search])) == ["tolist"]
+    while not search.done:
+        eng.step([row] if not row.done else [], [search])
+    assert search.finished[0][1] == alone
+    assert row.ids[3:] == list(generate(net, [USER, 9, BOT], 12, seed=3, stop_ids=()))[:row.new]
