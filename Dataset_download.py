@@ -7,11 +7,18 @@ Reads  the hub's OpenAssistant/oasst1 through `datasets`. When the hub cannot be
        *_oasst_ready.messages.jsonl.gz / *_oasst_ready.trees.jsonl.gz; --source=sample the sample.
 Writes oasst1_data/train.jsonl, validation.jsonl   one conversation per line:
                                                    {"id", "lang", "messages": [{"role", "content"}]}
+       oasst1_data/pairs_train.jsonl, pairs_validation.jsonl   one preference pair per line, from every
+                                                   two ranked replies to the same prompt (rank 0 is best):
+                                                   {"id", "tree", "prompt": [{"role", "content"}, ... up to the
+                                                   prompt], "chosen", "rejected", "ranks": [chosen's, rejected's]}
        oasst1_data/raw_train.jsonl, raw_validation.jsonl   the messages as they arrived
-       oasst1_data/manifest.json   source, filters, counts in and out per reason, sha256 of each file
+       oasst1_data/manifest.json   source, filters, counts in and out per reason (skipped pairs too),
+                                   sha256 of each file
 
 Conversations are rebuilt by following parent_id, never by row order: a reply is paired with the
-message it answers. Every dropped message is counted under its reason. It needs no torch.
+message it answers. Every dropped message, and every skipped preference pair (equal ranks, a
+deleted, rejected or otherwise dropped reply, a missing rank), is counted under its reason. A
+tree's conversations and pairs always land in the same split. It needs no torch.
 
 Run:
   python Dataset_download.py                               # the hub, else the bundled sample
@@ -142,22 +149,26 @@ def read_source(config, problems):
 # Validation and conversations, per split
 # ----------------------------------------------------------------------------------------------
 def prepare(splits, config):
-    """({split: conversations}, counts). With one split, whole trees are held out for validation."""
-    found, counts, tree_of = {}, {}, {}
+    """({split: conversations}, {split: preference pairs}, counts). With one split, whole trees are
+    held out for validation: a tree's conversations and its pairs land in the same split."""
+    found, pairs, counts, tree_of = {}, {}, {}, {}
     filters = {key: config[key] for key in data.FILTERS}
     for split, rows in splits.items():
         messages, dropped = data.validate(tqdm(rows, desc=f"validating {split}", unit="msg", leave=False), filters)
         found[split] = data.conversations(messages, config["branches"])
+        pairs[split], skipped = data.preference_pairs(rows, messages)
         tree_of.update(data.tree_ids(messages))
         counts[split] = {"rows_in": len(rows), "messages_kept": len(messages), "dropped": dict(dropped),
-                         "conversations": len(found[split])}
+                         "conversations": len(found[split]), "pairs": len(pairs[split]), "pairs_skipped": dict(skipped)}
     if len(found) == 1:
         (given, pool), = found.items()
-        found["train"], found["validation"] = data.hold_out(pool, lambda c: tree_of[c["id"]],
-                                                            config["val_fraction"], config["seed"])
+        held = data.held_out_groups([tree_of[c["id"]] for c in pool], config["val_fraction"], config["seed"])
+        found["train"], found["validation"] = ([c for c in pool if (tree_of[c["id"]] in held) == v] for v in (False, True))
+        pairs["train"], pairs["validation"] = ([p for p in pairs[given] if (p["tree"] in held) == v] for v in (False, True))
         counts["split"] = {"from": given, "train_conversations": len(found["train"]),
-                           "validation_conversations": len(found["validation"]), "by": "whole tree"}
-    return found, counts
+                           "validation_conversations": len(found["validation"]), "by": "whole tree",
+                           "train_pairs": len(pairs["train"]), "validation_pairs": len(pairs["validation"])}
+    return found, pairs, counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,12 +193,12 @@ def outputs_valid(out_dir, config):
         return False
 
 
-def write_outputs(out_dir, splits, found, manifest):
+def write_outputs(out_dir, splits, found, pairs, manifest):
     """Data files first, the manifest (with each file's sha256) last, each atomically."""
     digests = {}
     for split in SPLITS:
-        digests[f"raw_{split}.jsonl"] = data.write_jsonl(os.path.join(out_dir, f"raw_{split}.jsonl"), splits.get(split, []))
-        digests[f"{split}.jsonl"] = data.write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), found[split])
+        for name, rows in ((f"raw_{split}", splits.get(split, [])), (split, found[split]), (f"pairs_{split}", pairs[split])):
+            digests[f"{name}.jsonl"] = data.write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
     manifest = {**manifest, "sha256": digests}
     data.write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2, ensure_ascii=False))
 
@@ -201,8 +212,10 @@ def print_summary(manifest, example):
                   f"for validation, by whole tree")
             continue
         reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(counts["dropped"].items())) or "none"
+        skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(counts["pairs_skipped"].items())) or "none"
         print(f"  {split:<10} {counts['rows_in']:>7,} in | {counts['messages_kept']:>7,} kept | "
               f"{counts['conversations']:>6,} conversations | dropped: {reasons}")
+        print(f"  {'':<10} {counts['pairs']:>7,} preference pairs | skipped: {skipped}")
     for problem in manifest["problems"][:10]:
         print(f"  skipped {problem}")
     if example:
@@ -228,11 +241,12 @@ def main(argv):
     if not any(splits.values()):
         sys.exit(f"error: no messages in {source}" + (f" ({'; '.join(problems[:3])})" if problems else ""))
     # --- validate, thread and write ---
-    found, counts = prepare(splits, config)
+    found, pairs, counts = prepare(splits, config)
     manifest = {"source": source, "settings": settings_of(config), "counts": counts, "problems": problems}
-    write_outputs(out_dir, splits, found, manifest)
+    write_outputs(out_dir, splits, found, pairs, manifest)
     print_summary(manifest, (found["train"] or found["validation"] or [None])[0])
-    print(f"\nwrote {out_dir}/: {len(found['train']):,} train and {len(found['validation']):,} validation conversations")
+    print(f"\nwrote {out_dir}/: {len(found['train']):,} train and {len(found['validation']):,} validation conversations; "
+          f"{len(pairs['train']):,} train and {len(pairs['validation']):,} validation preference pairs")
     if source == "sample":
         print(SAMPLE_NOTE)
 

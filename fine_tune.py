@@ -26,6 +26,7 @@ from lumina.adapt import add_lora, expand_vocab, freeze_all_but_new_rows, load_l
 from lumina.checkpoint import CheckpointError, build_model, load_checkpoint
 from lumina.config import ConfigError, check_rules, parse_cli
 from lumina.corpus import load_data, report_data
+from lumina.preference import DPO, load_pairs
 from lumina.evaluate import end_of_turn_rate, evaluate, probe_replies, turn_ends
 from lumina.training import RULES as TRAINING_RULES, Trainer, choose_dtype, output_files, setup_runtime
 from lumina.vocab import SPECIAL_TOKENS, Vocab
@@ -38,7 +39,12 @@ CONFIG = {
     "overwrite": False,                # allow output == base_model (also: --overwrite)
     "max_new_chars": 64,               # refuse data that would add more new characters (a wrong encoding?)
     "assistant_only_loss": True,       # chat data: learn only the assistant turns; prose always trains on all
-    "val_fraction": 0.1,               # share of documents held out to measure before and after
+    "val_fraction": 0.1,               # share of documents (or of pair trees) held out to measure before and after
+    # --- objective ---
+    "objective": "auto",               # sft: learn the data's text; dpo: learn from preference pairs (Rafailov et al.
+                                       #   2023); auto: dpo when --data is a pairs file, else sft (a folder from
+                                       #   Dataset_download.py holds both: it gives sft unless --objective=dpo)
+    "beta": 0.1,                       # dpo: how far the model may move from where it started; smaller moves further
     # --- what learns (benchmarks/README.md, "Fine-tuning": chat_tokens won) ---
     "train": "chat_tokens",            # chat_tokens: only the rows of the chat tokens (<|end|>...) and of new
                                        #   characters, and the norms: the model learns the chat's form and keeps
@@ -81,7 +87,8 @@ INHERITED_DEFAULTS = {"batch_size": 8, "grad_accum": 1, "min_lr_ratio": 0.0, "we
                       "grad_clip": 1.0, "label_smoothing": 0.0, "eval_windows": 64}
 RULES = {**{k: v for k, v in TRAINING_RULES.items() if k in CONFIG}, "train": ("chat_tokens", "lora", "all"),
          "learning_rate": (0.0, 10.0), "epochs": (0.0, 1000.0), "eval_interval": (0, math.inf),
-         "lora_rank": (1, 1024), "lora_alpha": (0.0, 10000.0)}
+         "lora_rank": (1, 1024), "lora_alpha": (0.0, 10000.0), "objective": ("auto", "sft", "dpo"),
+         "beta": (1e-6, 100.0)}
 
 
 def training_config(config, base):
@@ -103,14 +110,25 @@ def training_config(config, base):
 
 
 def budget(train_config, config, found, log):
-    """max_iters from `epochs` and the training data's size, and eval_interval for EVALUATIONS."""
+    """max_iters from `epochs` and the training data's size (characters, or pairs for DPO), and
+    eval_interval for EVALUATIONS."""
     if config["epochs"]:
-        per_step = train_config["batch_size"] * train_config["grad_accum"] * train_config["seq_length"]
-        train_config["max_iters"] = max(1, math.ceil(config["epochs"] * len(found.train) / per_step))
-        log(f"budget: {config['epochs']:g} epochs of {len(found.train):,} characters = {train_config['max_iters']} steps"
+        per_step = train_config["batch_size"] * train_config["grad_accum"]
+        size, unit = (len(found.train), "pairs") if config["objective"] == "dpo" else (len(found.train), "characters")
+        per_step *= 1 if unit == "pairs" else train_config["seq_length"]
+        train_config["max_iters"] = max(1, math.ceil(config["epochs"] * size / per_step))
+        log(f"budget: {config['epochs']:g} epochs of {size:,} {unit} = {train_config['max_iters']} steps"
             + (f", or {config['max_minutes']:g} minutes if sooner" if config["max_minutes"] else ""))
     if not config["eval_interval"]:
         train_config["eval_interval"] = max(1, math.ceil(train_config["max_iters"] / EVALUATIONS))
+
+
+def choose_objective(config, log):
+    """sft or dpo: what --objective says, or for auto what --data holds."""
+    if config["objective"] == "auto":
+        config["objective"] = "dpo" if os.path.isfile(config["data"]) and data.pair_files(config["data"]) else "sft"
+        log(f"objective auto: {config['objective']} ({'preference pairs' if config['objective'] == 'dpo' else 'text'} "
+            f"in {config['data']})")
 
 
 def grow_vocabulary(net, vocab, new_chars, limit, log):
@@ -145,14 +163,16 @@ def choose_trainable(net, config, new_rows, state, state_path, log):
     log(f"training {what[config['train']]}: {trainable:,} of {net.num_params():,} parameters")
 
 
-def report(net, found, config, runtime, label, log):
-    """((val loss, end-of-turn rate or None), probe replies) on the held-out fine-tuning data."""
+def report(net, found, config, runtime, objective, label, log):
+    """((val loss, end-of-turn rate or None, pair accuracy or None), probe replies) on the held-out data."""
     loss = evaluate(net, found.val, found.val_mask, config, runtime)
     rate = end_of_turn_rate(net, found.val_prompts, runtime.dtype) if found.val_prompts else None
+    pairs = objective.metrics(net, runtime) if objective else {}
     log(f"{label}: val {loss:.4f} | {loss / math.log(2):.3f} bits/char"
+        + "".join(f" | {name.replace('_', ' ')} {value:.3f}" for name, value in pairs.items())
         + (f" | {turn_ends(rate, found.val_prompts)}" if found.val_prompts else ""))
     replies = probe_replies(net, found.vocab, config["probe_chars"], runtime.dtype) if config["probe_chars"] else []
-    return (loss, rate), replies
+    return (loss, rate, pairs.get("pair_accuracy")), replies
 
 
 def open_checkpoints(config, files, resume):
@@ -172,36 +192,64 @@ def open_checkpoints(config, files, resume):
 
 
 def read_data(config, train_config, vocab, state, log):
-    """The new data as ids, in the base vocabulary extended by its new characters."""
+    """The new data, in the base vocabulary extended by its new characters: ids of text and chats,
+    or for DPO the windows that score each pair's two replies."""
     try:
-        found = load_data(config["data"], os.path.join(train_config["out_dir"], ".lumina_cache"),
-                          config["val_fraction"], config["assistant_only_loss"], config["seed"], vocab, log)
+        if config["objective"] == "dpo":
+            found = load_pairs(config["data"], config["val_fraction"], config["seed"], vocab, train_config["seq_length"],
+                               config["assistant_only_loss"])
+            report_pairs(found, log)
+        else:
+            found = load_data(config["data"], os.path.join(train_config["out_dir"], ".lumina_cache"),
+                              config["val_fraction"], config["assistant_only_loss"], config["seed"], vocab, log)
+            report_data(found, log)
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    report_data(found, log)
     if state and found.new_chars:
         sys.exit("error: the data changed since the fine-tune was interrupted; resume with the same --data")
     return found
+
+
+def report_pairs(found, log):
+    for problem in found.problems[:20]:
+        log(f"skipped {problem}")
+    log(f"data: {len(found.train):,} preference pairs, {len(found.val_pairs):,} held out | {found.trimmed} prompts "
+        f"lost their oldest turns to fit the window | {len(found.problems)} lines skipped")
+
+
+def make_objective(config, found, net, runtime, state):
+    """None for sft (the Trainer's next-character objective); for dpo the pairs' objective, its
+    reference log-probabilities from the starting model (or the interrupted run's state)."""
+    if config["objective"] != "dpo":
+        return None
+    objective = DPO(found, config["beta"])
+    objective.prepare(net, runtime, state.get("objective") if state else None)
+    return objective
 
 
 def run_meta(config, found, old_size, state, before):
     """What the fine-tuned checkpoint records beside the weights: its base, vocabulary sizes, the
     held-out figures before (kept from the first start when resumed) and what trained."""
     lora = {"lora_rank": config["lora_rank"], "lora_alpha": config["lora_alpha"]} if config["train"] == "lora" else {}
+    dpo = {"beta": config["beta"], "pair_accuracy_before": state["pair_accuracy_before"] if state else before[2]} \
+        if config["objective"] == "dpo" else {}
     return {"stage": "fine_tune", "base_model": os.path.abspath(config["base_model"]), "old_vocab_size": old_size,
             "new_vocab_size": len(found.vocab), "val_loss_before": state["val_loss_before"] if state else before[0],
-            "end_rate_before": state.get("end_rate_before") if state else before[1], "train": config["train"], **lora}
+            "end_rate_before": state.get("end_rate_before") if state else before[1], "train": config["train"],
+            "objective": config["objective"], **lora, **dpo}
 
 
-def report_after(files, found, train_config, runtime, meta, base_replies, log):
+def report_after(files, found, train_config, runtime, objective, meta, base_replies, log):
     """The saved model against the base: held-out figures and probe replies, side by side."""
     best, _ = build_model(load_checkpoint(files["best"]))
-    after, tuned_replies = report(best.to(runtime.device), found, train_config, runtime, "after fine-tuning", log)
+    after, tuned_replies = report(best.to(runtime.device), found, train_config, runtime, objective, "after fine-tuning",
+                                  log)
     for (prompt, old), (_, new) in zip(base_replies, tuned_replies):
         log(f"probe | {prompt}\n  base:       {old!r}\n  fine-tuned: {new!r}")
+    pairs = f"pair accuracy {meta['pair_accuracy_before']:.1%} -> {after[2]:.1%} | " if objective else ""
     turns = (f"ends its turn {meta['end_rate_before']:.0%} -> {after[1]:.0%} of {len(found.val_prompts)} held-out "
              f"replies | " if found.val_prompts else "")
-    log(f"val bits/char {meta['val_loss_before'] / math.log(2):.3f} -> {after[0] / math.log(2):.3f} | {turns}"
+    log(f"val bits/char {meta['val_loss_before'] / math.log(2):.3f} -> {after[0] / math.log(2):.3f} | {pairs}{turns}"
         f"wrote {files['best']}")
 
 
@@ -210,6 +258,7 @@ def main(argv):
     files = output_files(os.path.dirname(os.path.abspath(config["output"])), os.path.basename(config["output"]),
                          prefix="fine_tune")
     base, state = open_checkpoints(config, files, flags["resume"])
+    choose_objective(config, print)
     train_config, inherited = training_config(config, base)
     runtime = setup_runtime(train_config)
     torch.manual_seed(train_config["seed"])  # the same seed, the same LoRA start and dropout: the same run
@@ -228,14 +277,15 @@ def main(argv):
     net.to(runtime.device)
     choose_dtype(net, train_config, runtime, log)
     # --- before, train, after ---
-    before, base_replies = report(net, found, train_config, runtime, "before fine-tuning", log)
+    objective = make_objective(config, found, net, runtime, state)
+    before, base_replies = report(net, found, train_config, runtime, objective, "before fine-tuning", log)
     meta = run_meta(config, found, old_size, state, before)
-    trainer = Trainer(train_config, net, found, runtime, files, meta, end_probes=True)
+    trainer = Trainer(train_config, net, found, runtime, files, meta, end_probes=True, objective=objective)
     if state:
         trainer.resume(state)
     trainer.run()
     if runtime.is_main:
-        report_after(files, found, train_config, runtime, meta, base_replies, log)
+        report_after(files, found, train_config, runtime, objective, meta, base_replies, log)
 
 
 if __name__ == "__main__":

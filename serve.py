@@ -77,6 +77,7 @@ RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "
          "threads": (0, 1024), "length_penalty": (-5.0, 5.0), "dtype": DTYPE_CHOICES}
 SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # per-request settings
 MAX_STOPS = 4  # as OpenAI's API allows
+SEND_EVERY = 0.025  # seconds: streamed text reaches the clients in batches at most this far apart
 
 
 class APIError(Exception):
@@ -286,6 +287,7 @@ class Scheduler:
         self.free = list(range(config["max_batch"]))  # a heap: the lowest slots first, so rows stay neighbours
         self.waiting, self.running = collections.deque(), []
         self.wake, self.accepting, self.outbox, self.failure = threading.Condition(), True, [], None
+        self.urgent, self.sent_at = False, 0.0
         self.thread = threading.Thread(target=self.loop, daemon=True, name="scheduler")
 
     def submit(self, job):
@@ -366,13 +368,19 @@ class Scheduler:
             self.send()
 
     def post(self, job, *event):
+        """Queue an event for the job's client. A reply's first text and every ending go out at the
+        next send(); the rest may wait up to SEND_EVERY."""
+        first = event[0] == "delta" and job.texts[event[1]].sent == len(event[2])
+        self.urgent = self.urgent or event[0] != "delta" or event[3] is not None or first
         self.outbox.append((job, event))
 
     def send(self):
-        """Hand the step's events to the event loop in one wake-up: waking it once per row would
-        cost more than the step itself."""
-        if self.outbox:
-            batch, self.outbox = self.outbox, []
+        """Hand the waiting events to the event loop in one wake-up, at most every SEND_EVERY
+        seconds unless one is urgent: waking it once per row, or even once per step, costs the
+        HTTP side more than the step itself, and a reader sees no difference."""
+        now = time.monotonic()
+        if self.outbox and (self.urgent or now - self.sent_at >= SEND_EVERY):
+            batch, self.outbox, self.urgent, self.sent_at = self.outbox, [], False, now
             batch[0][0].loop.call_soon_threadsafe(lambda: [job.events.put_nowait(event) for job, event in batch])
 
     def deliver(self, job):

@@ -1,14 +1,19 @@
-"""serve.py under load: continuous batching against one sequence at a time, taking turns.
+"""serve.py under load, through the real HTTP API, taking turns.
 
 A model of the default CPU preset's shape (random weights, except that it never ends a turn, so
-every reply is exactly `chars` characters: speed does not depend on the weights) is served twice
-per round, with --max_batch=16 and with --max_batch=1. Each time, `clients` concurrent clients
-stream a reply of `chars` characters through the real HTTP API. Reported: aggregate characters/s
-over the whole burst, and each client's time to its first character (p50 and p95).
+every reply is exactly `chars` characters: speed does not depend on the weights) is served, each
+round, to bursts of concurrent streaming clients:
+  - `clients` clients, --max_batch=`clients` (continuous batching);
+  - 1 client (the same server settings);
+  - `clients` clients, --max_batch=1 (one sequence at a time);
+  - with --peer=RELEASE: `clients` clients on that release's serve.py (read from git), same
+    model file and settings.
+Reported: aggregate characters/s over each burst, and each client's time to its first character
+(p50 and p95). Clients and server share the machine.
 
-Run:  python benchmarks/serve_speed.py [--rounds=2] [--clients=16] [--chars=200]
+Run:  python benchmarks/serve_speed.py [--rounds=2] [--clients=16] [--chars=200] [--peer=d26845d]
 """
-import concurrent.futures
+import asyncio
 import dataclasses
 import json
 import os
@@ -34,6 +39,8 @@ CONFIG = {
     "clients": 16,    # concurrent streaming clients per burst
     "chars": 200,     # characters each client asks for
     "threads": 0,     # the server's CPU threads; 0 = torch's default
+    "peer": "",       # a release (e.g. d26845d) whose serve.py also serves the burst; "" = none
+    "dtype": "auto",  # this release's serve.py --dtype (the peer has no such key)
 }
 
 
@@ -53,12 +60,13 @@ def endless_model(path):
     return net.num_params()
 
 
-def start_server(checkpoint, max_batch, threads):
+def start_server(root, checkpoint, max_batch, threads, extra=()):
+    """serve.py of the code at `root`, on a free port; (process, url) once /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, os.path.join(common.ROOT, "serve.py"), checkpoint, f"--port={port}",
-                             f"--max_batch={max_batch}", f"--threads={threads}"], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "serve.py"), checkpoint, f"--port={port}",
+                             f"--max_batch={max_batch}", f"--threads={threads}", *extra], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -69,55 +77,89 @@ def start_server(checkpoint, max_batch, threads):
     raise SystemExit("serve.py did not start")
 
 
-def one_client(url, chars, start):
-    """(seconds from the burst's start to the first character, characters received)."""
-    first, received = None, 0
-    body = {"model": "Model", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": chars,
-            "stream": True}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            for choice in json.loads(line[6:])["choices"]:
-                text = choice["delta"].get("content") or ""
-                if text and first is None:
-                    first = time.perf_counter() - start
-                received += len(text)
+def release_tree(release):
+    """A folder holding the files of an older release, read from git."""
+    folder = tempfile.mkdtemp(prefix=f"lumina-{release}-")
+    archive = subprocess.run(["git", "-C", common.ROOT, "archive", release], capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"cannot read release {release}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    return folder
+
+
+async def one_client(url, chars, start):
+    """(seconds from the burst's start to the first character, characters received). A lean
+    client: raw HTTP/1.1 over asyncio, the chunked SSE body parsed by hand, so that the clients,
+    which share the machine with the server, cost it as little as they can."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "Model", "messages": [{"role": "user", "content": "Tell me a story."}],
+                       "max_tokens": chars, "stream": True}).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await reader.readuntil(b"\r\n\r\n")  # status line and headers
+    first, received, pending = None, 0, b""
+    while (size := int((await reader.readline()).strip(), 16)) > 0:  # chunked transfer encoding
+        pending += (await reader.readexactly(size + 2))[:-2]
+        *events, pending = pending.split(b"\n\n")
+        for event in events:
+            if event.startswith(b"data: {") and b'"content"' in event:
+                for choice in json.loads(event[6:])["choices"]:
+                    received += len(choice["delta"].get("content") or "")
+                    first = first or (time.perf_counter() - start if received else None)
+    writer.close()
     return first, received
 
 
 def burst(url, clients, chars):
     """Every client at once; (aggregate characters/s, first-character times)."""
+    async def together():
+        return await asyncio.gather(*(one_client(url, chars, start) for _ in range(clients)))
+
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda _: one_client(url, chars, start), range(clients)))
+    results = asyncio.run(together())
     seconds = time.perf_counter() - start
     if any(received != chars for _, received in results):
         raise SystemExit(f"a client got {[r for _, r in results]} characters, not {chars}")
     return clients * chars / seconds, sorted(first for first, _ in results)
 
 
+def measure(root, checkpoint, max_batch, clients, options, extra=()):
+    """(chars/s, first-character times) of one burst on a fresh server."""
+    proc, url = start_server(root, checkpoint, max_batch, options["threads"], extra)
+    try:
+        burst(url, 2, 20)  # warm up the server's first steps
+        return burst(url, clients, options["chars"])
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def main(argv):
     options = parse_cli(argv, CONFIG, __file__)[0]
     checkpoint = os.path.join(tempfile.mkdtemp(prefix="lumina-serve-"), "Model.pth")
     params = endless_model(checkpoint)
-    print(f"model: CPU preset shape, {params:,} params | {options['clients']} clients x {options['chars']} chars | "
+    n, ours = options["clients"], ["--dtype=" + options["dtype"]]
+    print(f"model: CPU preset shape, {params:,} params | {n} clients x {options['chars']} chars | "
           f"server threads {options['threads'] or 'default'} | torch {torch.__version__} | {os.cpu_count()} CPUs")
-    results = {16: [], 1: []}
+    ways = {f"{n} clients, max_batch {n}": (common.ROOT, n, n, ours),
+            f"1 client, max_batch {n}": (common.ROOT, n, 1, ours),
+            f"{n} clients, max_batch 1": (common.ROOT, 1, n, ours)}
+    if options["peer"]:
+        ways[f"{n} clients, max_batch {n}, {options['peer']}"] = (release_tree(options["peer"]), n, n, [])
+    results = {way: [] for way in ways}
     for round_ in range(options["rounds"]):
-        for max_batch in results:  # taking turns
-            proc, url = start_server(checkpoint, max_batch, options["threads"])
-            burst(url, 2, 20)  # warm up the server's first steps
-            rate, firsts = burst(url, options["clients"], options["chars"])
-            proc.terminate()
-            proc.wait()
-            results[max_batch].append((rate, firsts))
+        for way, (root, max_batch, clients, extra) in ways.items():  # taking turns
+            rate, firsts = measure(root, checkpoint, max_batch, clients, options, extra)
+            results[way].append(rate)
             p95 = firsts[min(len(firsts) - 1, round(0.95 * (len(firsts) - 1)))]
-            print(f"round {round_ + 1} max_batch={max_batch:<2}: {rate:,.0f} chars/s | first character p50 "
+            print(f"round {round_ + 1} {way}: {rate:,.0f} chars/s | first character p50 "
                   f"{statistics.median(firsts):.3f} s, p95 {p95:.3f} s", flush=True)
-    batched, single = (statistics.mean(r for r, _ in results[b]) for b in (16, 1))
-    print(f"mean over {options['rounds']} rounds: batched {batched:,.0f} chars/s | one at a time {single:,.0f} chars/s | "
-          f"{batched / single:.1f}x")
+    mean = {way: statistics.mean(rates) for way, rates in results.items()}
+    first = next(iter(mean))
+    print("mean: " + " | ".join(f"{way} {rate:,.0f} chars/s" for way, rate in mean.items()))
+    print(f"{first} against the others: " + " | ".join(f"{mean[first] / rate:.1f}x {way}" for way, rate in mean.items()
+                                                       if way != first))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ one, never half of one. Turning documents into ids needs the vocabulary, so that
 """
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -378,14 +379,130 @@ def tree_ids(messages):
     return root
 
 
-def hold_out(items, group_of, fraction, seed):
-    """Split items into (train, validation) by whole group (an OASST tree, a document), so that no
-    group is in both. At least one group is held out when there are two or more."""
-    groups = sorted({group_of(item) for item in items})
+def held_out_groups(groups, fraction, seed):
+    """The groups (OASST trees, documents) to hold out: a seeded `fraction` of them, at least one
+    when there are two or more."""
+    groups = sorted(set(groups))
     random.Random(seed).shuffle(groups)
     count = min(len(groups) - 1, max(1, round(len(groups) * fraction))) if fraction > 0 else 0
-    val_groups = set(groups[:count])
+    return set(groups[:count])
+
+
+def hold_out(items, group_of, fraction, seed):
+    """Split items into (train, validation) by whole group, so that no group is in both."""
+    val_groups = held_out_groups(map(group_of, items), fraction, seed)
     return ([i for i in items if group_of(i) not in val_groups], [i for i in items if group_of(i) in val_groups])
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference pairs: the rankings of sibling replies
+# ----------------------------------------------------------------------------------------------
+def preference_pairs(rows, messages):
+    """(pairs, Counter of skipped pairs by reason) from a split's raw message rows and the ones
+    validate() kept. Every two assistant replies to the same kept prompt make a pair when both
+    were kept and ranked, with different ranks (rank 0 is the best):
+      {"id", "tree", "prompt": [messages up to and including the prompt], "chosen", "rejected",
+       "ranks": [the chosen's, the rejected's]}
+    A pair is skipped, and counted, for a deleted, rejected or otherwise dropped reply, a reply
+    without a rank, or equal ranks."""
+    replies = defaultdict(list)
+    for row in rows:
+        if isinstance(row, dict) and row.get("role") == "assistant" and row.get("parent_id") in messages:
+            replies[row["parent_id"]].append(row)
+    tree_of, pairs, skipped = tree_ids(messages), [], Counter()
+    for prompt_id, siblings in replies.items():
+        prompt = thread_to(messages, prompt_id)
+        for a, b in itertools.combinations(siblings, 2):
+            reason = pair_problem(a, b, messages)
+            if reason:
+                skipped[reason] += 1
+                continue
+            better, worse = (a, b) if a["rank"] < b["rank"] else (b, a)
+            pairs.append({"id": f"{better['message_id']}>{worse['message_id']}", "tree": tree_of[prompt_id],
+                          "prompt": prompt, "chosen": better["text"], "rejected": worse["text"],
+                          "ranks": [better["rank"], worse["rank"]]})
+    return pairs, skipped
+
+
+def pair_problem(a, b, messages):
+    """Why two sibling replies make no preference pair, or None."""
+    if a.get("deleted") or b.get("deleted"):
+        return "deleted_reply"
+    if a.get("review_result") is False or b.get("review_result") is False:
+        return "rejected_reply"
+    if any(messages.get(r.get("message_id")) is not r for r in (a, b)):
+        return "dropped_reply"  # empty, another language, a duplicate id...
+    if a.get("rank") is None or b.get("rank") is None:
+        return "null_rank"
+    return "equal_rank" if a["rank"] == b["rank"] else None
+
+
+def thread_to(messages, message_id):
+    """The conversation from the tree's root down to message_id, as chat messages."""
+    path = []
+    while message_id is not None:
+        row = messages[message_id]
+        path.append({"role": ROLES[row["role"]], "content": row["text"]})
+        message_id = row["parent_id"]
+    return path[::-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference pairs as files (Dataset_download.py writes them; fine_tune.py learns from them)
+# ----------------------------------------------------------------------------------------------
+PAIR_FILES = ("pairs_train.jsonl", "pairs_validation.jsonl")
+
+
+def read_pairs(path, problems):
+    """The preference pairs of one JSONL file: {"prompt": [messages ending with a user turn],
+    "chosen", "rejected"} and optionally "tree" (pairs of one tree are held out together). A
+    malformed line goes to `problems` as "file:line: reason" and is skipped."""
+    pairs = []
+    for number, row in read_jsonl(path, problems):
+        prompt = clean_chat(row["prompt"]) if isinstance(row.get("prompt"), list) else []
+        replies = [row.get(key) for key in ("chosen", "rejected")]
+        if not prompt or prompt[-1]["role"] != "user" or not all(isinstance(r, str) and r.strip() for r in replies):
+            problems.append(f"{path}:{number}: a pair needs 'prompt' (messages ending with a user turn) and "
+                            f"non-empty 'chosen' and 'rejected' texts")
+            continue
+        pairs.append({"tree": str(row.get("tree") or f"{path}:{number}"), "prompt": prompt,
+                      "chosen": replies[0], "rejected": replies[1]})
+    return pairs
+
+
+def pair_files(path):
+    """(train files, validation files) of preference pairs at `path`, or None when it holds none:
+    Dataset_download.py's folder (pairs_train.jsonl, pairs_validation.jsonl), or a JSONL file whose
+    first row is a pair."""
+    if os.path.isdir(path):
+        train, val = (os.path.join(path, name) for name in PAIR_FILES)
+        return ([train], [val] if os.path.exists(val) else []) if os.path.exists(train) else None
+    if os.path.isfile(path) and path.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            return None
+        return ([path], []) if isinstance(row, dict) and "chosen" in row and "rejected" in row else None
+    return None
+
+
+def training_pairs(path, val_fraction, seed, problems):
+    """(train pairs, validation pairs) from pair files; without a validation file a val_fraction
+    of whole trees is held out, so no tree has pairs on both sides."""
+    files = pair_files(path)
+    if files is None:
+        raise DataError(f"{path} holds no preference pairs (rows with 'prompt', 'chosen' and 'rejected'); "
+                        f"Dataset_download.py writes them as pairs_train.jsonl")
+    train, val = ([p for f in group for p in read_pairs(f, problems)] for group in files)
+    if not val:
+        train, val = hold_out(train, lambda pair: pair["tree"], val_fraction, seed)
+    if not train:
+        raise DataError(f"no usable preference pairs in {path}" +
+                        (f" ({len(problems)} lines skipped; the first: {problems[0]})" if problems else ""))
+    return train, val
 
 
 # ----------------------------------------------------------------------------------------------

@@ -185,6 +185,7 @@ class Sampling:
     top_p_used: bool
     penalty_used: bool
     sampled: bool              # False: every row is greedy
+    greedy_used: bool          # some row is greedy
 
     @classmethod
     def of(cls, rows, vocab_size, device):
@@ -199,7 +200,7 @@ class Sampling:
                    tensor([seed_key(row.seed) for row in rows], torch.int64), max(limited, default=0),
                    vocab_size if keeps_all or not limited else max(limited),
                    any(p < 1 for p, g in zip(top_p, greedy) if not g),
-                   any(row.repetition_penalty != 1 for row in rows), not all(greedy))
+                   any(row.repetition_penalty != 1 for row in rows), not all(greedy), any(greedy))
 
 
 def penalise(logits, recent, penalty):
@@ -236,18 +237,18 @@ def choose(logits, sampling, positions, recent=None, noise=None):
     logits = logits.float()
     if sampling.penalty_used:
         logits = penalise(logits, recent, sampling.penalty)
-    greedy = logits.argmax(-1)
     if not sampling.sampled:
-        return greedy
+        return logits.argmax(-1)
     vocab = logits.shape[-1]
-    scaled = logits / torch.where(sampling.temperature > 0, sampling.temperature, 1.0)[:, None]
+    temperature = torch.where(sampling.temperature > 0, sampling.temperature, 1.0)[:, None]
     if sampling.candidates < vocab:  # every sampled row keeps at most this many: draw among those only
-        values, ids = scaled.topk(sampling.candidates)
+        values, ids = logits.topk(sampling.candidates)  # (B, K), most likely first
+        values = values / temperature
     else:
-        values, ids = scaled, torch.arange(vocab, device=logits.device)
+        values, ids = logits / temperature, torch.arange(vocab, device=logits.device)
     keep = torch.ones_like(values, dtype=torch.bool)
     if sampling.k_limit:
-        top = values[:, :sampling.k_limit] if sampling.candidates < vocab else scaled.topk(sampling.k_limit).values
+        top = values[:, :sampling.k_limit] if sampling.candidates < vocab else values.topk(sampling.k_limit).values
         kth = top.gather(1, (sampling.top_k.clamp(max=sampling.k_limit) - 1)[:, None])
         keep = values >= torch.where(sampling.top_k[:, None] < vocab, kth, -torch.inf)
     if sampling.top_p_used:
@@ -256,7 +257,9 @@ def choose(logits, sampling, positions, recent=None, noise=None):
     drawn = (values + noise(ids)).masked_fill(~keep, -torch.inf).argmax(-1)
     if ids.dim() == 2:
         drawn = ids.gather(1, drawn[:, None])[:, 0]
-    return torch.where(sampling.temperature > 0, drawn, greedy)
+    if sampling.greedy_used:  # the argmax of a whole row is not cheap on a CPU: only when a row asks for it
+        drawn = torch.where(sampling.temperature > 0, drawn, logits.argmax(-1))
+    return drawn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,7 +385,7 @@ class Engine:
         parts = []
         if rows:
             sampling = self.sampling(rows)
-            positions = torch.tensor([row.new for row in rows], device=self.device)  # which id of its reply each draws
+            positions = torch.tensor([row.new for row in rows], device=self.device) if sampling.sampled else None
             recent = (torch.tensor([row.ids[:1] * (REPETITION_WINDOW - len(row.ids)) + row.ids[-REPETITION_WINDOW:]
                                     for row in rows], device=self.device) if sampling.penalty_used else None)
             parts.append(choose(logits[:len(rows)], sampling, positions, recent).double())

@@ -80,13 +80,14 @@ def time_precisions(net, config, runtime):
     dominate (on an EPYC with avx512_bf16, bf16's matmul peak was 2.4x fp32's, yet training ran at
     0.88x), so the choice is measured on the actual model and batch. The trial gradients are dropped."""
     x = torch.randint(net.config.vocab_size, (config["batch_size"], config["seq_length"]), generator=seeded_generator(0))
+    text = LanguageModel(None, None, config["seq_length"])
     times = {}
     for dtype in (torch.float32, torch.bfloat16):
         trial = dataclasses.replace(runtime, dtype=dtype)
         durations = []
         for _ in range(1 + DTYPE_TRIAL_STEPS):
             start = time.perf_counter()
-            forward_backward(net, x, x, len(x), trial, torch.amp.GradScaler("cpu", enabled=False), config)
+            forward_backward(net, (x, x), len(x), trial, torch.amp.GradScaler("cpu", enabled=False), text)
             durations.append(time.perf_counter() - start)
         times[dtype] = min(durations[1:])
     net.zero_grad(set_to_none=True)
@@ -139,21 +140,54 @@ def setup_runtime(config):
 # ----------------------------------------------------------------------------------------------
 # The step: gradients over micro-batches, and the out-of-memory back-off
 # ----------------------------------------------------------------------------------------------
-def forward_backward(model, x, y, micro_batch, runtime, scaler, config):
-    """Gradients of the mean loss over all windows, in micro-batches of `micro_batch` windows.
-    Each micro-batch's loss is weighted by its share because backward() sums gradients."""
+class LanguageModel:
+    """The Trainer's objective for text and chats: a step's batch is n windows at random positions
+    of the training ids, the loss the mean next-character cross-entropy over unmasked targets.
+    (lumina.preference.DPO is the other objective: pairs of replies.)"""
+    keeps_last = False  # the model file keeps the best evaluation, not the last
+    metrics_names = ()  # figures of its own at each evaluation: none beyond val bits/char
+
+    def __init__(self, ids, mask, seq_length, label_smoothing=0.0):
+        self.ids, self.mask, self.seq_length, self.label_smoothing = ids, mask, seq_length, label_smoothing
+
+    def prepare(self, net, runtime, saved=None):
+        """Nothing to prepare: text needs no reference model."""
+
+    def state(self):
+        return None
+
+    def draw(self, n, sampler):
+        return random_windows(self.ids, self.mask, n, self.seq_length, sampler)
+
+    def split(self, batch, micro_batch):
+        x, y = batch
+        return [((xb, yb), len(xb) / len(x)) for xb, yb in zip(x.split(micro_batch), y.split(micro_batch))]
+
+    def loss(self, model, chunk, runtime):
+        xb, yb = (t.to(runtime.device, non_blocking=True) for t in chunk)
+        return model(xb, yb, label_smoothing=self.label_smoothing)[1]
+
+    def tokens(self, batch):
+        return batch[0].numel()
+
+    def metrics(self, net, runtime):
+        return {}
+
+
+def forward_backward(model, batch, micro_batch, runtime, scaler, objective):
+    """Gradients of the objective's mean loss over the batch, in micro-batches of `micro_batch`
+    windows (or pairs). Each micro-batch's loss is weighted by its share because backward() sums."""
     total = torch.zeros((), device=runtime.device)  # a tensor: reading it would wait for the GPU
-    chunks = list(zip(x.split(micro_batch), y.split(micro_batch)))
-    for i, (xb, yb) in enumerate(chunks):
+    chunks = objective.split(batch, micro_batch)
+    for i, (chunk, share) in enumerate(chunks):
         last = i == len(chunks) - 1
         # DDP averages gradients across processes on the last micro-batch only.
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with runtime.autocast():
-                _, loss = model(xb.to(runtime.device, non_blocking=True), yb.to(runtime.device, non_blocking=True),
-                                label_smoothing=config["label_smoothing"])
-            scaler.scale(loss * len(xb) / len(x)).backward()
-        total += loss.detach() * len(xb) / len(x)
+                loss = objective.loss(model, chunk, runtime)
+            scaler.scale(loss * share).backward()
+        total += loss.detach() * share
     return total
 
 
@@ -291,11 +325,14 @@ def stop_on_signals():
 # The training loop (fine_tune.py runs it too)
 # ----------------------------------------------------------------------------------------------
 class Trainer:
-    """One run: the model, its optimizer, the data sampler and the loop's position. `meta` holds
-    extra checkpoint fields (stage, base model...); `files` comes from output_files()."""
+    """One run: the model, its optimizer, the data sampler, the objective and the loop's position.
+    `meta` holds extra checkpoint fields (stage, base model...); `files` comes from output_files();
+    the objective is the next character of the training text unless one is given (DPO's pairs)."""
 
-    def __init__(self, config, net, found, runtime, files, meta, end_probes=False):
+    def __init__(self, config, net, found, runtime, files, meta, end_probes=False, objective=None):
         self.config, self.net, self.data, self.runtime, self.files, self.meta = config, net, found, runtime, files, meta
+        self.objective = objective or LanguageModel(found.train, found.train_mask, config["seq_length"],
+                                                    config["label_smoothing"])
         self.end_probes = end_probes and bool(found.val_prompts)  # the end-of-turn rate at every evaluation
         self.log = tqdm.write if runtime.is_main else (lambda *a: None)
         net.to(runtime.device).train()
@@ -315,6 +352,7 @@ class Trainer:
         """Continue exactly where `state` (a loaded *_state.pth) stopped: same windows, same losses."""
         self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], self.runtime.rank, self.runtime.device, self.sampler)
+        self.objective.prepare(self.net, self.runtime, state.get("objective"))
         self.step, self.best_val, self.micro_batch = state["step"], state["best_val"], state["micro_batch"]
         self.t0 = time.time() - state["elapsed"]
 
@@ -323,7 +361,9 @@ class Trainer:
         config, runtime = self.config, self.runtime
         if runtime.is_main:
             start_metrics(self.files["metrics"], self.step)
-        per_step = config["batch_size"] * config["grad_accum"] // runtime.world  # windows per process per step
+        if self.objective.state() is None:  # a fresh run: DPO scores the pairs with the starting model
+            self.objective.prepare(self.net, runtime)
+        per_step = config["batch_size"] * config["grad_accum"] // runtime.world  # windows (or pairs) per process per step
         since, budget = (time.time(), self.step), config["max_minutes"] * 60  # speed is measured since the last log
         bar = tqdm(total=config["max_iters"], initial=self.step, disable=None if runtime.is_main else True,
                    desc="training", dynamic_ncols=True, leave=False)  # None: no bar when not a terminal
@@ -332,10 +372,10 @@ class Trainer:
                 progress = max(self.step / config["max_iters"], (time.time() - self.t0) / budget if budget else 0.0)
                 if progress >= 1:
                     break
-                loss, lr = self.train_step(progress, per_step)
+                loss, lr, tokens = self.train_step(progress, per_step)
                 bar.update(1)
                 if self.step % config["log_interval"] == 0 and runtime.is_main:
-                    since = self.log_step(loss, lr, since, per_step * runtime.world)
+                    since = self.log_step(loss, lr, since, tokens * runtime.world)
                 if self.step % config["eval_interval"] == 0 and runtime.is_main:
                     self.evaluate_and_save()
                 if self.step % config["checkpoint_interval"] == 0:
@@ -344,15 +384,15 @@ class Trainer:
         return self.finish(bool(asked))
 
     def train_step(self, progress, per_step):
-        """One optimizer step at the learning rate for `progress`; returns (loss tensor, lr)."""
+        """One optimizer step at the learning rate for `progress`; returns (loss tensor, lr, tokens read)."""
         lr = lr_at(progress, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = random_windows(self.data.train, self.data.train_mask, per_step, self.config["seq_length"], self.sampler)
+        batch = self.objective.draw(per_step, self.sampler)
 
         def attempt(micro_batch):
             self.optimizer.zero_grad(set_to_none=True)  # also clears what a failed (out-of-memory) try left
-            return forward_backward(self.model, x, y, micro_batch, self.runtime, self.scaler, self.config)
+            return forward_backward(self.model, batch, micro_batch, self.runtime, self.scaler, self.objective)
 
         loss, self.micro_batch = with_oom_backoff(attempt, self.micro_batch, self.log, self.runtime.device)
         if self.config["grad_clip"]:
@@ -363,13 +403,13 @@ class Trainer:
             self.scaler.step(optimizer)
         self.scaler.update()
         self.step += 1
-        return loss, lr
+        return loss, lr, self.objective.tokens(batch)
 
-    def log_step(self, loss, lr, since, windows_per_step):
+    def log_step(self, loss, lr, since, tokens_per_step):
         """step 00420/05000 | loss 1.2345 | val 1.3012 | lr 3.0e-04 | 41 ms | 98,000 tok/s, with the
         speed since (time, step) `since`. Returns the new `since`."""
         now, steps = time.time(), self.step - since[1]
-        tokens = steps * windows_per_step * min(self.config["seq_length"], len(self.data.train) - 1)
+        tokens = steps * tokens_per_step
         record = {"step": self.step, "loss": loss.item(), "lr": lr, "ms": (now - since[0]) * 1000 / steps,
                   "tok_s": tokens / (now - since[0]), "elapsed": now - self.t0}
         val = "-" if self.val_loss is None else f"{self.val_loss:.4f}"
@@ -379,24 +419,27 @@ class Trainer:
         return now, self.step
 
     def evaluate_and_save(self):
-        """Val loss and bits/char, probe replies, and the best model file when val improved."""
+        """Val loss and bits/char (and the objective's own figures), probe replies, and the model
+        file when the run improved."""
         self.val_loss = evaluate(self.net, self.data.val, self.data.val_mask, self.config, self.runtime)
-        metrics = {"step": self.step, "val": self.val_loss, "val_bpc": self.val_loss / math.log(2)}
+        metrics = {"step": self.step, "val": self.val_loss, "val_bpc": self.val_loss / math.log(2),
+                   **self.objective.metrics(self.net, self.runtime)}
         if self.end_probes:
             metrics["end_rate"] = end_of_turn_rate(self.net, self.data.val_prompts, self.runtime.dtype)
         # With end-of-turn probes the kept model is not simply the lowest val: a reply that never
         # ends costs END_WEIGHT bits/char, so ending every reply is worth 0.1 bits/char of val.
         score = self.val_loss + (1 - metrics["end_rate"]) * END_WEIGHT * math.log(2) if self.end_probes else self.val_loss
-        improved = score < self.best_val
+        improved = self.objective.keeps_last or score < self.best_val
         self.log(f"eval step {self.step} | val {self.val_loss:.4f} | {metrics['val_bpc']:.3f} bits/char"
+                 + "".join(f" | {name.replace('_', ' ')} {metrics[name]:.3f}" for name in self.objective.metrics_names)
                  + (f" | {turn_ends(metrics['end_rate'], self.data.val_prompts)}" if self.end_probes else "")
-                 + (" | best, saved" if improved else ""))
+                 + (" | saved" if self.objective.keeps_last else " | best, saved" if improved else ""))
         if self.config["probe_chars"]:
             for prompt, reply in probe_replies(self.net, self.data.vocab, self.config["probe_chars"], self.runtime.dtype):
                 self.log(f"probe | {prompt} -> {reply!r}")
         log_metrics(self.files["metrics"], metrics)
         if improved:
-            self.best_val = score
+            self.best_val = min(score, self.best_val)
             ckpt.save_checkpoint(self.files["best"], self.checkpoint({**metrics, "val_loss": self.val_loss}))
 
     def checkpoint(self, metrics):
@@ -412,7 +455,7 @@ class Trainer:
                 **self.checkpoint({"val_loss": self.val_loss}), "optimizer": self.optimizer.state_dict(),
                 "model": ckpt.model_state(self.net, merge=False), "lora": lora_state(self.net),  # LoRA: base and adapters apart
                 "step": self.step, "elapsed": time.time() - self.t0, "best_val": self.best_val,
-                "micro_batch": self.micro_batch, "rng": rng})
+                "micro_batch": self.micro_batch, "rng": rng, "objective": self.objective.state()})
 
     def gather_rng_states(self):
         """Every process's random state (rng_state), so a resumed run draws the same windows and dropout."""

@@ -1,11 +1,14 @@
 """Shared fixtures: tiny models and data, so the whole suite runs in minutes on 2 CPU cores."""
 import contextlib
+import importlib.util
 import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ sys.path.insert(0, ROOT)
 
 from lumina.checkpoint import model_state, save_checkpoint  # noqa: E402
 from lumina.model import CharTransformer, ModelConfig  # noqa: E402
-from lumina.vocab import Vocab  # noqa: E402
+from lumina.vocab import SPECIAL_TOKENS, Vocab  # noqa: E402
 
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data", "oasst1")
 # The device every stage and model of the suite runs on: LUMINA_TEST_DEVICE=cuda runs the same tests on a GPU.
@@ -81,3 +84,71 @@ def run_script(script, *args, cwd=None, input=None, timeout=300, env=None):
 @pytest.fixture
 def vocab():
     return Vocab.from_text("abcdefghijklmnopqrstuvwxyz !?.,\n\tñ")
+
+
+# --- serve.py, as its clients reach it ---------------------------------------------------------------------
+KEY = "secret"
+# What talking to serve.py needs beyond the stages' own packages; a machine without them (the GPU
+# machine has none of them) skips those tests and says which are missing.
+SERVE_MISSING = [m for m in ("fastapi", "uvicorn", "httpx", "openai") if importlib.util.find_spec(m) is None]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """serve.py in a subprocess, ready when /health answers."""
+
+    def __init__(self, checkpoint, *args):
+        import httpx
+        self.checkpoint, self.port = checkpoint, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), checkpoint, f"--port={self.port}",
+                                      "--threads=1", f"--device={DEVICE}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.proc.kill()
+        raise RuntimeError(f"serve.py did not start: {self.proc.communicate()[1][-2000:]}")
+
+    def client(self, key=KEY):
+        import openai
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def health(self):
+        import httpx
+        return httpx.get(self.url + "/health").json()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, out, err
+
+
+def ask(client, text, **kwargs):
+    return client.chat.completions.create(model="Model", messages=[{"role": "user", "content": text}], **kwargs)
+
+
+ENDLESS_TEXT = "abcdefghijklmnopqrstuvwxyz !?.,\n<|>"
+
+
+def endless_checkpoint(path, seq_length=64):
+    """A tiny model that never ends a turn: its final hidden state is always v, and the rows of
+    <|end|>, the other special ids and newline point against v, so their logits are hugely negative."""
+    vocab = Vocab.from_text(ENDLESS_TEXT)
+    net = tiny_model(vocab, seq_length=seq_length)
+    with torch.no_grad():
+        net.norm.weight.zero_()
+        net.norm.bias.copy_(torch.randn(net.config.hidden_size))
+        for never in [*range(len(SPECIAL_TOKENS)), vocab.stoi["\n"]]:  # one reply, one output line
+            net.tok_emb.weight[never] = -10 * net.norm.bias
+    save_checkpoint(str(path), {"stage": "train", "vocab": vocab.chars, "model": model_state(net),
+                                  "model_config": dataclasses.asdict(net.config), "config": {}, "metrics": {}})
+    return str(path)

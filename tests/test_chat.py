@@ -1,5 +1,4 @@
 """ChatAI.py, driven as a person would: piped input, --prompt, Ctrl-C, bad checkpoints."""
-import dataclasses
 import json
 import os
 import signal
@@ -8,30 +7,13 @@ import sys
 import time
 
 import pytest
-import torch
 
 import ChatAI
-from lumina.checkpoint import model_state, save_checkpoint
-from lumina.vocab import BOT, SPECIAL_TOKENS, USER, Vocab, render_chat
-from conftest import ROOT, run_script, tiny_checkpoint, tiny_model
+from lumina.vocab import BOT, USER, Vocab, render_chat
+from conftest import ENDLESS_TEXT, ROOT, endless_checkpoint, run_script, tiny_checkpoint, tiny_model
 
-TEXT = "abcdefghijklmnopqrstuvwxyz !?.,\n<|>"
+TEXT = ENDLESS_TEXT
 VOCAB_SIZE = len(Vocab.from_text(TEXT))
-
-
-def endless_checkpoint(path, seq_length=64):
-    """A tiny model that never ends a turn: its final hidden state is always v, and the rows of
-    <|end|>, the other special ids and newline point against v, so their logits are hugely negative."""
-    vocab = Vocab.from_text(TEXT)
-    net = tiny_model(vocab, seq_length=seq_length)
-    with torch.no_grad():
-        net.norm.weight.zero_()
-        net.norm.bias.copy_(torch.randn(net.config.hidden_size))
-        for never in [*range(len(SPECIAL_TOKENS)), vocab.stoi["\n"]]:  # one reply, one output line
-            net.tok_emb.weight[never] = -10 * net.norm.bias
-    save_checkpoint(str(path), {"stage": "train", "vocab": vocab.chars, "model": model_state(net),
-                                  "model_config": dataclasses.asdict(net.config), "config": {}, "metrics": {}})
-    return str(path)
 
 
 @pytest.fixture

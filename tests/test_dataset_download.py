@@ -6,7 +6,8 @@ import os
 import socket
 import time
 
-import datasets
+import importlib.util
+
 import pytest
 
 import Dataset_download as D
@@ -102,7 +103,13 @@ def test_null_ranks_fall_back_to_a_stable_order(tmp_path):
 
 
 # --- sources -------------------------------------------------------------------------------------
+NEEDS_DATASETS = pytest.mark.skipif(importlib.util.find_spec("datasets") is None,
+                                    reason="needs the datasets package (pip install -r requirements.txt)")
+
+
+@NEEDS_DATASETS
 def test_parquet_written_and_read_by_datasets(tmp_path):
+    import datasets
     src = tmp_path / "parquet"
     src.mkdir()
     datasets.Dataset.from_list(ROWS[:6]).to_parquet(str(src / "train-00000-of-00001.parquet"))
@@ -112,7 +119,9 @@ def test_parquet_written_and_read_by_datasets(tmp_path):
     assert read(tmp_path / "out" / "validation.jsonl")[0]["messages"][1]["content"] == "Apple."
 
 
+@NEEDS_DATASETS
 def test_the_hub_path_through_datasets_with_local_files(tmp_path):
+    import datasets
     train, val = write_jsonl(tmp_path / "t.jsonl", ROWS[:6]), write_jsonl(tmp_path / "v.jsonl", ROWS[6:8])
     load = lambda name: datasets.load_dataset("json", data_files={"train": train, "validation": val})
     splits = D.download("OpenAssistant/oasst1", 1, 0, load=load)
@@ -192,7 +201,8 @@ def test_rerun_does_nothing_until_forced_or_outputs_change(tmp_path):
     out, out_dir = prepare(tmp_path)
     assert "wrote" in out.stdout
     manifest = json.load(open(out_dir / "manifest.json"))
-    assert set(manifest["sha256"]) == {"train.jsonl", "validation.jsonl", "raw_train.jsonl", "raw_validation.jsonl"}
+    assert set(manifest["sha256"]) == {"train.jsonl", "validation.jsonl", "raw_train.jsonl", "raw_validation.jsonl",
+                                       "pairs_train.jsonl", "pairs_validation.jsonl"}
     assert len(read(out_dir / "raw_train.jsonl")) == len(ROWS)  # the messages as they arrived
     out, _ = prepare(tmp_path)
     assert "nothing to do" in out.stdout
@@ -270,3 +280,43 @@ def test_a_hub_that_never_answers_times_out_quickly(tmp_path):
         out, seconds = offline_run(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}", "--hub_timeout=1")
     assert out.returncode == 0, out.stderr
     assert seconds < 10 and "no answer within 1 s" in out.stdout
+
+
+# --- preference pairs -----------------------------------------------------------------------------------
+# One prompt with five ranked replies: c1 is best; c2 and c3 tie; c4 is deleted; c5 has no rank.
+RANKED = [
+    msg("s1", None, "prompter", "Pick a colour.", tree="t5"),
+    msg("c1", "s1", "assistant", "Blue, because it is calm.", rank=0, tree="t5"),
+    msg("c2", "s1", "assistant", "Red.", rank=1, tree="t5"), msg("c3", "s1", "assistant", "Green.", rank=1, tree="t5"),
+    msg("c4", "s1", "assistant", "gone", rank=2, tree="t5", deleted=True),
+    msg("c5", "s1", "assistant", "Any.", tree="t5"),
+]
+
+
+def test_pairs_come_from_ranked_siblings_and_skips_are_counted_by_reason(tmp_path):
+    manifest, _ = run_main(tmp_path, write_jsonl(tmp_path / "rows.jsonl", ROWS[:6] + RANKED))
+    pairs = read(tmp_path / "out" / "pairs_train.jsonl")
+    got = {(p["chosen"], p["rejected"]) for p in pairs}
+    assert got == {("It is 4.", "Five."), ("It is 6.", "Six."), ("Blue, because it is calm.", "Red."),
+                   ("Blue, because it is calm.", "Green.")}
+    second_turn = next(p for p in pairs if p["chosen"] == "It is 6.")
+    assert second_turn["prompt"] == [{"role": "user", "content": "What is 2+2?"},
+                                     {"role": "assistant", "content": "It is 4."},
+                                     {"role": "user", "content": "And 3+3?"}]  # the conversation up to the prompt
+    assert {p["tree"] for p in pairs} == {"q1", "s1"} and second_turn["ranks"] == [0, 1]
+    counts = manifest["counts"]["train"]
+    assert counts["pairs"] == 4
+    assert counts["pairs_skipped"] == {"equal_rank": 1, "deleted_reply": 4, "null_rank": 3}
+
+
+def test_pairs_follow_their_tree_into_one_split(tmp_path):
+    rows = [r for i in range(40) for r in (msg(f"q{i}", None, "prompter", f"question {i}", tree=f"t{i}"),
+                                           msg(f"a{i}", f"q{i}", "assistant", f"good {i}", tree=f"t{i}", rank=0),
+                                           msg(f"b{i}", f"q{i}", "assistant", f"bad {i}", tree=f"t{i}", rank=1))]
+    out, out_dir = prepare(tmp_path, "--val_fraction=0.25", rows=rows)
+    assert out.returncode == 0 and "preference pairs" in out.stdout
+    questions = lambda items, key: {item[key][0]["content"] for item in items}
+    for split in ("train", "validation"):
+        assert questions(read(out_dir / f"pairs_{split}.jsonl"), "prompt") == questions(read(out_dir / f"{split}.jsonl"),
+                                                                                        "messages")
+    assert len(read(out_dir / "pairs_validation.jsonl")) == 10

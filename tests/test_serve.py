@@ -4,23 +4,23 @@ import concurrent.futures
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
-import httpx
-import openai
 import pytest
 
 from lumina.checkpoint import load_checkpoint, load_for_chat
 from lumina.engine import BeamSearch, Engine
 from lumina.vocab import BOT, END, SPECIAL_TOKENS, SYSTEM, USER, Vocab, render_chat
-from conftest import DEVICE, CHATS, ROOT, run_script, write_jsonl
-from test_chat import endless_checkpoint
+from conftest import CHATS, DEVICE, KEY, ROOT, SERVE_MISSING, Server, ask, endless_checkpoint, free_port, run_script, write_jsonl
 
-KEY = "secret"
+if SERVE_MISSING:
+    pytest.skip(f"serve.py and its clients need {', '.join(SERVE_MISSING)} (pip install -r requirements-dev.txt)",
+                allow_module_level=True)
+import httpx  # noqa: E402
+import openai  # noqa: E402
 
 
 def trained_checkpoint(folder):
@@ -34,52 +34,12 @@ def trained_checkpoint(folder):
     return str(folder / "Model.pth")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """serve.py in a subprocess, ready when /health answers."""
-
-    def __init__(self, checkpoint, *args):
-        self.checkpoint, self.port = checkpoint, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), checkpoint, f"--port={self.port}",
-                                      "--threads=1", f"--device={DEVICE}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.proc.kill()
-        raise RuntimeError(f"serve.py did not start: {self.proc.communicate()[1][-2000:]}")
-
-    def client(self, key=KEY):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
-
-    def health(self):
-        return httpx.get(self.url + "/health").json()
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        out, err = self.proc.communicate(timeout=60)
-        return self.proc.returncode, out, err
-
-
 @pytest.fixture(scope="module")
 def sharp(tmp_path_factory):
     server = Server(trained_checkpoint(tmp_path_factory.mktemp("trained")), f"--api_key={KEY}")
     yield server
     code, _, err = server.stop()
     assert code == 0 and "Traceback" not in err, err  # SIGTERM is a clean stop
-
-
-def ask(client, text, **kwargs):
-    return client.chat.completions.create(model="Model", messages=[{"role": "user", "content": text}], **kwargs)
 
 
 # --- the API through the official client -----------------------------------------------------------

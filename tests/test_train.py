@@ -207,7 +207,7 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(vocab):
     grads = []
     for micro in (8, 2):
         net = tiny_model(vocab)
-        forward_backward(net, x, y, micro, runtime, scaler, {"label_smoothing": 0.0})
+        forward_backward(net, (x, y), micro, runtime, scaler, training.LanguageModel(None, None, 16))
         grads.append(net.tok_emb.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -403,9 +403,9 @@ def test_dtype_auto_times_both_precisions_and_keeps_the_faster(monkeypatch):
     monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)  # as on a CPU with AVX512-BF16 or AMX
     real = forward_backward
     for slow, expected in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
-        def timed(model, x, y, micro_batch, runtime, scaler, cfg):
+        def timed(model, batch, micro_batch, runtime, scaler, objective):
             time.sleep(0.03 if runtime.dtype == slow else 0.0)
-            return real(model, x, y, micro_batch, runtime, scaler, cfg)
+            return real(model, batch, micro_batch, runtime, scaler, objective)
         monkeypatch.setattr(training, "forward_backward", timed)
         config = {**Train.CONFIG, "batch_size": 2, "seq_length": 16, "dtype": "auto"}
         runtime, logs = Runtime(torch.device("cpu")), []

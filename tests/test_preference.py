@@ -1,0 +1,144 @@
+"""lumina/preference.py and fine_tune.py --objective=dpo: pairs as windows, the DPO loss, the
+frozen reference, learning a toy preference, resume, bad input, every precision."""
+import json
+import math
+import re
+
+import pytest
+import torch
+
+import fine_tune
+from lumina.checkpoint import build_model, load_checkpoint
+from lumina.device import seeded_generator
+from lumina.engine import window_start
+from lumina.preference import dpo_loss, encode_pair, reply_windows, sequence_logprobs
+from lumina.vocab import END, Vocab, render_chat
+from conftest import DEVICE, interrupt_after, run_script, tiny_checkpoint, tiny_model, write_jsonl
+
+WORDS = ["cat", "dog", "sun", "tree", "blue", "fish", "rain", "moon", "star", "milk", "bird", "rock", "wind", "leaf"]
+
+
+def toy_pairs(words):
+    """Always prefer the reply that ends with '!': the same words, two endings."""
+    return [{"tree": w, "prompt": [{"role": "user", "content": f"say {w}"}], "chosen": f"{w} {w}!",
+             "rejected": f"{w} {w}."} for w in words]
+
+
+def test_each_reply_character_is_scored_once_with_the_engines_context():
+    vocab = Vocab.from_text("abcdefghijklmnopqrstuvwxyz ")
+    net = tiny_model(vocab, seq_length=16).eval()
+    prompt = render_chat([{"role": "user", "content": "hello there friend"}], vocab, True)[0]
+    reply = vocab.encode("a long reply that outgrows the window") + [END]
+    inputs, targets = reply_windows(prompt, reply, 16)
+    ids = prompt + reply
+    assert sorted(t for t in targets.flatten().tolist() if t >= 0) == sorted(reply)
+    with torch.no_grad():  # the textbook way: each id from its own window (window_start), one pass each
+        expected = sum(net(torch.tensor([ids[window_start(i, 16):i]]))[0][0, -1].log_softmax(-1)[ids[i]].item()
+                       for i in range(len(prompt), len(ids)))
+        got = sequence_logprobs(net, [(inputs, targets, torch.zeros(len(inputs), dtype=torch.long))], "cpu")[0, 0]
+    assert math.isclose(got.item(), expected, rel_tol=1e-5) and len(inputs) > 2  # the reply needed re-reads
+
+
+def test_the_dpo_loss_is_its_definition_log_2_at_the_reference_and_falls_as_chosen_rises():
+    policy, reference = torch.tensor([[-10.0, -12.0], [-5.0, -4.0]]), torch.tensor([[-11.0, -11.0], [-5.0, -5.0]])
+    beta = 0.5
+    by_hand = -sum(math.log(1 / (1 + math.exp(-beta * ((p[0] - r[0]) - (p[1] - r[1])))))
+                   for p, r in zip(policy.tolist(), reference.tolist())) / 2
+    assert math.isclose(dpo_loss(policy, reference, beta).item(), by_hand, rel_tol=1e-6)
+    assert math.isclose(dpo_loss(reference, reference, beta).item(), math.log(2), rel_tol=1e-6)
+    raised = reference + torch.tensor([[1.0, 0.0]])
+    assert dpo_loss(raised, reference, beta) < dpo_loss(reference, reference, beta)
+
+
+@pytest.fixture
+def toy(tmp_path):
+    base = tmp_path / "Model.pth"
+    tiny_checkpoint(str(base), text="abcdefghijklmnopqrstuvwxyz !.")
+    train = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(WORDS))
+    return base, train
+
+
+DPO_ARGS = ["--objective=dpo", "--train=all", "--learning_rate=3e-3", "--beta=0.5", "--epochs=0", "--max_minutes=0",
+            "--probe_chars=0", "--val_fraction=0.3", f"--device={DEVICE}"]
+
+
+def closing(out):
+    found = re.search(r"val bits/char ([\d.]+) -> ([\d.]+) \| pair accuracy ([\d.]+)% -> ([\d.]+)%", out.stdout)
+    assert found, out.stdout + out.stderr
+    return [float(x) for x in found.groups()]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dpo_learns_a_toy_preference_and_keeps_the_reference_frozen(toy, tmp_path, dtype):
+    base, train = toy
+    before = {k: v.clone() for k, v in load_checkpoint(str(base))["model"].items()}
+    steps = "--max_iters=60" if dtype == "float32" else "--max_iters=6"  # the other precisions: that it runs
+    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={train}", f"--output={tmp_path / 'DPO.pth'}",
+                     *DPO_ARGS, steps, f"--dtype={dtype}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    _, _, accuracy_before, accuracy_after = closing(out)
+    assert accuracy_before == 50.0  # the starting model is the reference: every implicit reward is 0
+    if dtype == "float32":
+        assert accuracy_after >= 90.0, out.stdout  # held-out words it never saw: it learned "!" over "."
+    after = load_checkpoint(str(base))["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the reference (base) file never changes
+    tuned = load_checkpoint(str(tmp_path / "DPO.pth"))
+    assert tuned["objective"] == "dpo" and tuned["beta"] == 0.5 and tuned["config"]["dtype"] == dtype
+    build_model(tuned)  # a plain checkpoint that every stage reads
+
+
+def run_dpo(folder, base, data, interrupt_at=None, resume=False):
+    with interrupt_after(interrupt_at):
+        fine_tune.main([f"--base_model={base}", f"--data={data}", f"--output={folder / 'DPO.pth'}", *DPO_ARGS,
+                        "--train=lora", "--lora_rank=4", "--max_iters=16", "--eval_interval=8", "--log_interval=1",
+                        "--checkpoint_interval=1000", "--dtype=float32"] + (["--resume"] if resume else []))
+
+
+def test_a_resumed_dpo_run_gives_the_same_losses(toy, tmp_path):
+    base, train = toy
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_dpo(straight, base, train)
+    with pytest.raises(SystemExit):
+        run_dpo(broken, base, train, interrupt_at=7)
+    assert "objective" in load_checkpoint(str(broken / "fine_tune_state.pth"))  # the reference travels with it
+    run_dpo(broken, base, train, resume=True)
+    curves = [{r["step"]: r["loss"] for r in map(json.loads, open(folder / "fine_tune_metrics.jsonl")) if "loss" in r}
+              for folder in (straight, broken)]
+    assert sorted(curves[0]) == sorted(curves[1]) == list(range(1, 17))
+    assert all(abs(curves[0][s] - curves[1][s]) <= 1e-6 + 1e-5 * abs(curves[0][s]) for s in curves[0])
+
+
+def test_long_prompts_are_trimmed_by_whole_turns_and_counted():
+    vocab = Vocab.from_text("abcdefghijklmnopqrstuvwxyz !.")
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 6} for i in range(8)]
+    pair = {"prompt": history + [{"role": "user", "content": "last question"}], "chosen": "yes!", "rejected": "no."}
+    (inputs, targets, which), trimmed = encode_pair(pair, vocab, 32)
+    assert trimmed and set(which.tolist()) == {0, 1}
+    kept = render_chat([pair["prompt"][-1]], vocab, True)[0]
+    assert inputs[0, :len(kept)].tolist() == kept  # the newest turn stayed, whole; older ones went
+    (_, _, _), short = encode_pair({**pair, "prompt": pair["prompt"][-1:]}, vocab, 32)
+    assert not short
+
+
+def test_bad_pair_files_get_their_messages(toy, tmp_path):
+    base, _ = toy
+    threads = write_jsonl(tmp_path / "threads.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                                     {"role": "assistant", "content": "hello"}]}] * 5)
+    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={threads}", *DPO_ARGS, "--max_iters=2", cwd=tmp_path)
+    assert out.returncode != 0 and "holds no preference pairs" in out.stderr and "Traceback" not in out.stderr
+    broken = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": [], "chosen": "a", "rejected": "b"}, "not json"])
+    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={broken}", *DPO_ARGS, "--max_iters=2", cwd=tmp_path)
+    assert out.returncode != 0 and "no usable preference pairs" in out.stderr and "2 lines skipped" in out.stderr
+    accents = write_jsonl(tmp_path / "accents.jsonl", [{**p, "chosen": p["chosen"] + " ¡olé!"} for p in toy_pairs(WORDS)])
+    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={accents}", f"--output={tmp_path / 'A.pth'}",
+                     *DPO_ARGS, "--max_iters=2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "new '¡' x14" in out.stdout and "objective auto" not in out.stdout
+    assert {"¡", "é"} <= set(load_checkpoint(str(tmp_path / "A.pth"))["vocab"])
+
+
+def test_auto_finds_pairs_in_a_pairs_file(toy, tmp_path):
+    base, train = toy
+    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={train}", f"--output={tmp_path / 'B.pth'}",
+                     *[a for a in DPO_ARGS if a != "--objective=dpo"], "--max_iters=2", cwd=tmp_path)
+    assert out.returncode == 0 and "objective auto: dpo (preference pairs" in out.stdout, out.stderr
