@@ -40,7 +40,8 @@ CONFIG = {
     "num_layers": None,            # transformer blocks; 2-12
     "nhead": None,                 # attention heads; hidden_size / nhead of 32-128 works well
     "seq_length": None,            # context window in characters; 64-1024
-    "dropout": 0.0,                # 0 for runs shorter than an epoch; 0.1 once val loss drifts above train loss
+    "dropout": None,               # None: by the epochs the run will see (0 up to 1, 0.1 up to 16, 0.2 above; logged)
+    "ngram_buckets": 0,            # rows of each hashed table of 2- and 3-character contexts; 0 = none
     # --- optimization ---
     "optimizer": "muon",           # muon: Muon for the blocks' weight matrices, AdamW for the rest; or adamw for all
     "batch_size": None,            # sequences per micro-batch, per process
@@ -48,10 +49,13 @@ CONFIG = {
     "learning_rate": None,         # peak learning rate (Muon's step is scaled to AdamW's, so one rate serves both)
     "min_lr_ratio": 0.0,           # the cosine decays to learning_rate * this; 0 = all the way down
     "warmup_ratio": 0.05,          # share of training spent warming up (0-0.5)
-    "weight_decay": 0.1,           # AdamW decay, applied to weight matrices only
+    "weight_decay": None,          # decoupled decay of the weight matrices; None: sized to act over about one epoch
     "beta2": 0.99,                 # AdamW beta2; 0.99 suits small batches
     "grad_clip": 1.0,              # max gradient norm; 0 turns clipping off
     "label_smoothing": 0.0,        # 0-0.2; off: it moves probability onto wrong characters, which bits/char punishes
+    "muon_steps": 5,               # Newton-Schulz iterations per Muon step (fewer: cheaper, rougher)
+    "short_context": 0,            # > 0: train on windows this long (as many characters a step) for the first short_share
+    "short_share": 0.6,            #   of the run, then on seq_length; 0 = seq_length throughout
     "max_iters": 20000,            # optimizer steps; training ends at max_iters or max_minutes, whichever first
     "max_minutes": 15.0,           # wall-clock budget including compilation; 0 = no budget
     # --- evaluation and logging ---
@@ -59,6 +63,7 @@ CONFIG = {
     "eval_windows": 64,            # val windows per evaluation (fixed, evenly spaced, so evals compare)
     "log_interval": 50,            # steps between log lines
     "probe_chars": 80,             # length of the probe replies shown at each evaluation; 0 = none
+    "end_chars": 2000,             # chat data: a held-out reply still open after this many characters never ended
     # --- checkpointing ---
     "out_dir": ".",                # where Model.pth, train_state.pth, metrics and the cache go
     "checkpoint_interval": 500,    # steps between resumable saves (also saved at the end and on Ctrl-C)
@@ -71,7 +76,7 @@ CONFIG = {
 }
 # Keys that default to None take these types on the command line.
 TYPES = {"hidden_size": int, "num_layers": int, "nhead": int, "seq_length": int,
-         "batch_size": int, "learning_rate": float}
+         "batch_size": int, "learning_rate": float, "dropout": float, "weight_decay": float}
 
 # Model shapes and batch sizes that suit each device; any key set above wins over the preset.
 # CPU: on 2 cores a 10-15 minute run is short, and many small steps beat a wider model. In 3-minute
@@ -91,13 +96,40 @@ def resolve_config(config, argv, state, device):
     """The run's config: on --resume the saved run's, with this command line on top; then the
     device preset fills the keys left at None."""
     try:
-        if state:  # a run saved before the optimizer key existed used AdamW
-            config = apply_overrides({**CONFIG, "optimizer": "adamw", **state["config"]},
+        if state:  # a run saved before the optimizer and n-gram keys existed used AdamW and no n-grams
+            config = apply_overrides({**CONFIG, "optimizer": "adamw", "ngram_buckets": 0, "dropout": 0.0,
+                                      "weight_decay": 0.1, **state["config"]},
                                      [a for a in argv if a != "--resume"], TYPES)
         preset = PRESETS["gpu" if device.type == "cuda" else "cpu"]
         return check_rules({**config, **{k: v for k, v in preset.items() if config.get(k) is None}}, RULES)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def read_data(config, state, log):
+    """The training and validation ids (a resumed run's must keep its vocabulary), reported."""
+    try:
+        found = load_data(config["data"], os.path.join(config["out_dir"], ".lumina_cache"), config["val_fraction"],
+                          config["assistant_only_loss"], config["seed"], Vocab(state["vocab"]) if state else None, log)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    if state and found.new_chars:
+        sys.exit(f"error: the data has characters the checkpoint never saw ({''.join(list(found.new_chars)[:20])!r}); "
+                 f"resume on the same data, or use fine_tune.py for new data")
+    report_data(found, log)
+    return found
+
+
+def rebuilt_with_dropout(net, config, vocab):
+    """The same weights in a model whose dropout layers are on (a model without dropout has none)."""
+    rebuilt = training.new_model(config, vocab)
+    rebuilt.load_state_dict(net.state_dict())
+    return rebuilt
+
+
+def report_turn_ends(path, prompts, runtime, max_chars, log):
+    best = ckpt.build_model(ckpt.load_checkpoint(path))[0].to(runtime.device)
+    log(f"{path}: {turn_ends(end_of_turn_rate(best, prompts, runtime.dtype, max_chars=max_chars), prompts)}")
 
 
 def main(argv):
@@ -114,20 +146,15 @@ def main(argv):
     torch.manual_seed(config["seed"])
     log(f"device {runtime.device} | {runtime.world} process(es) | threads {torch.get_num_threads()}")
     # --- data ---
-    try:
-        found = load_data(config["data"], os.path.join(config["out_dir"], ".lumina_cache"), config["val_fraction"],
-                          config["assistant_only_loss"], config["seed"], Vocab(state["vocab"]) if state else None, log)
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
-    if state and found.new_chars:
-        sys.exit(f"error: the data has characters the checkpoint never saw ({''.join(list(found.new_chars)[:20])!r}); "
-                 f"resume on the same data, or use fine_tune.py for new data")
-    report_data(found, log)
+    found = read_data(config, state, log)
     # --- model ---
-    net = ckpt.build_model(state)[0] if state else training.new_model(config, found.vocab)
+    net = ckpt.build_model(state)[0] if state else training.new_model({**config, "dropout": config["dropout"] or 0.0},
+                                                                        found.vocab)
     log(f"model: {net.num_params():,} parameters | {config['num_layers']} layers | width {config['hidden_size']} | "
         f"context {config['seq_length']}" + (f" | resuming from step {state['step']}" if state else ""))
     training.choose_dtype(net, config, runtime, log)
+    if training.choose_regularisation(net.to(runtime.device), config, len(found.train), runtime, log):
+        net = rebuilt_with_dropout(net, config, found.vocab)
     # --- train ---
     trainer = training.Trainer(config, net, found, runtime, files, {"stage": "train"})
     if state:
@@ -136,8 +163,7 @@ def main(argv):
     log(f"done: {result['steps']} steps in {result['minutes']:.1f} min | best val {result['best_val']:.4f} "
         f"({result['best_val'] / math.log(2):.3f} bits/char) | wrote {files['best']}")
     if runtime.is_main and found.val_prompts:  # chat data: does the saved model end its turns?
-        best = ckpt.build_model(ckpt.load_checkpoint(files["best"]))[0].to(runtime.device)
-        log(f"{files['best']}: {turn_ends(end_of_turn_rate(best, found.val_prompts, runtime.dtype), found.val_prompts)}")
+        report_turn_ends(files["best"], found.val_prompts, runtime, config["end_chars"], log)
     if runtime.world > 1:
         dist.destroy_process_group()
 

@@ -75,13 +75,14 @@ def export_onnx(path, out):
     config = net.config
     head_dim = config.hidden_size // config.nhead
     # Example inputs of 3 new ids after 2 cached positions; both lengths are dynamic in the graph.
-    ids = torch.zeros(1, 3, dtype=torch.long)
+    ids, before = torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)
     past = torch.zeros(config.num_layers, 2, 1, config.nhead, 2, head_dim)
     dynamic = torch.export.Dim.DYNAMIC
     with torch.no_grad():
-        program = torch.onnx.export(StepGraph(net).eval(), (ids, past), dynamo=True, opset_version=OPSET,
-                                    input_names=["ids", "past"], output_names=["logits", "present"],
-                                    dynamic_shapes={"ids": {1: dynamic}, "past": {4: dynamic}}, verbose=False)
+        program = torch.onnx.export(StepGraph(net).eval(), (ids, past, before), dynamo=True, opset_version=OPSET,
+                                    input_names=["ids", "past", "before"], output_names=["logits", "present"],
+                                    dynamic_shapes={"ids": {1: dynamic}, "past": {4: dynamic}, "before": None},
+                                    verbose=False)
     metadata = {"luminaai.vocab": json.dumps(vocab.itos), "luminaai.seq_length": str(config.seq_length),
                 "luminaai.chat_template": json.dumps({"roles": ROLE_TOKENS, "end": END, "unk": UNK,
                                                       "first_char_id": len(SPECIAL_TOKENS)}),
@@ -98,13 +99,18 @@ def export_onnx(path, out):
 # Chatting with the .onnx file: numpy and onnxruntime, nothing else
 # ----------------------------------------------------------------------------------------------
 def window_start(length, seq_length):
-    """model.window_start's rule, restated here because this side has no torch: while the text
+    """engine.window_start's rule, restated here because this side has no torch: while the text
     fits the model sees all of it; past that, the most recent 3/4 of a window, re-read once per
     quarter window (tests/test_export.py checks the two agree)."""
     if length <= seq_length:
         return 0
     stride = seq_length + 1 - max(1, seq_length * 3 // 4)
     return (1 + (length - seq_length - 1) // stride) * stride
+
+
+def predecessors(ids, first):
+    """engine.predecessors, restated: the two ids before ids[first], -1 for none."""
+    return ([-1, -1] + ids[max(0, first - 2):first])[-2:]
 
 
 class OnnxChat:
@@ -124,6 +130,8 @@ class OnnxChat:
         self.stoi = {c: i for i, c in enumerate(self.itos) if i >= self.template["first_char_id"]}
         layers, _, _, nhead, _, head_dim = self.session.get_inputs()[1].shape
         self.empty = np.zeros((layers, 2, 1, nhead, 0, head_dim), dtype=np.float32)
+        # A model without n-grams ignores `before`, and the exporter drops an unused input.
+        self.takes_before = any(i.name == "before" for i in self.session.get_inputs())
 
     def prompt_ids(self, messages):
         """The chat template: <|role|>text<|end|> per message, then <|bot|> for the reply."""
@@ -133,9 +141,13 @@ class OnnxChat:
             ids += [self.stoi.get(c, self.template["unk"]) for c in message["content"]] + [self.template["end"]]
         return ids + [self.template["roles"]["assistant"]]
 
-    def step(self, ids, past):
-        """(logits of the next id, the new cache) after reading `ids` on top of `past`."""
-        logits, present = self.session.run(None, {"ids": np.array([ids], dtype=np.int64), "past": past})
+    def step(self, ids, past, before=(-1, -1)):
+        """(logits of the next id, the new cache) after reading `ids` on top of `past`; `before`:
+        the two ids that precede ids in the text."""
+        feed = {"ids": np.array([ids], dtype=np.int64), "past": past}
+        if self.takes_before:
+            feed["before"] = np.array([before], dtype=np.int64)
+        logits, present = self.session.run(None, feed)
         return logits[0, -1], present
 
     def generate(self, ids, max_new, temperature=0.0, top_k=40, seed=None, stop_ids=None):
@@ -146,10 +158,10 @@ class OnnxChat:
         for _ in range(max_new):
             start = window_start(len(ids), self.seq_length)
             if start != window:  # the first step, or a re-read of the most recent window
-                logits, past = self.step(ids[start:], self.empty)
+                logits, past = self.step(ids[start:], self.empty, predecessors(ids, start))
                 window = start
             else:
-                logits, past = self.step(ids[-1:], past)
+                logits, past = self.step(ids[-1:], past, predecessors(ids, len(ids) - 1))
             ids.append(int(logits.argmax()) if temperature == 0 else self.sample(logits, temperature, top_k, rng))
             yield ids[-1]
             if ids[-1] in stops:

@@ -27,8 +27,8 @@ from lumina.checkpoint import CheckpointError, build_model, load_checkpoint
 from lumina.config import ConfigError, check_rules, parse_cli
 from lumina.corpus import load_data, report_data
 from lumina.preference import DPO, load_pairs
-from lumina.evaluate import end_of_turn_rate, evaluate, probe_replies, turn_ends
-from lumina.training import RULES as TRAINING_RULES, Trainer, choose_dtype, output_files, setup_runtime
+from lumina.evaluate import end_of_turn_rate, evaluate, probe_replies, replies_per_prompt, turn_ends
+from lumina.training import RULES as TRAINING_RULES, SHAPE_KEYS, Trainer, choose_dtype, output_files, setup_runtime
 from lumina.vocab import SPECIAL_TOKENS, Vocab
 
 CONFIG = {
@@ -39,6 +39,7 @@ CONFIG = {
     "overwrite": False,                # allow output == base_model (also: --overwrite)
     "max_new_chars": 64,               # refuse data that would add more new characters (a wrong encoding?)
     "assistant_only_loss": True,       # chat data: learn only the assistant turns; prose always trains on all
+    "end_weight": 1.0,                 # sft: the loss weight of each <|end|> against a character's 1
     "val_fraction": 0.1,               # share of documents (or of pair trees) held out to measure before and after
     # --- objective ---
     "objective": "auto",               # sft: learn the data's text; dpo: learn from preference pairs (Rafailov et al.
@@ -69,6 +70,7 @@ CONFIG = {
     "eval_windows": None,              # val windows per evaluation
     "log_interval": 25,                # steps between log lines
     "probe_chars": 80,                 # probe reply length; 0 = none
+    "end_chars": 2000,                 # a held-out reply still open after this many characters never ended its turn
     "checkpoint_interval": 250,        # steps between resumable saves
     # --- system ---
     "device": "auto",                  # auto, cuda, cuda:N, mps or cpu
@@ -88,7 +90,7 @@ INHERITED_DEFAULTS = {"batch_size": 8, "grad_accum": 1, "min_lr_ratio": 0.0, "we
 RULES = {**{k: v for k, v in TRAINING_RULES.items() if k in CONFIG}, "train": ("chat_tokens", "lora", "all"),
          "learning_rate": (0.0, 10.0), "epochs": (0.0, 1000.0), "eval_interval": (0, math.inf),
          "lora_rank": (1, 1024), "lora_alpha": (0.0, 10000.0), "objective": ("auto", "sft", "dpo"),
-         "beta": (1e-6, 100.0)}
+         "beta": (1e-6, 100.0), "end_weight": (0.0, 1000.0)}
 
 
 def training_config(config, base):
@@ -97,7 +99,7 @@ def training_config(config, base):
     inherited = [k for k, v in config.items() if v is None]
     merged = {**INHERITED_DEFAULTS, **{k: base["config"][k] for k in inherited if k in base["config"]},
               **{k: v for k, v in config.items() if v is not None}}
-    merged.update({k: base["model_config"][k] for k in ("seq_length", "hidden_size", "num_layers", "nhead", "dropout")})
+    merged.update({k: base["model_config"].get(k, 0) for k in SHAPE_KEYS})  # a file of format 2 has no n-grams
     merged["out_dir"] = os.path.dirname(os.path.abspath(config["output"]))
     merged["assistant_only_loss"] = config["assistant_only_loss"]
     merged["optimizer"] = "adamw"  # the recipes (benchmarks/README.md, "Fine-tuning") were measured with AdamW
@@ -166,7 +168,7 @@ def choose_trainable(net, config, new_rows, state, state_path, log):
 def report(net, found, config, runtime, objective, label, log):
     """((val loss, end-of-turn rate or None, pair accuracy or None), probe replies) on the held-out data."""
     loss = evaluate(net, found.val, found.val_mask, config, runtime)
-    rate = end_of_turn_rate(net, found.val_prompts, runtime.dtype) if found.val_prompts else None
+    rate = end_of_turn_rate(net, found.val_prompts, runtime.dtype, max_chars=config["end_chars"]) if found.val_prompts else None
     pairs = objective.metrics(net, runtime) if objective else {}
     log(f"{label}: val {loss:.4f} | {loss / math.log(2):.3f} bits/char"
         + "".join(f" | {name.replace('_', ' ')} {value:.3f}" for name, value in pairs.items())
@@ -247,8 +249,9 @@ def report_after(files, found, train_config, runtime, objective, meta, base_repl
     for (prompt, old), (_, new) in zip(base_replies, tuned_replies):
         log(f"probe | {prompt}\n  base:       {old!r}\n  fine-tuned: {new!r}")
     pairs = f"pair accuracy {meta['pair_accuracy_before']:.1%} -> {after[2]:.1%} | " if objective else ""
-    turns = (f"ends its turn {meta['end_rate_before']:.0%} -> {after[1]:.0%} of {len(found.val_prompts)} held-out "
-             f"replies | " if found.val_prompts else "")
+    replies = len(found.val_prompts) * replies_per_prompt(found.val_prompts)
+    turns = (f"ends its turn {meta['end_rate_before']:.0%} -> {after[1]:.0%} of {replies} held-out replies | "
+             if found.val_prompts else "")
     log(f"val bits/char {meta['val_loss_before'] / math.log(2):.3f} -> {after[0] / math.log(2):.3f} | {pairs}{turns}"
         f"wrote {files['best']}")
 

@@ -29,7 +29,7 @@ import common  # noqa: F401  (puts the project on sys.path)
 import Train
 from lumina.config import parse_cli
 from lumina.device import generation_dtype, seeded_generator
-from lumina.engine import Engine, Row, Sampling, choose, generate
+from lumina.engine import Engine, Row, Sampling, choose, generate, recent_ids
 from lumina.model import CharTransformer, ModelConfig
 from lumina.vocab import SPECIAL_TOKENS
 
@@ -71,7 +71,7 @@ def draw_cost(vocab_size, settings, rows_n=64, calls=200):
     rows = [Row(prompt(vocab_size, 70, i), 100, slot=i, seed=i, **settings) for i in range(rows_n)]
     sampling = Sampling.of(rows, vocab_size, logits.device)
     positions = torch.arange(rows_n)
-    recent = torch.tensor([row.ids[-64:] for row in rows]) if sampling.penalty_used else None
+    recent = recent_ids(rows, logits.device) if sampling.penalty_used else None
     choose(logits, sampling, positions, recent)
     start = time.perf_counter()
     for _ in range(calls):

@@ -26,8 +26,7 @@ import common
 from lumina.checkpoint import build_model, load_checkpoint
 from lumina.config import parse_cli
 from lumina.corpus import load_data
-from lumina.evaluate import end_of_turn_rate
-from lumina.training import Runtime
+from lumina.evaluate import end_of_turn_rate, replies_per_prompt
 
 CONFIG = {
     "base": "Model.pth",   # the base model every variant starts from
@@ -63,8 +62,8 @@ def more_replies(path, data, per_prompt):
     found = load_data(data, tempfile.mkdtemp(), checkpoint["config"]["val_fraction"], True,
                             checkpoint["config"]["seed"], vocab, log=lambda *a: None)
     prompts = found.val_prompts * per_prompt  # slot i samples with seed i: every copy differs
-    rate = end_of_turn_rate(net, prompts, Runtime(torch.device("cpu"), torch.float32))
-    return round(rate * len(prompts)), len(prompts)
+    replies = len(prompts) * replies_per_prompt(prompts)
+    return round(end_of_turn_rate(net, prompts, torch.float32) * replies), replies
 
 
 def main(argv):

@@ -2,7 +2,8 @@
 # The whole pipeline on one CUDA GPU, in under 5 minutes, every log in one folder:
 #   the quick start (bundled sample, a short training run), a fine-tune, ChatAI with a seed (twice:
 #   the replies must match) and with beam search, serve.py with 16 seeded clients and beam-search
-#   clients, export.py --int8 and --onnx (and ChatAI on the int8 file), then the test suite on cuda.
+#   clients, export.py --int8 and --onnx (and ChatAI on the int8 file), then the tests that run
+#   models (engine, every precision, model, preference tuning) with LUMINA_TEST_DEVICE=cuda.
 #
 # Run from the repository root:  bash benchmarks/gpu_check.sh [LOG_DIR]
 #   LOG_DIR defaults to $OUT (the device tool's output folder), else gpu_check_logs/.
@@ -105,8 +106,9 @@ step chat_int8 python3 ChatAI.py "$WORK/FineTuned_Model.int8.pth" --device="$DEV
 step export_onnx python3 export.py "$WORK/FineTuned_Model.pth" --onnx
 step onnx_chat python3 export.py "$WORK/FineTuned_Model.onnx" --prompt "Hello!"
 
-# --- the suite, on the device ------------------------------------------------------------------------------
-step tests env LUMINA_TEST_DEVICE="$DEVICE" timeout 240 python3 -m pytest -q -x tests
+# --- the tests that run models, on the device (TESTS=tests runs the whole suite: longer than 5 minutes) -----
+step tests env LUMINA_TEST_DEVICE="$DEVICE" timeout 150 python3 -m pytest -q \
+    ${TESTS:-tests/test_engine.py tests/test_precision.py tests/test_model.py tests/test_preference.py}
 
 echo "logs in $LOGS; the models in $WORK"
 grep -c "exit 0" "$LOGS/summary.txt" | xargs echo "steps that passed:"

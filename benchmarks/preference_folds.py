@@ -5,8 +5,8 @@ For each fold: the other folds' best-path threads fine-tune the base (`python fi
 defaults plus `sft_args`); the other folds' pairs then tune that model with DPO (the defaults plus
 `dpo_args`). The fold's own trees are the held-out set:
   - the end-of-turn rate: every prompt of the held-out trees (the conversation up to each user
-    turn, every branch), sampled as ChatAI samples by default (temperature 0.8, top-k 40, at most
-    2,000 characters), and the median reply length;
+    turn, every branch), each sampled `samples` times as ChatAI samples by default (temperature
+    0.8, top-k 40, at most 2,000 characters), and the median reply length;
   - val bits/char on the held-out best-path threads (assistant turns);
   - pair accuracy: the share of held-out pairs whose implicit reward, beta * (log pi - log ref)
     with the fine-tuned model as the reference, prefers the better reply (ties count half, so the
@@ -47,6 +47,7 @@ CONFIG = {
     "skip_dpo": False,       # measure the supervised step alone
     "seed": 0,               # decides the folds
     "threads": 2,            # CPU threads for the measurements
+    "samples": 4,            # replies sampled per held-out prompt (other seeds), for a steadier end-of-turn rate
 }
 TEMPLATE = {"temperature": 0.8, "top_k": 40}  # ChatAI's default sampling
 END_CHARS = 2000
@@ -82,9 +83,10 @@ def fine_tune(base, data_file, output, args):
     return done.stdout.strip().splitlines()[-1]
 
 
-def end_rate(net, vocab, prompts, runtime):
-    """(share of replies that end with <|end|>, median reply length) over the held-out prompts."""
-    ids = [render_chat(p, vocab, add_generation_prompt=True)[0] for p in prompts]
+def end_rate(net, vocab, prompts, runtime, samples):
+    """(share of replies that end with <|end|>, median reply length) over the held-out prompts,
+    each sampled `samples` times."""
+    ids = [render_chat(p, vocab, add_generation_prompt=True)[0] for p in prompts for _ in range(samples)]
     rows = [Row(p, END_CHARS, slot, seed=slot, stop_ids=TURN_ENDS, **TEMPLATE) for slot, p in enumerate(ids)]
     with runtime.autocast():
         run(Engine(net, len(rows)), rows)
@@ -106,12 +108,12 @@ def pair_figures(net, reference, vocab, pairs, runtime, beta):
     return pair_metrics(policy, ref, beta)["pair_accuracy"], (per_char[:, 0] > per_char[:, 1]).float().mean().item()
 
 
-def measure(path, reference, held, runtime, beta):
+def measure(path, reference, held, runtime, beta, samples):
     threads, pairs, prompts = held
     net, vocab = build_model(load_checkpoint(path))
     net.eval()
     ref = build_model(load_checkpoint(reference))[0].eval() if reference else net
-    rate, median = end_rate(net, vocab, prompts, runtime)
+    rate, median = end_rate(net, vocab, prompts, runtime, samples)
     accuracy, likelihood = pair_figures(net, ref, vocab, pairs, runtime, beta)
     return {"end_rate": rate, "median_reply": median, "val_bpc": val_bpc(net, vocab, threads, runtime),
             "pair_accuracy": accuracy, "likelihood_preference": likelihood}
@@ -134,10 +136,10 @@ def main(argv):
         data.write_jsonl(os.path.join(work, "pairs.jsonl"), [p for f in train for p in f[1]])
         sft, dpo = os.path.join(work, "SFT.pth"), os.path.join(work, "DPO.pth")
         print(f"fold {k}: sft  | {fine_tune(options['base'], os.path.join(work, 'threads.jsonl'), sft, options['sft_args'])}")
-        results["sft"].append(measure(sft, None, folds[k], runtime, beta))
+        results["sft"].append(measure(sft, None, folds[k], runtime, beta, options["samples"]))
         if not options["skip_dpo"]:
             print(f"fold {k}: dpo  | {fine_tune(sft, os.path.join(work, 'pairs.jsonl'), dpo, options['dpo_args'])}")
-            results["dpo"].append(measure(dpo, sft, folds[k], runtime, beta))
+            results["dpo"].append(measure(dpo, sft, folds[k], runtime, beta, options["samples"]))
         for stage, figures in results.items():
             print(f"fold {k}: {stage} held out: " + json.dumps({k2: round(v, 4) for k2, v in figures[-1].items()}),
                   flush=True)

@@ -15,7 +15,8 @@ from lumina.vocab import SPECIAL_TOKENS, Vocab
 # 5. The checkpoint contract
 # ----------------------------------------------------------------------------------------------
 FORMAT = "luminaai"
-FORMAT_VERSION = 2  # 2: SwiGLU gate and value weights fused into one matrix (mlp.up)
+FORMAT_VERSION = 3  # 2: SwiGLU gate and value weights fused into one matrix (mlp.up); 3: hashed n-gram tables
+OLDEST_READABLE = 2  # a version-2 file is a model without n-grams (ngram_buckets 0), read as it is
 MAKER = {"FineTuned_Model.pth": "python fine_tune.py"}  # which script makes a missing file
 DEFAULT_CHECKPOINTS = ["FineTuned_Model.pth", "Model.pth"]  # what ChatAI.py and serve.py open by default
 
@@ -55,7 +56,7 @@ def load_checkpoint(path, map_location="cpu"):
     if checkpoint.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format_version {checkpoint['format_version']}, newer than this "
                               f"code's {FORMAT_VERSION}: update LuminaAI to read it")
-    if checkpoint.get("format_version", 0) < FORMAT_VERSION:
+    if checkpoint.get("format_version", 0) < OLDEST_READABLE:
         raise CheckpointError(f"{path} has format_version {checkpoint.get('format_version', 0)}, from an older "
                               f"LuminaAI whose weights are laid out differently: retrain it with `python Train.py`")
     check_weights(path, checkpoint)

@@ -37,6 +37,8 @@ def typed(key, text, default, want):
         value = float(value)
     if want is list and isinstance(value, str):
         value = [word.strip() for word in value.split(",")]  # --languages=en,de
+    elif want is list and isinstance(value, (int, float, tuple)):
+        value = list(value) if isinstance(value, tuple) else [value]  # --folds=0 or --folds=0,1
     if want is str and value is not None and not isinstance(value, str):
         value = text  # a prompt such as "42" stays the text the user typed
     if want is not None and value is not None and type(value) is not want:

@@ -12,8 +12,8 @@ import torch
 from lumina import data
 from lumina.vocab import Vocab, encode_documents, render_chat
 
-CACHE_VERSION = 3  # 3: the cache also holds the held-out prompts
-END_PROBES = 8     # held-out prompts the end-of-turn rate samples (chat data only)
+CACHE_VERSION = 4  # 3: the cache also holds the held-out prompts; 4: every answered user turn is a prompt
+END_PROBES = 32    # held-out prompts the end-of-turn rate samples at most (chat data only)
 
 
 @dataclasses.dataclass
@@ -57,14 +57,12 @@ def encode_data(path, val_fraction, assistant_only, seed, base_vocab):
 
 
 def held_out_prompts(documents, vocab, limit=END_PROBES):
-    """The opening of up to `limit` held-out chats, up to their first assistant turn, rendered for
-    a reply: the prompts on which the end-of-turn rate is measured."""
-    prompts = []
-    for kind, doc in documents:
-        first_reply = next((i for i, m in enumerate(doc) if m["role"] == "assistant"), 0) if kind == "chat" else 0
-        if first_reply and len(prompts) < limit:
-            prompts.append(render_chat(doc[:first_reply], vocab, add_generation_prompt=True)[0])
-    return prompts
+    """Up to `limit` held-out chats cut before each assistant turn, rendered for a reply: the
+    prompts on which the end-of-turn rate is measured (every answered turn, not only the first:
+    a few held-out chats give enough prompts to choose on)."""
+    prompts = [render_chat(doc[:i], vocab, add_generation_prompt=True)[0] for kind, doc in documents if kind == "chat"
+               for i, message in enumerate(doc) if message["role"] == "assistant" and i > 0]
+    return prompts[:limit]
 
 
 def load_data(path, cache_dir, val_fraction, assistant_only, seed, base_vocab=None, log=print):
@@ -95,10 +93,11 @@ def report_data(found, log):
 
 
 def windows(ids, mask, starts, seq_length):
-    """Inputs (n, T) and targets (n, T) for windows beginning at `starts`; masked targets are -1."""
-    idx = starts[:, None] + torch.arange(seq_length + 1)  # (n, T+1)
-    chunk = ids[idx].long()
-    return chunk[:, :-1], chunk[:, 1:].masked_fill(~mask[idx[:, 1:]], -1)
+    """(inputs (n, T), targets (n, T), before (n, 2)) for windows beginning at `starts`: masked
+    targets are -1, and `before` holds the two ids preceding each window (-1 before the start)."""
+    idx = starts[:, None] + torch.arange(-2, seq_length + 1)  # (n, 2 + T + 1)
+    chunk = ids[idx.clamp(min=0)].long().masked_fill(idx < 0, -1)
+    return chunk[:, 2:-1], chunk[:, 3:].masked_fill(~mask[idx[:, 3:]], -1), chunk[:, :2]
 
 
 def random_windows(ids, mask, n, seq_length, generator):

@@ -123,15 +123,16 @@ class PastKV:
 
 class StepGraph(nn.Module):
     """One generation step as a pure function, the form export.py hands to the ONNX exporter:
-    (ids (1, T), past (layers, 2, 1, nhead, P, head_dim)) -> (logits (1, T, vocab), present)."""
+    (ids (1, T), past (layers, 2, 1, nhead, P, head_dim), before (1, 2): the two ids before ids,
+    -1 for none) -> (logits (1, T, vocab), present)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, past):
+    def forward(self, ids, past, before):
         cache = PastKV(past, ids.shape[1])
-        logits, _ = self.model(ids, cache=cache)
+        logits, _ = self.model(ids, cache=cache, before=before)
         return logits, cache.present()
 
 
@@ -201,6 +202,13 @@ class Sampling:
                    vocab_size if keeps_all or not limited else max(limited),
                    any(p < 1 for p, g in zip(top_p, greedy) if not g),
                    any(row.repetition_penalty != 1 for row in rows), not all(greedy), any(greedy))
+
+
+def recent_ids(rows, device):
+    """(B, REPETITION_WINDOW) of each row's latest ids; a short row repeats its first id, which
+    changes nothing, as the penalty treats the ids as a set."""
+    return torch.tensor([row.ids[:1] * (REPETITION_WINDOW - len(row.ids)) + row.ids[-REPETITION_WINDOW:] for row in rows],
+                        device=device)
 
 
 def penalise(logits, recent, penalty):
@@ -317,6 +325,11 @@ class Row:
         self.new += 1
 
 
+def predecessors(ids, first):
+    """The two ids before ids[first] (-1 for none): what the model's n-grams read before a pass."""
+    return ([-1, -1] + ids[max(0, first - 2):first])[-2:]
+
+
 class Engine:
     """A model, a KV cache of `slots` rows, and the step that advances every row in flight.
 
@@ -345,25 +358,27 @@ class Engine:
         with self.precision:
             if stepping:
                 stepping.sort(key=lambda b: rows[b].slot)  # neighbouring slots read the cache without a copy
-                parts.append(self.forward([rows[b] for b in stepping], [[rows[b].ids[-1]] for b in stepping], False))
+                parts.append(self.forward([rows[b] for b in stepping], [len(rows[b].ids) - 1 for b in stepping], False))
                 order += stepping
             if reading:
-                parts.append(self.forward([rows[b] for b in reading], [rows[b].ids[rows[b].window:] for b in reading], True))
+                parts.append(self.forward([rows[b] for b in reading], [rows[b].window for b in reading], True))
                 order += reading
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         if order != list(range(len(rows))):
             logits = logits[torch.tensor(order, device=self.device).argsort()]
         return logits
 
-    def forward(self, rows, texts, reading):
-        """One pass of every row's new ids: a window read from position 0 (reading), or one id after
-        what the row's slot holds. Texts are right-padded to the longest: the padding follows each
-        row's last id, where none of its real positions can see it. Returns the logits at each row's
-        last id."""
-        T, cache = max(map(len, texts)), self.cache
+    def forward(self, rows, firsts, reading):
+        """One pass of every row's ids from ids[first] on: a window read from cache position 0
+        (reading), or one id after what the row's slot holds. Texts are right-padded to the
+        longest: the padding follows each row's last id, where none of its real positions can see
+        it. Returns the logits at each row's last id."""
+        texts, cache = [row.ids[first:] for row, first in zip(rows, firsts)], self.cache
+        T = max(map(len, texts))
         starts = [0 if reading else cache.lengths[row.slot] for row in rows]
         x = torch.tensor([text + text[-1:] * (T - len(text)) for text in texts], device=self.device)
-        out, _ = self.model(x, cache=cache.view([row.slot for row in rows], starts, T))
+        before = torch.tensor([predecessors(row.ids, first) for row, first in zip(rows, firsts)], device=self.device)
+        out, _ = self.model(x, cache=cache.view([row.slot for row in rows], starts, T), before=before)
         for row, text, start in zip(rows, texts, starts):
             cache.lengths[row.slot] = start + len(text)
         if T == 1:
@@ -386,8 +401,7 @@ class Engine:
         if rows:
             sampling = self.sampling(rows)
             positions = torch.tensor([row.new for row in rows], device=self.device) if sampling.sampled else None
-            recent = (torch.tensor([row.ids[:1] * (REPETITION_WINDOW - len(row.ids)) + row.ids[-REPETITION_WINDOW:]
-                                    for row in rows], device=self.device) if sampling.penalty_used else None)
+            recent = recent_ids(rows, self.device) if sampling.penalty_used else None
             parts.append(choose(logits[:len(rows)], sampling, positions, recent).double())
         offset = len(rows)
         for search in searches:

@@ -7,6 +7,7 @@ from lumina.vocab import END, TURN_ENDS, render_chat
 
 PROBES = ["Hello! How are you today?", "What is the capital of France?", "Give me a tip for learning Python."]
 END_PROBE_CHARS = 2000  # a reply still open after this many characters has not ended its turn
+END_REPLIES = 32        # replies the end-of-turn rate samples at least: six were too few to choose a model on
 
 
 @torch.no_grad()
@@ -17,9 +18,9 @@ def evaluate(net, ids, mask, config, runtime):
     starts = torch.linspace(0, len(ids) - seq_length - 1, config["eval_windows"]).long().unique()
     total, count = 0.0, 0
     for batch in starts.split(config["batch_size"]):
-        x, y = windows(ids, mask, batch, seq_length)
+        x, y, before = (t.to(runtime.device) for t in windows(ids, mask, batch, seq_length))
         with runtime.autocast():
-            _, loss = net(x.to(runtime.device), y.to(runtime.device))
+            _, loss = net(x, y, before=before)
         n = int((y != -1).sum())
         if n:
             total, count = total + float(loss) * n, count + n
@@ -28,10 +29,12 @@ def evaluate(net, ids, mask, config, runtime):
 
 
 def end_of_turn_rate(net, prompts, dtype=None, seed=0, max_chars=END_PROBE_CHARS):
-    """The share of held-out prompts whose reply, sampled as ChatAI samples by default (temperature
-    0.8, top-k 40) with fixed seeds, closes its turn with <|end|> within max_chars. A chatbot that
-    never ends its turn reads well in val loss and badly in a chat; this says which. All prompts
-    run as one batch through the engine: seconds, even when no reply ends."""
+    """The share of replies to held-out prompts that close their turn with <|end|> within
+    max_chars, sampled as ChatAI samples by default (temperature 0.8, top-k 40) with fixed seeds:
+    each prompt replied to as often as it takes to reach END_REPLIES replies. A chatbot that never
+    ends its turn reads well in val loss and badly in a chat; this says which. All the replies run
+    as one batch through the engine: seconds, even when none ends."""
+    prompts = [p for p in prompts for _ in range(replies_per_prompt(prompts))]
     rows = [engine.Row(list(p), max_chars, slot, temperature=0.8, top_k=40, seed=seed + slot, stop_ids=TURN_ENDS)
             for slot, p in enumerate(prompts)]
     run(engine.Engine(net, len(rows), dtype), rows)
@@ -39,8 +42,12 @@ def end_of_turn_rate(net, prompts, dtype=None, seed=0, max_chars=END_PROBE_CHARS
     return sum(row.ids[-1] == END for row in rows) / len(rows)
 
 
+def replies_per_prompt(prompts):
+    return -(-END_REPLIES // max(1, len(prompts)))  # ceil: at least END_REPLIES replies in all
+
+
 def turn_ends(rate, prompts):
-    return f"ends its turn in {rate:.0%} of {len(prompts)} held-out replies"
+    return f"ends its turn in {rate:.0%} of {len(prompts) * replies_per_prompt(prompts)} held-out replies"
 
 
 def probe_replies(net, vocab, max_chars, dtype=None, seed=0):

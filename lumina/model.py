@@ -1,7 +1,7 @@
 """The transformer: a small decoder-only character model (pre-norm, SDPA attention, rotary
-positions, SwiGLU MLP, tied embeddings). Generation's cache lives in engine.py; the model only
-asks a cache where a forward pass reads and writes (cache.step) and hands it each layer's keys and
-values (cache.attend).
+positions, SwiGLU MLP, tied embeddings, optional hashed n-gram embeddings). Generation's cache
+lives in engine.py: a forward pass gets a view of it that says where the new ids sit, and hands it
+each layer's keys and values (cache.attend).
 
 Design choice, measured (benchmarks/arch_choice.py, README "Choosing the architecture"): rotary
 positions and a SwiGLU MLP. At the CPU preset, each trained for the same 2.5 minutes, val bits/char
@@ -16,9 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. The transformer
-# ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ModelConfig:
     vocab_size: int
@@ -27,6 +24,7 @@ class ModelConfig:
     num_layers: int = 4
     nhead: int = 4            # attention heads; hidden_size must divide evenly
     dropout: float = 0.0      # on the residual branches only; attention dropout is 4.5x slower on CPU
+    ngram_buckets: int = 0    # rows of each hashed n-gram table (NgramEmbedding); 0: none (files of format 2)
 
     def __post_init__(self):
         if self.hidden_size % self.nhead or (self.hidden_size // self.nhead) % 2:
@@ -74,6 +72,28 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+class NgramEmbedding(nn.Module):
+    """What the last two and three characters say, added to each character's embedding: a table
+    of (previous, current) pairs and one of (two back, previous, current) triples, each hashed into
+    `buckets` rows (a few pairs share a row). They start at zero, so a new model starts as the
+    plain one; at the character level these n-grams carry much of what the first steps learn.
+    Every caller passes the true predecessors of a pass's first ids (`before`, -1 at the start of
+    a text), so a window, a cached step and an exported graph see the same n-grams."""
+    PRIMES = (1_000_003, 998_244_353)  # hash multipliers: the ids (below 2**16) never overflow int64
+
+    def __init__(self, buckets, width):
+        super().__init__()
+        self.buckets = buckets
+        self.pair, self.triple = nn.Embedding(buckets, width), nn.Embedding(buckets, width)
+
+    def forward(self, idx, before):
+        ids = torch.cat([before, idx], dim=1) + 1  # (B, 2 + T); +1: the text's start (-1) hashes as 0
+        two_back, previous, current = ids[:, :-2], ids[:, 1:-1], ids[:, 2:]
+        pair = (previous * self.PRIMES[0] + current) % self.buckets
+        triple = (two_back * self.PRIMES[1] + previous * self.PRIMES[0] + current) % self.buckets
+        return self.pair(pair) + self.triple(triple)
+
+
 def dropout(p):
     """Dropout, or nothing at all when p is 0: even a disabled Dropout module costs a call on every
     layer of every generated character (about 4% of a chat step at the CPU preset)."""
@@ -114,6 +134,7 @@ class CharTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.ngram = NgramEmbedding(config.ngram_buckets, config.hidden_size) if config.ngram_buckets else None
         # Positions enter as rotations of queries and keys (rotary), not as a learned table:
         # fixed tables, so they are buffers and never saved.
         # Shaped (seq_length, 1, 1, head_dim) to broadcast over (batch, T, q/k, nhead, head_dim).
@@ -130,6 +151,8 @@ class CharTransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.num_layers))
+            elif name.startswith("ngram."):
+                nn.init.zeros_(p)  # n-grams start at zero: a new model starts as the plain one
 
     @staticmethod
     def _init_weights(module):
@@ -139,9 +162,11 @@ class CharTransformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0):
+    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, before=None, target_weights=None):
         """idx (B, T) ids -> logits (B, T, vocab). With targets, also the mean loss over targets
-        that are not -1 (masked).
+        that are not -1 (masked), each target id weighted by target_weights (vocab,) if given.
+        `before` (B, 2) holds the two ids that precede each row's first
+        id in its text (-1 where there are none; None: none at all); only n-grams read them.
 
         With a cache (a view from engine.py for this one pass), row b's ids continue the positions
         the cache holds for it: the view says where they sit (`start`, the same for every row, or
@@ -156,12 +181,15 @@ class CharTransformer(nn.Module):
             rotary = (self.cos[start:start + T], self.sin[start:start + T])
         else:  # each row its own positions: (B, T, 1, 1, head_dim)
             rotary = (self.cos[cache.positions], self.sin[cache.positions])
-        x = self.drop(self.tok_emb(idx))
+        x = self.tok_emb(idx)
+        if self.ngram is not None:
+            x = x + self.ngram(idx, torch.full_like(idx[:, :2], -1) if before is None else before)
+        x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rotary, cache, layer)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), weight=target_weights,
                                ignore_index=-1, label_smoothing=label_smoothing)
         return logits, loss

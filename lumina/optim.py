@@ -38,15 +38,16 @@ class Muon(torch.optim.Optimizer):
     300 steps, as in the speedruns: early gradients change fast, and a long memory of them slows
     the start (0.089 bits/char lower after 5 minutes, benchmarks/README.md)."""
 
-    def __init__(self, params, lr, weight_decay, momentum=(0.85, 0.95), warmup_steps=300):
+    def __init__(self, params, lr, weight_decay, momentum=(0.85, 0.95), warmup_steps=300, ns_steps=5):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, parts=1,
-                                      warmup_steps=warmup_steps, steps=0))
+                                      warmup_steps=warmup_steps, steps=0, ns_steps=ns_steps))
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         for group in self.param_groups:  # a run saved before the warm-up existed keeps its constant momentum
             if isinstance(group["momentum"], float):
                 group.update(momentum=(group["momentum"],) * 2, steps=0, warmup_steps=1)
+            group.setdefault("ns_steps", 5)  # saved before the iterations were a setting
 
     @torch.no_grad()
     def step(self):
@@ -66,7 +67,7 @@ class Muon(torch.optim.Optimizer):
                 nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=momentum))
                 # A fused matrix (q, k and v; gate and value) is orthogonalised part by part.
                 parts = nesterov.view(len(params), group["parts"], shape[0] // group["parts"], shape[1])
-                updates = orthogonalize(parts).view(nesterov.shape).unbind(0)  # one per matrix
+                updates = orthogonalize(parts, group["ns_steps"]).view(nesterov.shape).unbind(0)  # one per matrix
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
                 torch._foreach_add_(params, updates, alpha=-group["lr"] * 0.2 * math.sqrt(max(parts.shape[-2:])))
 
@@ -117,4 +118,6 @@ def make_optimizer(net, config, device):
     # speed; orthogonalised as their parts they learned more (benchmarks/README.md, "Muon").
     parts = lambda name: 3 if name.endswith("attn.qkv.weight") else 2 if name.endswith("mlp.up.weight") else 1
     groups = [{"params": [p for name, p in named if use_muon(name, p) and parts(name) == n], "parts": n} for n in (1, 2, 3)]
-    return Optimizers([Muon([g for g in groups if g["params"]], config["learning_rate"], config["weight_decay"]), adamw])
+    muon = Muon([g for g in groups if g["params"]], config["learning_rate"], config["weight_decay"],
+                ns_steps=config.get("muon_steps", 5))
+    return Optimizers([muon, adamw])

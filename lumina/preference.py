@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lumina import data
-from lumina.engine import window_start
+from lumina.engine import predecessors, window_start
 from lumina.vocab import END, Vocab, encode_documents, render_chat, turns_to_drop
 
 PAD = END  # what fills a window after its last id: no scored position can see it
@@ -25,7 +25,8 @@ PAD = END  # what fills a window after its last id: no scored position can see i
 @dataclasses.dataclass
 class PairData:
     """Preference pairs as the windows that score them, and what the Trainer's evaluation reads."""
-    train: list                # per pair: (inputs (W, T), targets (W, T), which (W,): 0 chosen, 1 rejected)
+    train: list                # per pair: (inputs (W, T), targets (W, T), which (W,): 0 chosen, 1 rejected,
+                               #   before (W, 2): the ids preceding each window)
     val_pairs: list            # the same, held out
     val: torch.Tensor          # ids of the held-out prompts with their chosen replies: val bits/char
     val_mask: torch.Tensor
@@ -37,9 +38,10 @@ class PairData:
 
 
 def reply_windows(prompt_ids, reply_ids, seq_length):
-    """(inputs, targets) (W, seq_length) that score every id of the reply once, each in the window
-    the engine reads when it generates that id (window_start); targets are -1 where nothing is
-    scored. Row w holds ids[start:start + seq_length] and predicts the next id at each position."""
+    """(inputs, targets, before): windows (W, seq_length) that score every id of the reply once,
+    each in the window the engine reads when it generates that id (window_start), and the two ids
+    preceding each window (W, 2). Targets are -1 where nothing is scored. Row w holds
+    ids[start:start + seq_length] and predicts the next id at each position."""
     ids, scored = prompt_ids + reply_ids, {}
     for i in range(len(prompt_ids), len(ids)):  # ids[i] is predicted from ids[window_start(i):i]
         scored.setdefault(window_start(i, seq_length), []).append(i)
@@ -50,7 +52,8 @@ def reply_windows(prompt_ids, reply_ids, seq_length):
         inputs[w, :len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
         for i in positions:
             targets[w, i - 1 - start] = ids[i]
-    return inputs, targets
+    before = torch.tensor([predecessors(ids, start) for start in scored], dtype=torch.int32).view(-1, 2)
+    return inputs, targets, before
 
 
 def encode_pair(pair, vocab, seq_length):
@@ -59,8 +62,9 @@ def encode_pair(pair, vocab, seq_length):
     dropped = turns_to_drop(pair["prompt"], vocab, seq_length)
     prompt, _ = render_chat(pair["prompt"][dropped:], vocab, add_generation_prompt=True)
     sides = [reply_windows(prompt, vocab.encode(pair[key]) + [END], seq_length) for key in ("chosen", "rejected")]
-    which = torch.cat([torch.full((len(x),), side, dtype=torch.int64) for side, (x, _) in enumerate(sides)])
-    return (torch.cat([x for x, _ in sides]), torch.cat([y for _, y in sides]), which), dropped > 0
+    which = torch.cat([torch.full((len(x),), side, dtype=torch.int64) for side, (x, _, _) in enumerate(sides)])
+    inputs, targets, before = (torch.cat(parts) for parts in zip(*sides))
+    return (inputs, targets, which, before), dropped > 0
 
 
 def load_pairs(path, val_fraction, seed, base_vocab, seq_length, assistant_only=True):
@@ -83,18 +87,17 @@ def load_pairs(path, val_fraction, seed, base_vocab, seq_length, assistant_only=
 
 
 def batch_of(pairs):
-    """Stack some pairs' windows: (inputs, targets, sequence) where sequence numbers each window's
-    reply: 2k for pair k's chosen, 2k + 1 for its rejected."""
-    inputs = torch.cat([x for x, _, _ in pairs]).long()
-    targets = torch.cat([y for _, y, _ in pairs]).long()
-    sequence = torch.cat([2 * k + which for k, (_, _, which) in enumerate(pairs)])
-    return inputs, targets, sequence
+    """Stack some pairs' windows: (inputs, targets, sequence, before) where sequence numbers each
+    window's reply: 2k for pair k's chosen, 2k + 1 for its rejected."""
+    inputs, targets, _, before = (torch.cat(parts).long() for parts in zip(*pairs))
+    sequence = torch.cat([2 * k + which for k, (_, _, which, _) in enumerate(pairs)])
+    return inputs, targets, sequence, before
 
 
 def sequence_logprobs(model, pairs, device):
     """(pairs, 2) log-probabilities of each pair's chosen and rejected reply under `model`."""
-    inputs, targets, sequence = (t.to(device) for t in batch_of(pairs))
-    logits, _ = model(inputs)
+    inputs, targets, sequence, before = (t.to(device) for t in batch_of(pairs))
+    logits, _ = model(inputs, before=before)
     logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
     per_window = logp.view(targets.shape).sum(1)  # ignored targets add 0
     return torch.zeros(2 * len(pairs), device=device).index_add_(0, sequence, per_window).view(-1, 2)
@@ -146,7 +149,7 @@ class DPO:
     def state(self):
         return self.reference
 
-    def draw(self, n, sampler):
+    def draw(self, n, sampler, progress=1.0):
         return torch.randint(len(self.found.train), (n,), generator=sampler)
 
     def split(self, batch, micro_batch):

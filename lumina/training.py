@@ -21,15 +21,18 @@ from lumina.device import DTYPE_CHOICES, DTYPES, autocast, cpu_has_bf16, dtype_l
 from lumina.evaluate import end_of_turn_rate, evaluate, probe_replies, turn_ends
 from lumina.model import CharTransformer, ModelConfig
 from lumina.optim import lr_at, make_optimizer
+from lumina.vocab import END
 
 POSITIVE = ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size", "grad_accum", "max_iters",
             "eval_interval", "eval_windows", "log_interval", "checkpoint_interval")
-RULES = {"val_fraction": (0.0, 0.5), "warmup_ratio": (0.0, 0.5), "min_lr_ratio": (0.0, 1.0), "dropout": (0.0, 0.9),
+RULES = {"ngram_buckets": (0, 2 ** 20), "muon_steps": (1, 20), "short_context": (0, 10 ** 5), "short_share": (0.0, 1.0),
+         "val_fraction": (0.0, 0.5), "warmup_ratio": (0.0, 0.5), "min_lr_ratio": (0.0, 1.0), "dropout": (0.0, 0.9),
          "label_smoothing": (0.0, 0.5), "grad_clip": (0.0, math.inf), "max_minutes": (0.0, math.inf),
          "weight_decay": (0.0, math.inf), "beta2": (0.0, 0.9999), "learning_rate": (1e-9, 10.0),
-         "probe_chars": (0, 10000), "threads": (0, 1024), "dtype": DTYPE_CHOICES,
+         "probe_chars": (0, 10000), "end_chars": (1, 10 ** 6), "threads": (0, 1024), "dtype": DTYPE_CHOICES,
          "optimizer": ("adamw", "muon"), "compile": ("auto", "true", "false"),
          **{key: (1, math.inf) for key in POSITIVE}}
+SHAPE_KEYS = ("seq_length", "hidden_size", "num_layers", "nhead", "dropout", "ngram_buckets")  # a run's config -> ModelConfig
 END_WEIGHT = 0.1        # bits/char of val that a fine-tune's model selection trades for ending every reply
 COMPILE_MIN_MINUTES = 5.0  # compile=auto on a GPU: a budget at least this long (compiling costs about 1 min)
 INTERRUPTED = 130  # exit code after Ctrl-C, as shells report it
@@ -87,12 +90,73 @@ def time_precisions(net, config, runtime):
         durations = []
         for _ in range(1 + DTYPE_TRIAL_STEPS):
             start = time.perf_counter()
-            forward_backward(net, (x, x), len(x), trial, torch.amp.GradScaler("cpu", enabled=False), text)
+            forward_backward(net, (x, x, x[:, :2]), len(x), trial, torch.amp.GradScaler("cpu", enabled=False), text)
             durations.append(time.perf_counter() - start)
         times[dtype] = min(durations[1:])
     net.zero_grad(set_to_none=True)
     return min(times, key=times.get), "a training step took " + ", ".join(
         f"{t * 1000:.0f} ms in {str(d).replace('torch.', '')}" for d, t in times.items())
+
+
+# Regularisation by how many times the run will see its data (Muennighoff et al. 2023, "Scaling
+# Data-Constrained Language Models": repeated data is nearly as good as new for about 4 epochs and
+# loses its worth by about 16; nanoGPT's shakespeare-char, which sees its text ~80 times, uses 0.2).
+DROPOUT_BY_EPOCHS = ((1.0, 0.0), (16.0, 0.1), (math.inf, 0.2))  # (at most this many epochs, dropout)
+MAX_DECAY_PER_STEP = 0.01  # lr * weight decay: never forget more than 1% a step (tiny data would ask for more)
+TIMED_STEPS = 3          # training steps timed, after as many to warm up, when the budget is in minutes
+
+
+def planned_epochs(config, train_chars, step_seconds):
+    """(epochs, steps): the passes over the training data the run will make, from its steps
+    (max_iters, or as many as max_minutes allows at step_seconds each) and the characters a step reads."""
+    steps = config["max_iters"]
+    if config["max_minutes"] and step_seconds:
+        steps = min(steps, config["max_minutes"] * 60 / step_seconds)
+    per_step = config["batch_size"] * config["grad_accum"] * config["seq_length"]
+    return steps * per_step / max(1, train_chars), steps
+
+
+def regularisation(epochs, steps_per_epoch, learning_rate):
+    """(dropout, weight decay) for a run of `epochs`. Dropout steps up with the repeats. Weight
+    decay is sized to act over about one epoch (Wang and Aitchison 2024: the best timescale of
+    AdamW's decay is a fixed share of the data): decoupled decay forgets with a timescale of
+    1 / (lr * wd) steps, and a cosine schedule's mean rate is half its peak, so wd = 2 / (lr * steps
+    per epoch), at most MAX_DECAY_PER_STEP / lr."""
+    dropout = next(p for limit, p in DROPOUT_BY_EPOCHS if epochs <= limit)
+    return dropout, min(2.0 / max(1.0, steps_per_epoch), MAX_DECAY_PER_STEP) / learning_rate
+
+
+def choose_regularisation(net, config, train_chars, runtime, log):
+    """Fill dropout and weight_decay left at None (auto) by regularisation(), from the epochs the
+    run will see: its budget, its data and its speed (a few timed steps), all logged. Returns
+    whether the model must be rebuilt with dropout."""
+    if config["dropout"] is not None and config["weight_decay"] is not None:
+        return False
+    seconds = time_steps(net, config, runtime) if config["max_minutes"] else None
+    epochs, steps = planned_epochs(config, train_chars, seconds)
+    per_step = config["batch_size"] * config["grad_accum"] * config["seq_length"]
+    dropout, decay = regularisation(epochs, train_chars / per_step, config["learning_rate"])
+    config["dropout"] = dropout if config["dropout"] is None else config["dropout"]
+    config["weight_decay"] = decay if config["weight_decay"] is None else config["weight_decay"]
+    speed = f"{per_step / seconds:,.0f} characters/s measured, " if seconds else ""
+    log(f"regularisation auto: {speed}{steps:,.0f} steps of {per_step:,} characters over {train_chars:,} = "
+        f"{epochs:.2f} epochs -> dropout {config['dropout']:g}, weight decay {config['weight_decay']:.3g}")
+    return config["dropout"] > 0
+
+
+def time_steps(net, config, runtime):
+    """Seconds per training step of this model and batch, in the run's precision (eager)."""
+    x = torch.randint(net.config.vocab_size, (config["batch_size"] * config["grad_accum"], config["seq_length"]),
+                      generator=seeded_generator(0), device=runtime.device)
+    text, scaler, durations = LanguageModel(None, None, config["seq_length"]), torch.amp.GradScaler(enabled=False), []
+    for _ in range(2 * TIMED_STEPS):  # the first steps of a process set up its kernels: slow
+        start = time.perf_counter()
+        forward_backward(net, (x, x, x[:, :2]), config["batch_size"], runtime, scaler, text)
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize()
+        durations.append(time.perf_counter() - start)
+    net.zero_grad(set_to_none=True)
+    return min(durations[TIMED_STEPS:])
 
 
 def choose_compile(config, runtime, log):
@@ -147,8 +211,12 @@ class LanguageModel:
     keeps_last = False  # the model file keeps the best evaluation, not the last
     metrics_names = ()  # figures of its own at each evaluation: none beyond val bits/char
 
-    def __init__(self, ids, mask, seq_length, label_smoothing=0.0):
+    def __init__(self, ids, mask, seq_length, label_smoothing=0.0, short_context=0, short_share=0.0,
+                 end_weight=1.0, vocab_size=None):
         self.ids, self.mask, self.seq_length, self.label_smoothing = ids, mask, seq_length, label_smoothing
+        self.short_context, self.short_share = short_context, short_share
+        # The loss weight of each target id: <|end|> counts end_weight times as much as a character.
+        self.weights = None if end_weight == 1 else torch.ones(vocab_size).index_fill_(0, torch.tensor([END]), end_weight)
 
     def prepare(self, net, runtime, saved=None):
         """Nothing to prepare: text needs no reference model."""
@@ -156,16 +224,22 @@ class LanguageModel:
     def state(self):
         return None
 
-    def draw(self, n, sampler):
+    def draw(self, n, sampler, progress=1.0):
+        """n windows; in the first short_share of the run, as many characters in shorter windows:
+        a step over short windows is cheaper, and early on the model learns little from far context."""
+        if self.short_context and progress < self.short_share:
+            return random_windows(self.ids, self.mask, n * self.seq_length // self.short_context, self.short_context, sampler)
         return random_windows(self.ids, self.mask, n, self.seq_length, sampler)
 
     def split(self, batch, micro_batch):
-        x, y = batch
-        return [((xb, yb), len(xb) / len(x)) for xb, yb in zip(x.split(micro_batch), y.split(micro_batch))]
+        micro_batch = micro_batch * self.seq_length // batch[0].shape[1]  # short windows: as many characters
+        return [(part, len(part[0]) / len(batch[0])) for part in zip(*(t.split(micro_batch) for t in batch))]
 
     def loss(self, model, chunk, runtime):
-        xb, yb = (t.to(runtime.device, non_blocking=True) for t in chunk)
-        return model(xb, yb, label_smoothing=self.label_smoothing)[1]
+        x, y, before = (t.to(runtime.device, non_blocking=True) for t in chunk)
+        if self.weights is not None and self.weights.device != runtime.device:
+            self.weights = self.weights.to(runtime.device)
+        return model(x, y, label_smoothing=self.label_smoothing, before=before, target_weights=self.weights)[1]
 
     def tokens(self, batch):
         return batch[0].numel()
@@ -332,7 +406,9 @@ class Trainer:
     def __init__(self, config, net, found, runtime, files, meta, end_probes=False, objective=None):
         self.config, self.net, self.data, self.runtime, self.files, self.meta = config, net, found, runtime, files, meta
         self.objective = objective or LanguageModel(found.train, found.train_mask, config["seq_length"],
-                                                    config["label_smoothing"])
+                                                    config["label_smoothing"], config.get("short_context", 0),
+                                                    config.get("short_share", 0.0), config.get("end_weight", 1.0),
+                                                    net.config.vocab_size)
         self.end_probes = end_probes and bool(found.val_prompts)  # the end-of-turn rate at every evaluation
         self.log = tqdm.write if runtime.is_main else (lambda *a: None)
         net.to(runtime.device).train()
@@ -388,7 +464,7 @@ class Trainer:
         lr = lr_at(progress, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.objective.draw(per_step, self.sampler)
+        batch = self.objective.draw(per_step, self.sampler, progress)
 
         def attempt(micro_batch):
             self.optimizer.zero_grad(set_to_none=True)  # also clears what a failed (out-of-memory) try left
@@ -425,7 +501,8 @@ class Trainer:
         metrics = {"step": self.step, "val": self.val_loss, "val_bpc": self.val_loss / math.log(2),
                    **self.objective.metrics(self.net, self.runtime)}
         if self.end_probes:
-            metrics["end_rate"] = end_of_turn_rate(self.net, self.data.val_prompts, self.runtime.dtype)
+            metrics["end_rate"] = end_of_turn_rate(self.net, self.data.val_prompts, self.runtime.dtype,
+                                                   max_chars=self.config["end_chars"])
         # With end-of-turn probes the kept model is not simply the lowest val: a reply that never
         # ends costs END_WEIGHT bits/char, so ending every reply is worth 0.1 bits/char of val.
         score = self.val_loss + (1 - metrics["end_rate"]) * END_WEIGHT * math.log(2) if self.end_probes else self.val_loss
@@ -495,8 +572,7 @@ class Trainer:
 def new_model(config, vocab):
     """A fresh transformer of the configured shape; ModelConfig owns the shape rules."""
     try:
-        shape = ModelConfig(vocab_size=len(vocab), **{k: config[k] for k in
-                                                        ("seq_length", "hidden_size", "num_layers", "nhead", "dropout")})
+        shape = ModelConfig(vocab_size=len(vocab), **{k: config[k] for k in SHAPE_KEYS})
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     return CharTransformer(shape)

@@ -37,9 +37,12 @@ def _generation_logits(net, prompt, steps, use_cache, monkeypatch):
     return ids, seen
 
 
-@pytest.mark.parametrize("prompt_len,steps", [(5, 8), (40, 45)])  # inside, then far past, the window
-def test_cached_and_uncached_generation_agree(vocab, monkeypatch, prompt_len, steps):
-    net = model_on_device(vocab)
+@pytest.mark.parametrize("prompt_len,steps,ngram", [(5, 8, 0), (40, 45, 0), (40, 45, 64)])  # inside, then far past, the window
+def test_cached_and_uncached_generation_agree(vocab, monkeypatch, prompt_len, steps, ngram):
+    net = model_on_device(vocab, ngram_buckets=ngram)
+    if ngram:  # trained n-grams: the cached step and the re-reads must see each id's true predecessors
+        torch.nn.init.normal_(net.ngram.pair.weight, std=0.5)
+        torch.nn.init.normal_(net.ngram.triple.weight, std=0.5)
     prompt = random_ids(0, len(vocab), prompt_len, 1)
     ids_c, logits_c = _generation_logits(net, prompt, steps, True, monkeypatch)
     ids_u, logits_u = _generation_logits(net, prompt, steps, False, monkeypatch)
@@ -141,8 +144,7 @@ def test_each_setting_of_the_batched_draw_matches_its_one_row_definition_on_fixe
                         top_k=[None, 1, 3, 10, None, 5, None, V][kind],
                         top_p=[None, None, None, None, 0.5, 0.9, 0.95, 0.7][kind],
                         repetition_penalty=1.0 if b % 3 else 1.5))
-    recent = torch.tensor([row.ids[:1] * (engine.REPETITION_WINDOW - len(row.ids)) + row.ids[-engine.REPETITION_WINDOW:]
-                           for row in rows])
+    recent = engine.recent_ids(rows, "cpu")
     sampling = Sampling.of(rows, V, logits.device)
     fixed = lambda ids: noise.gather(1, ids) if ids.dim() == 2 else noise[:, ids]
     got = choose(logits, sampling, torch.zeros(B, dtype=torch.long), recent, noise=fixed).tolist()
@@ -276,7 +278,7 @@ class Bigram(torch.nn.Module):
         for (after, token), p in table.items():
             self.logits[after, token] = float(torch.tensor(p).log())
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, before=None):
         return self.logits[idx], None
 
 

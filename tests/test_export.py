@@ -107,7 +107,7 @@ def test_onnx_logits_match_on_the_prompt_and_50_cached_steps(onnx_model):
     assert np.abs(logits - eng.logits([row])[0].numpy()).max() < 1e-4
     for step in range(50):
         row.take(int(logits.argmax()))
-        logits, past = chat.step(row.ids[-1:], past)
+        logits, past = chat.step(row.ids[-1:], past, export.predecessors(row.ids, len(row.ids) - 1))
         assert np.abs(logits - eng.logits([row])[0].numpy()).max() < 1e-4, step
     assert past.shape[4] == len(prompt) + 50
 
@@ -148,3 +148,22 @@ def test_bad_requests_get_one_line_each(tmp_path):
     for args, words in cases:
         out = run_script("export.py", *args)
         assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_onnx_greedy_equals_the_engines_for_a_model_with_ngrams(tmp_path):
+    """An exported step reads the two ids before its first id, as the engine's passes do."""
+    pytest.importorskip("onnxruntime")
+    vocab = Vocab.from_text(TEXT)
+    net = tiny_model(vocab, seq_length=32, hidden_size=64, ngram_buckets=64)
+    with torch.no_grad():
+        torch.nn.init.normal_(net.ngram.pair.weight)
+        torch.nn.init.normal_(net.ngram.triple.weight)
+        for p in net.parameters():
+            p.mul_(4)
+    path = save(net.eval(), vocab, tmp_path / "Model.pth")
+    out = run_script("export.py", path, "--onnx")
+    assert out.returncode == 0, out.stderr
+    prompt = render_chat([{"role": "user", "content": "what is this?"}], vocab, True)[0]
+    expected = list(generate(net, prompt, 100, temperature=0, stop_ids=()))
+    chat = export.OnnxChat(str(tmp_path / "Model.onnx"))
+    assert chat.takes_before and list(chat.generate(prompt, 100, stop_ids=())) == expected and len(set(expected)) > 5

@@ -15,7 +15,7 @@ from test_train import TINY_ARGS
 SPANISH = [[{"role": "user", "content": "hola"}, {"role": "assistant", "content": "el niño y la niña, mañana señor"}],
            [{"role": "user", "content": "que tal?"}, {"role": "assistant", "content": "año tras año, ñu y ñandú"}]]
 FT_ARGS = ["--epochs=0", "--max_iters=150", "--eval_interval=50", "--log_interval=50", "--max_minutes=0", "--probe_chars=10",
-           "--learning_rate=3e-3", f"--device={DEVICE}", "--dtype=float32", "--batch_size=8"]
+           "--learning_rate=3e-3", f"--device={DEVICE}", "--dtype=float32", "--batch_size=8", "--end_chars=200"]
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +151,12 @@ def test_fine_tuning_on_chats_teaches_a_prose_model_to_end_its_turn(tmp_path):
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in CHATS * 30])
     out = run_script("fine_tune.py", f"--base_model={tmp_path / 'Model.pth'}", f"--data={chats}",
                      f"--output={tmp_path / 'FT.pth'}", "--epochs=20", "--max_minutes=0", "--probe_chars=10",
-                     f"--device={DEVICE}", "--dtype=float32", cwd=tmp_path)  # the defaults, on tiny data: more epochs
+                     "--end_chars=300", f"--device={DEVICE}", "--dtype=float32", cwd=tmp_path)  # the defaults, on tiny data: more epochs
     assert out.returncode == 0, out.stderr
     assert "training the rows of the 5 chat tokens and 6 new characters, the norms: 672 of 26,016" in out.stdout
-    before, after = map(int, re.search(r"ends its turn (\d+)% -> (\d+)% of 8 held-out replies", out.stdout).groups())
+    before, after, replies = map(int, re.search(r"ends its turn (\d+)% -> (\d+)% of (\d+) held-out replies",
+                                                 out.stdout).groups())
+    assert replies >= 32  # every held-out prompt replied to until 32 replies are in
     assert after >= before + 25, out.stdout  # a barely trained base ends some replies by chance
     assert re.search(r"val bits/char [\d.]+ -> [\d.]+ \|", out.stdout)  # the closing line scripts read
     assert out.stdout.count("ends its turn in") == 6  # before, at each of the 4 evaluations, and after

@@ -1,6 +1,8 @@
 """lumina/model.py: the transformer."""
 import torch
 
+from lumina.vocab import Vocab
+
 from conftest import tiny_model
 
 
@@ -29,3 +31,24 @@ def test_loss_ignores_masked_targets(vocab):
 def test_input_embedding_and_output_head_are_tied(vocab):
     net = tiny_model(vocab)
     assert net.head.weight is net.tok_emb.weight
+
+
+def test_ngrams_read_the_true_predecessors_of_a_window():
+    from lumina.model import NgramEmbedding
+    table = NgramEmbedding(64, 8)
+    torch.nn.init.normal_(table.pair.weight)
+    torch.nn.init.normal_(table.triple.weight)
+    text = torch.randint(40, (1, 30))
+    whole = table(text, torch.tensor([[-1, -1]]))
+    assert torch.equal(table(text[:, 10:], text[:, 8:10]), whole[:, 10:])  # a window that knows what came before
+    assert not torch.equal(table(text[:, 10:], torch.tensor([[-1, -1]]))[:, :2], whole[:, 10:12])
+
+
+def test_a_model_with_ngrams_starts_as_the_plain_one():
+    vocab = Vocab.from_text("abcdefgh")
+    x = torch.randint(len(vocab), (2, 12))
+    plain, hashed = tiny_model(vocab, seed=3), tiny_model(vocab, seed=3, ngram_buckets=64)
+    assert hashed.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["ngram.pair.weight",
+                                                                                     "ngram.triple.weight"]
+    with torch.no_grad():
+        assert torch.equal(plain(x)[0], hashed(x, before=x[:, :2])[0])  # the tables start at zero

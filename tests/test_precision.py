@@ -17,7 +17,7 @@ from conftest import (CHATS, DEVICE, DTYPES, KEY, ROOT, SERVE_MISSING, Server, a
                       write_jsonl)
 
 TINY = ["--seq_length=32", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8", "--max_minutes=0",
-        f"--device={DEVICE}"]
+        "--end_chars=200", f"--device={DEVICE}"]
 
 
 def dtype_lines(output):
@@ -45,7 +45,7 @@ def test_every_stage_generates_at_every_precision(tmp_path, dtype):
     assert load_checkpoint(str(tmp_path / "Model.pth"))["config"]["dtype"] == dtype
     # fine_tune.py: its "before" report samples the held-out prompts before the first step.
     out = run_script("fine_tune.py", f"--data={chats}", "--epochs=0", "--max_iters=20", "--probe_chars=20",
-                     f"--dtype={dtype}", f"--device={DEVICE}", cwd=tmp_path)
+                     "--end_chars=200", f"--dtype={dtype}", f"--device={DEVICE}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert re.search(r"val bits/char [\d.]+ -> [\d.]+ \| ends its turn \d+% -> \d+% of \d+ held-out", out.stdout)
     # ChatAI: seeded replies repeat, beam search, and the int8 file.

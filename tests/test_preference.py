@@ -9,8 +9,7 @@ import torch
 
 import fine_tune
 from lumina.checkpoint import build_model, load_checkpoint
-from lumina.device import seeded_generator
-from lumina.engine import window_start
+from lumina.engine import predecessors, window_start
 from lumina.preference import dpo_loss, encode_pair, reply_windows, sequence_logprobs
 from lumina.vocab import END, Vocab, render_chat
 from conftest import DEVICE, interrupt_after, run_script, tiny_checkpoint, tiny_model, write_jsonl
@@ -24,18 +23,22 @@ def toy_pairs(words):
              "rejected": f"{w} {w}."} for w in words]
 
 
-def test_each_reply_character_is_scored_once_with_the_engines_context():
+@pytest.mark.parametrize("ngram", [0, 64])
+def test_each_reply_character_is_scored_once_with_the_engines_context(ngram):
     vocab = Vocab.from_text("abcdefghijklmnopqrstuvwxyz ")
-    net = tiny_model(vocab, seq_length=16).eval()
+    net = tiny_model(vocab, seq_length=16, ngram_buckets=ngram).eval()
+    if ngram:
+        torch.nn.init.normal_(net.ngram.pair.weight)
     prompt = render_chat([{"role": "user", "content": "hello there friend"}], vocab, True)[0]
     reply = vocab.encode("a long reply that outgrows the window") + [END]
-    inputs, targets = reply_windows(prompt, reply, 16)
+    inputs, targets, before = reply_windows(prompt, reply, 16)
     ids = prompt + reply
     assert sorted(t for t in targets.flatten().tolist() if t >= 0) == sorted(reply)
     with torch.no_grad():  # the textbook way: each id from its own window (window_start), one pass each
-        expected = sum(net(torch.tensor([ids[window_start(i, 16):i]]))[0][0, -1].log_softmax(-1)[ids[i]].item()
+        expected = sum(net(torch.tensor([ids[window_start(i, 16):i]]), before=torch.tensor(
+                           [predecessors(ids, window_start(i, 16))]))[0][0, -1].log_softmax(-1)[ids[i]].item()
                        for i in range(len(prompt), len(ids)))
-        got = sequence_logprobs(net, [(inputs, targets, torch.zeros(len(inputs), dtype=torch.long))], "cpu")[0, 0]
+        got = sequence_logprobs(net, [(inputs, targets, torch.zeros(len(inputs), dtype=torch.long), before)], "cpu")[0, 0]
     assert math.isclose(got.item(), expected, rel_tol=1e-5) and len(inputs) > 2  # the reply needed re-reads
 
 
@@ -59,7 +62,7 @@ def toy(tmp_path):
 
 
 DPO_ARGS = ["--objective=dpo", "--train=all", "--learning_rate=3e-3", "--beta=0.5", "--epochs=0", "--max_minutes=0",
-            "--probe_chars=0", "--val_fraction=0.3", f"--device={DEVICE}"]
+            "--probe_chars=0", "--val_fraction=0.3", "--end_chars=100", f"--device={DEVICE}"]
 
 
 def closing(out):
@@ -112,11 +115,11 @@ def test_long_prompts_are_trimmed_by_whole_turns_and_counted():
     vocab = Vocab.from_text("abcdefghijklmnopqrstuvwxyz !.")
     history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 6} for i in range(8)]
     pair = {"prompt": history + [{"role": "user", "content": "last question"}], "chosen": "yes!", "rejected": "no."}
-    (inputs, targets, which), trimmed = encode_pair(pair, vocab, 32)
+    (inputs, targets, which, _), trimmed = encode_pair(pair, vocab, 32)
     assert trimmed and set(which.tolist()) == {0, 1}
     kept = render_chat([pair["prompt"][-1]], vocab, True)[0]
     assert inputs[0, :len(kept)].tolist() == kept  # the newest turn stayed, whole; older ones went
-    (_, _, _), short = encode_pair({**pair, "prompt": pair["prompt"][-1:]}, vocab, 32)
+    _, short = encode_pair({**pair, "prompt": pair["prompt"][-1:]}, vocab, 32)
     assert not short
 
 

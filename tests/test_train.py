@@ -24,7 +24,8 @@ from lumina.device import seeded_generator
 from conftest import DEVICE, CHATS, ROOT, interrupt_after, run_script, tiny_model, write_jsonl
 
 TINY_ARGS = ["--seq_length=16", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8",
-             "--max_minutes=0", "--probe_chars=10", f"--device={DEVICE}", "--dtype=float32"]
+             "--max_minutes=0", "--probe_chars=10", f"--device={DEVICE}", "--dtype=float32", "--end_chars=200",
+             "--weight_decay=0.1"]
 
 
 @pytest.fixture
@@ -207,14 +208,14 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(vocab):
     grads = []
     for micro in (8, 2):
         net = tiny_model(vocab)
-        forward_backward(net, (x, y), micro, runtime, scaler, training.LanguageModel(None, None, 16))
+        forward_backward(net, (x, y, x[:, :2]), micro, runtime, scaler, training.LanguageModel(None, None, 16))
         grads.append(net.tok_emb.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_muon_gets_the_blocks_matrices_and_adamw_everything_else(vocab):
     net = tiny_model(vocab)
-    config = {**Train.CONFIG, "learning_rate": 1e-3, "optimizer": "muon"}
+    config = {**Train.CONFIG, "learning_rate": 1e-3, "weight_decay": 0.1, "optimizer": "muon"}
     muon, adamw = make_optimizer(net, config, torch.device("cpu")).optimizers
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     in_adamw = [id(p) for g in adamw.param_groups for p in g["params"]]
@@ -448,3 +449,51 @@ def test_compile_true_on_the_command_line_and_an_old_runs_saved_false_both_read(
     assert config["compile"] == "true"
     old_run = {"config": {**Train.CONFIG, "compile": False}}
     assert Train.resolve_config(Train.CONFIG, ["--resume"], old_run, torch.device("cpu"))["compile"] == "false"
+
+
+# --- regularisation by the epochs a run will see ----------------------------------------------------
+def test_the_regularisation_rule_picks_by_budget_data_and_speed():
+    gpu = {**Train.CONFIG, **Train.PRESETS["gpu"], "max_iters": 10 ** 6, "max_minutes": 10.0, "grad_accum": 1}
+    per_step = 64 * 512
+    epochs, steps = training.planned_epochs(gpu, 20_000_000, step_seconds=0.03)  # 20,000 steps fit in 10 minutes
+    assert round(steps) == 20_000 and math.isclose(epochs, 20_000 * per_step / 20_000_000)  # about 33 epochs
+    dropout, decay = training.regularisation(epochs, 20_000_000 / per_step, 1e-3)
+    assert dropout == 0.2 and math.isclose(decay, 2 / (1e-3 * 20_000_000 / per_step))  # forgets over about an epoch
+    assert training.regularisation(8.0, 1000, 1e-3)[0] == 0.1 and training.regularisation(0.5, 1000, 1e-3)[0] == 0.0
+    assert math.isclose(training.regularisation(40.0, 20, 6e-3)[1], 0.01 / 6e-3)  # tiny data: at most 1% a step
+    cpu = {**Train.CONFIG, **Train.PRESETS["cpu"], "max_minutes": 0.0, "max_iters": 3000}  # no budget: max_iters decides
+    epochs, steps = training.planned_epochs(cpu, 20_000_000, step_seconds=None)
+    assert steps == 3000 and math.isclose(epochs, 3000 * 8 * 256 / 20_000_000)
+
+
+def test_auto_regularisation_is_logged_stored_and_switches_dropout_on(tmp_path, chat_file):
+    out = run_script("Train.py", f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=60", "--eval_interval=60",
+                     *[a for a in TINY_ARGS if a != "--max_minutes=0"], "--max_minutes=5", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    line = next(l for l in out.stdout.splitlines() if l.startswith("regularisation auto:"))
+    assert re.search(r"characters/s measured, 60 steps of 128 characters over [\d,]+ = [\d.]+ epochs -> dropout 0\.1, "
+                     r"weight decay [\d.e-]+$", line)  # 60 steps over tiny data: a few epochs
+    saved = load_checkpoint(str(tmp_path / "Model.pth"))
+    assert saved["config"]["dropout"] == 0.1 == saved["model_config"]["dropout"] and saved["config"]["weight_decay"] > 0
+
+
+def test_a_short_context_phase_reads_as_many_characters_in_shorter_windows():
+    ids, mask = torch.arange(1000) % 50, torch.ones(1000, dtype=torch.bool)
+    text = training.LanguageModel(ids, mask, 64, short_context=16, short_share=0.5)
+    x, y, before = text.draw(4, seeded_generator(0), progress=0.2)
+    assert x.shape == y.shape == (16, 16) and before.shape == (16, 2)
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(before[:, 1], x[:, 0] - 1)  # windows of the text
+    assert text.draw(4, seeded_generator(0), progress=0.6)[0].shape == (4, 64)  # then the whole context
+    assert [len(part[0]) for part, _ in text.split((x, y, before), 2)] == [8, 8]  # micro-batches of as many characters
+
+
+def test_muon_takes_its_number_of_newton_schulz_iterations_and_keeps_it_in_its_state(vocab):
+    net = tiny_model(vocab)
+    config = {**Train.CONFIG, "learning_rate": 1e-2, "weight_decay": 0.0, "optimizer": "muon", "muon_steps": 2}
+    muon = make_optimizer(net, config, torch.device("cpu")).optimizers[0]
+    assert {g["ns_steps"] for g in muon.param_groups} == {2}
+    state = muon.state_dict()
+    for group in state["param_groups"]:
+        del group["ns_steps"]  # a state saved before the setting existed
+    muon.load_state_dict(state)
+    assert {g["ns_steps"] for g in muon.param_groups} == {5}
