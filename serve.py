@@ -296,7 +296,7 @@ class Scheduler:
                 raise APIError(503, f"the server cannot generate: its scheduler stopped ({self.failure})")
             if not self.accepting:
                 raise APIError(503, "the server is shutting down")
-            if len(self.waiting) >= self.config["max_queue"]:
+            if len(self.waiting) >= self.config["max_queue"] + len(self.free):  # free slots take them at the next step
                 raise APIError(429, f"the queue is full ({self.config['max_queue']} requests wait); retry later")
             self.waiting.append(job)
             self.wake.notify()
@@ -325,16 +325,19 @@ class Scheduler:
             if not self.running:
                 self.wake.wait()
                 return
+        live, failure = [job for job in self.running if not job.failed], None
         try:
-            self.engine.step([row for job in self.running for row in job.live_rows()],
-                             [search for job in self.running for search in job.live_searches()])
+            self.engine.step([row for job in live for row in job.live_rows()],
+                             [search for job in live for search in job.live_searches()])
         except Exception as e:  # the batched step failed: every job in it fails, the server goes on
-            for job in self.running:
-                self.fail(job, e)
-        for job in self.running:
-            if not job.failed:
-                self.guarded(job, self.deliver, job)
-        self.send()
+            failure = e
+        with self.wake:  # the event loop's thread posts too (stop_accepting): one writer of the outbox at a time
+            for job in live:
+                if failure:
+                    self.fail(job, failure)
+                else:
+                    self.guarded(job, self.deliver, job)
+            self.send()
 
     def admit(self):
         """Waiting jobs join, first come first served, while their rows or beams fit in free slots."""
@@ -424,6 +427,8 @@ class Scheduler:
     def cancel(self, job):
         with self.wake:
             job.cancelled = True
+            if job in self.waiting:  # it never started: its place in the queue is free at once
+                self.waiting.remove(job)
             self.wake.notify()
 
 

@@ -11,9 +11,13 @@ speed does not depend on the weights), taking turns:
      settings (temperature 0.8, top-k 40), nucleus (top-p 0.9), and with a repetition penalty;
   3. chat: one greedy stream (ChatAI's default threads, 1) of the same weights through this
      engine and through model.py of release `peer` (read from git), after a window-filling prompt;
-     the texts must be identical.
+     the texts must be identical;
+  4. precision (with --precision_widths): steady-state characters/s of 1, 16 and 64 rows for models
+     of those widths in float32, in bf16 autocast, and with the weights cast to bf16 (what ChatAI
+     and serve.py do): the measurements behind lumina.device.generation_dtype.
 
 Run:  python benchmarks/engine_speed.py [--rounds=3] [--threads=2] [--peer=d26845d]
+      python benchmarks/engine_speed.py --rounds=2 --peer= --precision_widths=128,256,512
 """
 import copy
 import importlib.util
@@ -40,7 +44,9 @@ CONFIG = {
     "vocab": 1335,        # vocabulary size: the real OASST1 English text's
     "peer": "d26845d",    # part 3: the release whose model.py is the single-stream peer; "" skips it
     "dtype": "auto",      # part 1: auto (serve.py's rule for each row count), float32 or bfloat16
+    "precision_widths": [],  # part 4: model widths to time in each precision, e.g. 128,256,512; [] skips it
 }
+PRECISION_SHAPES = {128: (4, 4), 256: (4, 4), 384: (6, 6), 512: (8, 8)}  # width -> (layers, heads)
 ROWS = (1, 8, 16, 64)
 
 
@@ -106,8 +112,39 @@ def stream_rate(stream):
     return [first] + rest, len(rest) / (time.perf_counter() - start)
 
 
+def steady_rate(net, rows_n, dtype=None, steps=40):
+    """Characters/s of rows_n rows stepping together after their prompts are read (no re-reads)."""
+    engine = Engine(net, rows_n, dtype)
+    rows = [Row(prompt(net.config.vocab_size, 100, i), 10 ** 6, slot=i, seed=i, top_k=40) for i in range(rows_n)]
+    for _ in range(6):
+        engine.step(rows)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step(rows)
+    return steps * rows_n / (time.perf_counter() - start)
+
+
+def precision(widths, vocab, rounds):
+    """Part 4: float32, bf16 autocast and bf16 weights, at 1, 16 and 64 rows, per width."""
+    for width in widths:
+        layers, heads = PRECISION_SHAPES.get(width, (4, 4))
+        torch.manual_seed(0)
+        net = CharTransformer(ModelConfig(vocab_size=vocab, seq_length=256, hidden_size=width, num_layers=layers,
+                                          nhead=heads)).eval()
+        ways = {"float32": (net, None), "bf16 autocast": (net, torch.bfloat16),
+                "bf16 weights": (copy.deepcopy(net).to(torch.bfloat16), None)}
+        best = {}
+        for _ in range(rounds):
+            for rows_n in (1, 16, 64):
+                for way, (model, dtype) in ways.items():
+                    best[rows_n, way] = max(best.get((rows_n, way), 0.0), steady_rate(model, rows_n, dtype))
+        print(f"precision, width {width}, {layers} layers: " + " | ".join(
+            f"{n} rows: " + ", ".join(f"{way} {best[n, way]:,.0f}" for way in ways)
+            + f" ({best[n, 'bf16 weights'] / best[n, 'float32']:.2f}x)" for n in (1, 16, 64)), flush=True)
+
+
 def main(argv):
-    options = parse_cli(argv, CONFIG, __file__)[0]
+    options = parse_cli(argv, CONFIG, __file__, types={"precision_widths": list})[0]
     net = preset_model(options["vocab"])
     print(f"model: CPU preset shape, {net.num_params():,} params, vocabulary {options['vocab']} | "
           f"threads {options['threads']} | torch {torch.__version__}")
@@ -125,6 +162,8 @@ def main(argv):
                            ("top-k 40, penalty 1.2", dict(temperature=0.8, top_k=40, repetition_penalty=1.2))):
         cost = min(draw_cost(options["vocab"], settings) for _ in range(options["rounds"]))
         print(f"sampling at 64 rows, {name}: {cost:.2f} us a row")
+    if options["precision_widths"]:
+        precision([int(w) for w in options["precision_widths"]], options["vocab"], options["rounds"])
     # --- 3. one chat stream against the peer release ---
     if options["peer"]:
         torch.set_num_threads(1)

@@ -43,7 +43,7 @@ CONFIG = {
     "folds": 5,              # folds by tree; every tree is held out once
     "only_folds": [],        # run these folds only (e.g. 0 to try a recipe quickly); [] = all
     "sft_args": "",          # more fine_tune.py options for the supervised step
-    "dpo_args": "",          # more fine_tune.py options for the DPO step
+    "dpo_args": "",          # more fine_tune.py options for the DPO step; ';' separates variants, each run on the same SFT model
     "skip_dpo": False,       # measure the supervised step alone
     "seed": 0,               # decides the folds
     "threads": 2,            # CPU threads for the measurements
@@ -124,7 +124,8 @@ def main(argv):
     torch.set_num_threads(options["threads"])
     runtime = Runtime(torch.device("cpu"))
     folds = folds_of(options["data"], options["folds"], options["seed"])
-    beta = float(next((a.split("=")[1] for a in options["dpo_args"].split() if a.startswith("--beta=")), 0.1))
+    variants = [v.strip() for v in options["dpo_args"].split(";")]
+    beta_of = lambda args: float(next((a.split("=")[1] for a in args.split() if a.startswith("--beta=")), 0.1))
     wanted = [int(f) for f in options["only_folds"]] or range(options["folds"])
     print(f"base {options['base']} | {options['folds']} folds by tree | sft {options['sft_args'] or 'defaults'} | "
           f"dpo {options['dpo_args'] or 'defaults'}")
@@ -134,12 +135,12 @@ def main(argv):
         train = [folds[i] for i in range(options["folds"]) if i != k]
         data.write_jsonl(os.path.join(work, "threads.jsonl"), [{"messages": t["messages"]} for f in train for t in f[0]])
         data.write_jsonl(os.path.join(work, "pairs.jsonl"), [p for f in train for p in f[1]])
-        sft, dpo = os.path.join(work, "SFT.pth"), os.path.join(work, "DPO.pth")
+        sft, dpo = os.path.join(work, "SFT.pth"), os.path.join(work, "DPO.pth")  # each DPO variant overwrites the last
         print(f"fold {k}: sft  | {fine_tune(options['base'], os.path.join(work, 'threads.jsonl'), sft, options['sft_args'])}")
-        results["sft"].append(measure(sft, None, folds[k], runtime, beta, options["samples"]))
-        if not options["skip_dpo"]:
-            print(f"fold {k}: dpo  | {fine_tune(sft, os.path.join(work, 'pairs.jsonl'), dpo, options['dpo_args'])}")
-            results["dpo"].append(measure(dpo, sft, folds[k], runtime, beta, options["samples"]))
+        results["sft"].append(measure(sft, None, folds[k], runtime, 0.1, options["samples"]))
+        for variant in [] if options["skip_dpo"] else variants:
+            print(f"fold {k}: dpo {variant} | {fine_tune(sft, os.path.join(work, 'pairs.jsonl'), dpo, variant)}")
+            results[f"dpo {variant}"].append(measure(dpo, sft, folds[k], runtime, beta_of(variant), options["samples"]))
         for stage, figures in results.items():
             print(f"fold {k}: {stage} held out: " + json.dumps({k2: round(v, 4) for k2, v in figures[-1].items()}),
                   flush=True)

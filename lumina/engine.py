@@ -13,6 +13,7 @@ ChatAI.py, serve.py, the probes and the end-of-turn rate all generate through th
 import contextlib
 import dataclasses
 import secrets
+import types
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,11 @@ class KVCache:
     def view(self, slots, starts, T):
         """Where one forward pass of T new positions per row reads and writes: see CacheView."""
         return CacheView(self, slots, starts, T)
+
+    def lengths_update(self, lengths):
+        """After a pass: {slot: positions it now holds}."""
+        for slot, length in lengths.items():
+            self.lengths[slot] = length
 
     def copy_slots(self, sources, targets):
         """Each target slot takes a copy of its source slot's keys, values and length (beam search)."""
@@ -142,6 +148,7 @@ class StepGraph(nn.Module):
 REPETITION_WINDOW = 64  # at the character level every letter recurs, so penalise recent ids only
 MASK32 = 0xFFFFFFFF
 POSITION_SALT, ID_SALT = 0x9E3779B9, 0x85EBCA6B  # keep position 0 and id 0 away from mix32's fixed point 0
+ID_SPACE = 2 ** 20  # ranking_keys tell ids apart below this vocabulary size
 
 
 def mix32(x):
@@ -229,19 +236,30 @@ def keep_top_p(values, keep, top_p):
     starts = torch.where(ordered != ordered.roll(1, -1), columns, 0)
     starts[:, 0] = 0
     before = before.gather(-1, starts.cummax(-1).values)  # a run of equal ids: the mass ahead of its first
-    inside = (before < top_p[:, None]) | (top_p[:, None] >= 1)
+    inside = (before < top_p[:, None]) | (top_p[:, None] >= 1) | (columns == 0)  # top_p 0 keeps the likeliest
     floor = torch.where(inside, ordered, torch.inf).min(-1, keepdim=True).values
     return keep & (probs >= floor)
+
+
+def ranking_keys(logits):
+    """(B, V) int64 keys that order each row's ids by logit, then by lower id: an ordering with no
+    ties, so "the k likeliest ids" is one set however the draw is batched and on any device
+    (bf16 logits tie often). A float's bits, with a negative float's magnitude bits flipped, sort
+    as the float does."""
+    bits = logits.float().view(torch.int32).long()
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    return ordered * ID_SPACE + (ID_SPACE - 1 - ids)
 
 
 def choose(logits, sampling, positions, recent=None, noise=None):
     """The next id of every row, in one batched draw: logits (B, V) -> ids (B,) on their device.
 
-    Per row: the repetition penalty; then greedy (temperature 0) takes the argmax; otherwise the
-    ids outside the row's top_k (every id as likely as the k-th stays too) and outside its nucleus
-    (top_p) are dropped, and Gumbel-max draws one id from softmax(logits / temperature) over the
-    rest. `noise(ids)` gives the Gumbel noise of candidate ids (default: gumbel() with the rows'
-    seeds at `positions`); tests pass fixed noise."""
+    Per row: the repetition penalty; then greedy (temperature 0) takes the argmax (the lowest id
+    of equal logits); otherwise only the row's top_k likeliest ids stay (of equal logits the lower
+    ids), then only its nucleus (the likeliest ids whose mass reaches top_p), and Gumbel-max draws
+    one id from softmax(logits / temperature) over them. `noise(ids)` gives the Gumbel noise of
+    candidate ids (default: gumbel() with the rows' seeds at `positions`); tests pass fixed noise."""
     logits = logits.float()
     if sampling.penalty_used:
         logits = penalise(logits, recent, sampling.penalty)
@@ -249,16 +267,17 @@ def choose(logits, sampling, positions, recent=None, noise=None):
         return logits.argmax(-1)
     vocab = logits.shape[-1]
     temperature = torch.where(sampling.temperature > 0, sampling.temperature, 1.0)[:, None]
+    keys = ranking_keys(logits) if sampling.k_limit else None
     if sampling.candidates < vocab:  # every sampled row keeps at most this many: draw among those only
-        values, ids = logits.topk(sampling.candidates)  # (B, K), most likely first
-        values = values / temperature
+        ids = keys.topk(sampling.candidates).indices  # (B, K), likeliest first
+        values = logits.gather(1, ids) / temperature
+        keep = torch.arange(sampling.candidates, device=logits.device) < sampling.top_k[:, None]
     else:
         values, ids = logits / temperature, torch.arange(vocab, device=logits.device)
-    keep = torch.ones_like(values, dtype=torch.bool)
-    if sampling.k_limit:
-        top = values[:, :sampling.k_limit] if sampling.candidates < vocab else values.topk(sampling.k_limit).values
-        kth = top.gather(1, (sampling.top_k.clamp(max=sampling.k_limit) - 1)[:, None])
-        keep = values >= torch.where(sampling.top_k[:, None] < vocab, kth, -torch.inf)
+        keep = torch.ones_like(values, dtype=torch.bool)
+        if sampling.k_limit:
+            kth = keys.topk(sampling.k_limit).values.gather(1, (sampling.top_k.clamp(max=sampling.k_limit) - 1)[:, None])
+            keep = (keys >= kth) | (sampling.top_k[:, None] >= vocab)
     if sampling.top_p_used:
         keep = keep_top_p(values, keep, sampling.top_p)
     noise = noise or (lambda candidate_ids: gumbel(sampling.keys, positions, candidate_ids))
@@ -349,73 +368,81 @@ class Engine:
     @torch.inference_mode()
     def logits(self, rows):
         """The logits (B, vocab) of every row's next id, in the rows' order."""
-        seq_length, reading, stepping = self.model.config.seq_length, [], []
-        for b, row in enumerate(rows):
-            start = window_start(len(row.ids), seq_length)
-            (stepping if start == row.window else reading).append(b)
-            row.window = start
-        parts, order = [], []
+        seq_length = self.model.config.seq_length
+        starts = [window_start(len(row.ids), seq_length) for row in rows]
+        # Stepping rows in slot order: neighbouring slots read the cache through a view, not a copy.
+        stepping = sorted((b for b, row in enumerate(rows) if starts[b] == row.window), key=lambda b: rows[b].slot)
+        reading = [b for b, row in enumerate(rows) if starts[b] != row.window]
+        # Every tensor a pass needs is made before any pass runs: on a GPU, a copy from the host made
+        # after a pass was queued would wait for that pass.
+        passes = [self.plan([rows[b] for b in group], firsts, reading) for group, firsts, reading in
+                  ((stepping, [len(rows[b].ids) - 1 for b in stepping], False), (reading, [starts[b] for b in reading], True))
+                  if group]
+        order = stepping + reading
+        unsort = None if order == sorted(order) else torch.tensor(sorted(range(len(order)), key=order.__getitem__),
+                                                                 device=self.device)
         with self.precision:
-            if stepping:
-                stepping.sort(key=lambda b: rows[b].slot)  # neighbouring slots read the cache without a copy
-                parts.append(self.forward([rows[b] for b in stepping], [len(rows[b].ids) - 1 for b in stepping], False))
-                order += stepping
-            if reading:
-                parts.append(self.forward([rows[b] for b in reading], [rows[b].window for b in reading], True))
-                order += reading
+            parts = [self.run(one_pass) for one_pass in passes]
+        for row, start in zip(rows, starts):
+            row.window = start  # only now: a pass that failed left the row to be read again
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if order != list(range(len(rows))):
-            logits = logits[torch.tensor(order, device=self.device).argsort()]
-        return logits
+        return logits if unsort is None else logits[unsort]
 
-    def forward(self, rows, firsts, reading):
-        """One pass of every row's ids from ids[first] on: a window read from cache position 0
-        (reading), or one id after what the row's slot holds. Texts are right-padded to the
-        longest: the padding follows each row's last id, where none of its real positions can see
-        it. Returns the logits at each row's last id."""
+    def plan(self, rows, firsts, reading):
+        """One pass of every row's ids from ids[first] on, as tensors: a window read from cache
+        position 0 (reading), or one id after what the row's slot holds. Texts are right-padded to
+        the longest: the padding follows each row's last id, where none of its real positions can
+        see it."""
         texts, cache = [row.ids[first:] for row, first in zip(rows, firsts)], self.cache
         T = max(map(len, texts))
         starts = [0 if reading else cache.lengths[row.slot] for row in rows]
         x = torch.tensor([text + text[-1:] * (T - len(text)) for text in texts], device=self.device)
         before = torch.tensor([predecessors(row.ids, first) for row, first in zip(rows, firsts)], device=self.device)
-        out, _ = self.model(x, cache=cache.view([row.slot for row in rows], starts, T), before=before)
-        for row, text, start in zip(rows, texts, starts):
-            cache.lengths[row.slot] = start + len(text)
-        if T == 1:
-            return out[:, -1]
-        last = torch.tensor([len(text) - 1 for text in texts], device=self.device)
-        return out[torch.arange(len(texts), device=self.device), last]
+        last = None if T == 1 else (torch.arange(len(texts), device=self.device),
+                                    torch.tensor([len(text) - 1 for text in texts], device=self.device))
+        lengths = {row.slot: start + len(text) for row, text, start in zip(rows, texts, starts)}
+        return types.SimpleNamespace(x=x, before=before, view=cache.view([row.slot for row in rows], starts, T),
+                                     last=last, lengths=lengths)
+
+    def run(self, one_pass):
+        """The logits at each row's last id of a planned pass; the slots now hold the new ids."""
+        out, _ = self.model(one_pass.x, cache=one_pass.view, before=one_pass.before)
+        self.cache.lengths_update(one_pass.lengths)
+        return out[:, -1] if one_pass.last is None else out[one_pass.last]
 
     def sampling(self, rows):
+        """(Sampling, positions, recent ids) of the rows, on the device, made before any pass runs."""
         settings = [(row.temperature, row.top_k, row.top_p, row.repetition_penalty, row.seed) for row in rows]
         if settings != self.settings[0]:
             self.settings = (settings, Sampling.of(rows, self.model.config.vocab_size, self.device))
-        return self.settings[1]
+        sampling = self.settings[1]
+        positions = torch.tensor([row.new for row in rows], device=self.device) if sampling.sampled else None
+        return sampling, positions, recent_ids(rows, self.device) if sampling.penalty_used else None
 
     @torch.inference_mode()
     def step(self, rows, searches=()):
         """Advance every row and every beam search one id; returns the rows' new ids."""
-        beams = [row for search in searches for row in search.rows]
-        logits = self.logits(list(rows) + beams)
-        parts = []
-        if rows:
-            sampling = self.sampling(rows)
-            positions = torch.tensor([row.new for row in rows], device=self.device) if sampling.sampled else None
-            recent = recent_ids(rows, self.device) if sampling.penalty_used else None
-            parts.append(choose(logits[:len(rows)], sampling, positions, recent).double())
+        rows, beams = list(rows), [row for search in searches for row in search.rows]
+        if not rows and not beams:
+            return []
+        drawing = self.sampling(rows) if rows else None
+        scores = [search.scores_on(self.device) for search in searches]
+        logits = self.logits(rows + beams)
+        # Everything the host needs goes in one float32 tensor (ids and beam x vocab + id are exact
+        # below 2**24; MPS has no float64): the step's one transfer to the host.
+        parts = [choose(logits[:len(rows)], *drawing).float()] if rows else []
         offset = len(rows)
-        for search in searches:
-            parts.append(search.propose(logits[offset:offset + len(search.rows)]))
+        for search, score in zip(searches, scores):
+            parts.append(search.propose(logits[offset:offset + len(search.rows)], score))
             offset += len(search.rows)
-        numbers = torch.cat(parts).tolist() if parts else []  # the step's one transfer to the host
+        numbers = torch.cat(parts).tolist()
         new_ids = [int(n) for n in numbers[:len(rows)]]
         for row, new_id in zip(rows, new_ids):
             row.take(new_id)
         offset = len(rows)
         for search in searches:
-            width = search.proposal_size
-            search.accept(numbers[offset:offset + width], self.cache)
-            offset += width
+            search.accept(numbers[offset:offset + search.proposal_size], self.cache)
+            offset += search.proposal_size
         return new_ids
 
 
@@ -485,14 +512,18 @@ class BeamSearch:
         self.finished.append((self.normalised(score, len(new_ids)), new_ids))
         self.finished = sorted(self.finished, key=lambda f: -f[0])[:self.num_beams]
 
-    def propose(self, logits):
-        """The best 2 x num_beams (score, beam x vocab + id) of the live beams' logits (beams, vocab),
-        as one float64 tensor: the scores, then the flat indices (exact in float64)."""
+    def scores_on(self, device):
+        """The live beams' scores as a tensor, made before the step's passes run (see Engine.logits)."""
+        return torch.tensor(self.scores, device=device)
+
+    def propose(self, logits, scores):
+        """The best 2 x num_beams (score, beam x vocab + id) of the live beams' logits (beams, vocab)
+        and their scores, as one float32 tensor: the scores, then the flat indices (exact below 2**24)."""
         self.vocab_size = logits.shape[1]
-        logprobs = logits.float().log_softmax(-1) + torch.tensor(self.scores, device=logits.device)[:, None]
+        logprobs = logits.float().log_softmax(-1) + scores[:, None]
         top = logprobs.flatten().topk(min(2 * self.num_beams, logprobs.numel()))
         self.proposal_size = 2 * len(top.values)
-        return torch.cat([top.values.double(), top.indices.double()])
+        return torch.cat([top.values, top.indices.float()])
 
     def accept(self, numbers, cache):
         """Choose the new beams from propose()'s numbers, now on the host."""

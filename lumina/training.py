@@ -133,6 +133,10 @@ def choose_regularisation(net, config, train_chars, runtime, log):
     if config["dropout"] is not None and config["weight_decay"] is not None:
         return False
     seconds = time_steps(net, config, runtime) if config["max_minutes"] else None
+    if seconds and runtime.world > 1:  # every process must choose the same: the slowest one's time
+        shared = torch.tensor([seconds], device=runtime.device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+        seconds = shared.item()
     epochs, steps = planned_epochs(config, train_chars, seconds)
     per_step = config["batch_size"] * config["grad_accum"] * config["seq_length"]
     dropout, decay = regularisation(epochs, train_chars / per_step, config["learning_rate"])
@@ -147,7 +151,7 @@ def choose_regularisation(net, config, train_chars, runtime, log):
 def time_steps(net, config, runtime):
     """Seconds per training step of this model and batch, in the run's precision (eager)."""
     x = torch.randint(net.config.vocab_size, (config["batch_size"] * config["grad_accum"], config["seq_length"]),
-                      generator=seeded_generator(0), device=runtime.device)
+                      generator=seeded_generator(0)).to(runtime.device)
     text, scaler, durations = LanguageModel(None, None, config["seq_length"]), torch.amp.GradScaler(enabled=False), []
     for _ in range(2 * TIMED_STEPS):  # the first steps of a process set up its kernels: slow
         start = time.perf_counter()
@@ -281,7 +285,7 @@ def with_oom_backoff(step, micro_batch, log, device):
             log(f"out of memory: micro-batch {micro_batch} -> {micro_batch // 2}, accumulating twice as "
                 f"many; the effective batch is unchanged")
             micro_batch //= 2
-            empty_cache(device)
+        empty_cache(device)  # out of the except block: its traceback no longer holds the failed attempt's tensors
 
 
 def out_of_memory(error):
@@ -444,9 +448,10 @@ class Trainer:
         bar = tqdm(total=config["max_iters"], initial=self.step, disable=None if runtime.is_main else True,
                    desc="training", dynamic_ncols=True, leave=False)  # None: no bar when not a terminal
         with stop_on_signals() as asked:
-            while not self.stop_requested(asked):
+            while True:
                 progress = max(self.step / config["max_iters"], (time.time() - self.t0) / budget if budget else 0.0)
-                if progress >= 1:
+                stop, progress = self.agree(bool(asked), progress)
+                if stop or progress >= 1:
                     break
                 loss, lr, tokens = self.train_step(progress, per_step)
                 bar.update(1)
@@ -543,13 +548,15 @@ class Trainer:
         dist.all_gather_object(states, mine)
         return states
 
-    def stop_requested(self, asked):
-        """True when any process was asked to stop: every process must leave the loop together."""
+    def agree(self, asked, progress):
+        """(stop, progress) that every process shares: one asked to stop stops all, and the most
+        advanced clock sets the learning rate and the end, so no process leaves the loop, or steps
+        at another rate, while the others go on."""
         if self.runtime.world == 1:
-            return bool(asked)
-        flag = torch.tensor([float(bool(asked))], device=self.runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            return asked, progress
+        shared = torch.tensor([float(asked), progress], device=self.runtime.device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+        return bool(shared[0].item()), shared[1].item()
 
     def finish(self, interrupted):
         """Save; after Ctrl-C print how to resume and exit 130, else evaluate once more and plot."""

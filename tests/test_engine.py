@@ -122,12 +122,13 @@ def one_row(logits, noise, temperature, top_k, top_p, penalty, recent):
     if temperature == 0:
         return int(logits.argmax())
     keep = torch.ones_like(logits, dtype=torch.bool)
-    if top_k is not None and top_k < len(logits):
-        keep = logits >= logits.sort(descending=True).values[top_k - 1]  # ties with the k-th stay
+    if top_k is not None and top_k < len(logits):  # exactly the k likeliest; of equal logits, the lower ids
+        order = sorted(range(len(logits)), key=lambda i: (-logits[i].item(), i))
+        keep = torch.zeros_like(keep).index_fill_(0, torch.tensor(order[:top_k]), True)
     if top_p is not None and top_p < 1:
         probs = (logits / temperature).masked_fill(~keep, -math.inf).softmax(-1)
-        for i in range(len(logits)):  # i stays if the ids strictly likelier than it hold less than top_p
-            keep[i] &= bool(probs[probs > probs[i]].sum() < top_p)
+        for i in range(len(logits)):  # i stays if the ids strictly likelier hold less than top_p, or none is likelier
+            keep[i] &= bool(probs[probs > probs[i]].sum() < top_p) or bool(probs[i] == probs.max())
     return int(((logits / temperature) + noise).masked_fill(~keep, -math.inf).argmax())
 
 
@@ -136,13 +137,14 @@ def test_each_setting_of_the_batched_draw_matches_its_one_row_definition_on_fixe
     logits = torch.randn(B, V, generator=seeded_generator(0)) * 3
     logits[:, 7] = logits[:, 9]  # a tie, which top-k and top-p must keep or drop together
     noise = -torch.log(-torch.log(torch.rand(B, V, generator=seeded_generator(1))))
+    logits[:, 20] = logits[:, 21] = logits.max(-1).values - 0.05  # near the top: ties at the k-th place
     rows = []
     for b in range(B):
         kind = b % 8
         rows.append(Row([1 + b % 5] * (1 + b % 70), 1, seed=b,
                         temperature=0.0 if kind == 0 else 0.3 + 0.1 * (b % 10),
                         top_k=[None, 1, 3, 10, None, 5, None, V][kind],
-                        top_p=[None, None, None, None, 0.5, 0.9, 0.95, 0.7][kind],
+                        top_p=[None, None, None, None, 0.5, 0.9, 0.95, 0.0][kind],
                         repetition_penalty=1.0 if b % 3 else 1.5))
     recent = engine.recent_ids(rows, "cpu")
     sampling = Sampling.of(rows, V, logits.device)
@@ -337,3 +339,15 @@ def test_beams_step_beside_sampled_rows_in_one_transfer(vocab, monkeypatch):
         eng.step([row] if not row.done else [], [search])
     assert search.finished[0][1] == alone
     assert row.ids[3:] == list(generate(net, [USER, 9, BOT], 12, seed=3, stop_ids=()))[:row.new]
+
+
+def test_a_tie_at_the_kth_place_is_broken_the_same_way_in_any_batch():
+    logits = torch.tensor([3.0, 2.0, 2.0, 2.0, 0.0])  # ids 1, 2 and 3 tie for the second place
+    alone = [draw(logits, seed, top_k=2) for seed in range(200)]
+    assert set(alone) == {0, 1}  # exactly two ids: of equal logits, the lower id
+
+    def beside_a_row_without_top_k(seed):
+        rows = [Row([0], 1, seed=seed, temperature=1.0, top_k=2), Row([0], 1, seed=seed, temperature=1.0)]
+        return int(choose(torch.stack([logits, logits]), Sampling.of(rows, 5, "cpu"), torch.tensor([0, 0]))[0])
+    assert [beside_a_row_without_top_k(seed) for seed in range(200)] == alone
+    assert draw(logits, 3, top_p=0.0) == 0  # a nucleus of no mass still keeps the likeliest id
