@@ -46,7 +46,12 @@ CONFIG = {
     "objective": "auto",               # sft: learn the data's text; dpo: learn from preference pairs (Rafailov et al.
                                        #   2023); auto: dpo when --data is a pairs file, else sft (a folder from
                                        #   Dataset_download.py holds both: it gives sft unless --objective=dpo)
-    "beta": 0.1,                       # dpo: how far the model may move from where it started; smaller moves further
+    "beta": 5.0,                       # dpo: how far the model may move from where it started; smaller moves further
+                                       #   (5 suits per-character rewards; the paper's 0.1 suits summed ones)
+    "per_char": True,                  # dpo: compare the replies' log-probabilities per character, not summed (summed,
+                                       #   a char model learns that longer is better and stops ending its turns)
+    "score_end": False,                # dpo: score each reply's closing <|end|> too (measured: DPO then learns to end
+                                       #   less; the end of a turn is the supervised step's lesson)
     # --- what learns (benchmarks/README.md, "Fine-tuning": chat_tokens won) ---
     "train": "chat_tokens",            # chat_tokens: only the rows of the chat tokens (<|end|>...) and of new
                                        #   characters, and the norms: the model learns the chat's form and keeps
@@ -83,6 +88,7 @@ CONFIG = {
 TYPES = {k: float if k in ("min_lr_ratio", "weight_decay", "beta2", "grad_clip", "label_smoothing") else int
          for k, v in CONFIG.items() if v is None}
 LEARNING_RATES = {"chat_tokens": 5e-3, "lora": 1e-3, "all": 3e-4}  # measured: benchmarks/README.md, "Fine-tuning"
+DPO_RATE_SHARE = 0.2  # DPO at the supervised rate moved val +0.08 bits/char; a fifth, +0.002 (README, "Preference")
 EVALUATIONS = 4  # per run when eval_interval is 0: each also samples the held-out replies (seconds)
 # A base checkpoint records its run's whole config; one that lacks a key it inherits (a hand-made
 # file) trains with Train.py's CPU defaults for it.
@@ -104,7 +110,8 @@ def training_config(config, base):
     merged["out_dir"] = os.path.dirname(os.path.abspath(config["output"]))
     merged["assistant_only_loss"] = config["assistant_only_loss"]
     merged["optimizer"] = "adamw"  # the recipes (benchmarks/README.md, "Fine-tuning") were measured with AdamW
-    merged["learning_rate"] = config["learning_rate"] or LEARNING_RATES[config["train"]]
+    merged["learning_rate"] = config["learning_rate"] or LEARNING_RATES[config["train"]] * (
+        DPO_RATE_SHARE if config["objective"] == "dpo" else 1.0)
     merged["eval_interval"] = config["eval_interval"] or 1  # set from the data's size in budget()
     try:
         return check_rules(merged, TRAINING_RULES), inherited
@@ -228,7 +235,7 @@ def make_objective(config, found, net, runtime, state):
     for module in net.modules():  # the policy must score as the reference did: no dropout (as TRL does)
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    objective = DPO(found, config["beta"])
+    objective = DPO(found, config["beta"], config["per_char"], config["score_end"])
     objective.prepare(net, runtime, state.get("objective") if state else None)
     return objective
 
@@ -237,7 +244,8 @@ def run_meta(config, found, old_size, state, before):
     """What the fine-tuned checkpoint records beside the weights: its base, vocabulary sizes, the
     held-out figures before (kept from the first start when resumed) and what trained."""
     lora = {"lora_rank": config["lora_rank"], "lora_alpha": config["lora_alpha"]} if config["train"] == "lora" else {}
-    dpo = {"beta": config["beta"], "pair_accuracy_before": state["pair_accuracy_before"] if state else before[2]} \
+    dpo = {**{k: config[k] for k in ("beta", "per_char", "score_end")},
+           "pair_accuracy_before": state["pair_accuracy_before"] if state else before[2]} \
         if config["objective"] == "dpo" else {}
     return {"stage": "fine_tune", "base_model": os.path.abspath(config["base_model"]), "old_vocab_size": old_size,
             "new_vocab_size": len(found.vocab), "val_loss_before": state["val_loss_before"] if state else before[0],

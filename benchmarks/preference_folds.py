@@ -33,7 +33,7 @@ from lumina.checkpoint import build_model, load_checkpoint
 from lumina.config import parse_cli
 from lumina.evaluate import evaluate, run
 from lumina.engine import Engine, Row
-from lumina.preference import encode_pair, logprobs_of, pair_metrics
+from lumina.preference import encode_pair, logprobs_of, pair_metrics, reply_chars, unscored_end
 from lumina.training import Runtime
 from lumina.vocab import END, TURN_ENDS, encode_documents, render_chat
 
@@ -99,22 +99,25 @@ def val_bpc(net, vocab, threads, runtime):
     return evaluate(net, torch.from_numpy(ids), torch.from_numpy(mask), config, runtime) / 0.6931471805599453
 
 
-def pair_figures(net, reference, vocab, pairs, runtime, beta):
-    """Implicit-reward accuracy against the reference, and the likelihood preference per character."""
+def pair_figures(net, reference, vocab, pairs, runtime, beta, per_char, score_end):
+    """Implicit-reward accuracy against the reference (rewards per character with per_char, as
+    fine_tune.py's), and the likelihood preference per character."""
     encoded = [encode_pair(p, vocab, net.config.seq_length)[0] for p in pairs]
+    encoded = encoded if score_end else unscored_end(encoded)
     policy, ref = logprobs_of(net, encoded, runtime), logprobs_of(reference, encoded, runtime)
-    lengths = torch.tensor([[len(p["chosen"]) + 1, len(p["rejected"]) + 1] for p in pairs], dtype=torch.float32)
-    per_char = policy / lengths
-    return pair_metrics(policy, ref, beta)["pair_accuracy"], (per_char[:, 0] > per_char[:, 1]).float().mean().item()
+    chars = reply_chars(encoded)
+    scale = chars if per_char else 1.0
+    likelihood = (policy[:, 0] / chars[:, 0] > policy[:, 1] / chars[:, 1]).float().mean().item()
+    return pair_metrics(policy / scale, ref / scale, beta)["pair_accuracy"], likelihood
 
 
-def measure(path, reference, held, runtime, beta, samples):
+def measure(path, reference, held, runtime, beta, samples, per_char=False, score_end=True):
     threads, pairs, prompts = held
     net, vocab = build_model(load_checkpoint(path))
     net.eval()
     ref = build_model(load_checkpoint(reference))[0].eval() if reference else net
     rate, median = end_rate(net, vocab, prompts, runtime, samples)
-    accuracy, likelihood = pair_figures(net, ref, vocab, pairs, runtime, beta)
+    accuracy, likelihood = pair_figures(net, ref, vocab, pairs, runtime, beta, per_char, score_end)
     return {"end_rate": rate, "median_reply": median, "val_bpc": val_bpc(net, vocab, threads, runtime),
             "pair_accuracy": accuracy, "likelihood_preference": likelihood}
 
@@ -126,6 +129,8 @@ def main(argv):
     folds = folds_of(options["data"], options["folds"], options["seed"])
     variants = [v.strip() for v in options["dpo_args"].split(";")]
     beta_of = lambda args: float(next((a.split("=")[1] for a in args.split() if a.startswith("--beta=")), 0.1))
+    per_char_of = lambda args: "--per_char=true" in args.lower()
+    score_end_of = lambda args: "--score_end=false" not in args.lower()
     wanted = [int(f) for f in options["only_folds"]] or range(options["folds"])
     print(f"base {options['base']} | {options['folds']} folds by tree | sft {options['sft_args'] or 'defaults'} | "
           f"dpo {options['dpo_args'] or 'defaults'}")
@@ -140,7 +145,8 @@ def main(argv):
         results["sft"].append(measure(sft, None, folds[k], runtime, 0.1, options["samples"]))
         for variant in [] if options["skip_dpo"] else variants:
             print(f"fold {k}: dpo {variant} | {fine_tune(sft, os.path.join(work, 'pairs.jsonl'), dpo, variant)}")
-            results[f"dpo {variant}"].append(measure(dpo, sft, folds[k], runtime, beta_of(variant), options["samples"]))
+            results[f"dpo {variant}"].append(measure(dpo, sft, folds[k], runtime, beta_of(variant), options["samples"],
+                                                        per_char_of(variant), score_end_of(variant)))
         for stage, figures in results.items():
             print(f"fold {k}: {stage} held out: " + json.dumps({k2: round(v, 4) for k2, v in figures[-1].items()}),
                   flush=True)

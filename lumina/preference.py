@@ -103,6 +103,17 @@ def sequence_logprobs(model, pairs, device):
     return torch.zeros(2 * len(pairs), device=device).index_add_(0, sequence, per_window).view(-1, 2)
 
 
+def reply_chars(pairs):
+    """(pairs, 2) how many ids of each pair's chosen and rejected reply are scored (its <|end|> too)."""
+    return torch.tensor([[float((t[w == side] >= 0).sum()) for side in (0, 1)] for _, t, w, _ in pairs])
+
+
+def unscored_end(pairs):
+    """The same windows with each reply's closing <|end|> left unscored (a prompt is never scored,
+    so every <|end|> target is a reply's)."""
+    return [(x, t.masked_fill(t == END, -1), w, b) for x, t, w, b in pairs]
+
+
 def dpo_loss(policy, reference, beta):
     """The mean DPO loss of (pairs, 2) log-probabilities [chosen, rejected]: log 2 at the reference."""
     ratios = policy - reference
@@ -138,30 +149,39 @@ class DPO:
     keeps_last = True
     metrics_names = ("pair_accuracy", "reward_margin", "chosen_logp_change")
 
-    def __init__(self, found, beta):
-        self.found, self.beta, self.reference = found, beta, None
+    def __init__(self, found, beta, per_char=False, score_end=True):
+        self.beta, self.reference = beta, None
+        self.pairs = {split: getattr(found, split) if score_end else unscored_end(getattr(found, split))
+                      for split in ("train", "val_pairs")}
+        self.chars = {split: reply_chars(pairs) for split, pairs in self.pairs.items()} if per_char else None
+
+    def compared(self, logp, split, index=slice(None)):
+        """Log-probabilities as the rewards compare them: summed over the reply, or with per_char
+        per character, so that a reply's length alone moves no reward (see fine_tune.py)."""
+        return logp / self.chars[split][index].to(logp.device) if self.chars else logp
 
     def prepare(self, net, runtime, saved=None):
         """The reference log-probabilities: from a resumed run's state, else from `net` as it starts."""
-        self.reference = saved or {split: logprobs_of(net, getattr(self.found, split), runtime)
-                                   for split in ("train", "val_pairs")}
+        self.reference = saved or {split: logprobs_of(net, pairs, runtime) for split, pairs in self.pairs.items()}
 
     def state(self):
         return self.reference
 
     def draw(self, n, sampler, progress=1.0):
-        return torch.randint(len(self.found.train), (n,), generator=sampler)
+        return torch.randint(len(self.pairs["train"]), (n,), generator=sampler)
 
     def split(self, batch, micro_batch):
         return [(chunk, len(chunk) / len(batch)) for chunk in batch.split(micro_batch)]
 
     def loss(self, model, chunk, runtime):
-        policy = sequence_logprobs(model, [self.found.train[i] for i in chunk.tolist()], runtime.device)
-        return dpo_loss(policy.float(), self.reference["train"][chunk].to(runtime.device), self.beta)
+        policy = sequence_logprobs(model, [self.pairs["train"][i] for i in chunk.tolist()], runtime.device).float()
+        reference = self.reference["train"][chunk].to(runtime.device)
+        return dpo_loss(self.compared(policy, "train", chunk), self.compared(reference, "train", chunk), self.beta)
 
     def tokens(self, batch):
-        return sum(self.found.train[i][0].numel() for i in batch.tolist())
+        return sum(self.pairs["train"][i][0].numel() for i in batch.tolist())
 
     def metrics(self, net, runtime):
-        return pair_metrics(logprobs_of(net, self.found.val_pairs, runtime), self.reference["val_pairs"].to(runtime.device),
-                            self.beta)
+        policy = logprobs_of(net, self.pairs["val_pairs"], runtime)
+        reference = self.reference["val_pairs"].to(runtime.device)
+        return pair_metrics(self.compared(policy, "val_pairs"), self.compared(reference, "val_pairs"), self.beta)

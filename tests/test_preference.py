@@ -3,6 +3,7 @@ frozen reference, learning a toy preference, resume, bad input, every precision.
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch
 import fine_tune
 from lumina.checkpoint import build_model, load_checkpoint
 from lumina.engine import predecessors, window_start
-from lumina.preference import dpo_loss, encode_pair, reply_windows, sequence_logprobs
+from lumina.preference import DPO, dpo_loss, encode_pair, reply_chars, reply_windows, sequence_logprobs
+from lumina.training import Runtime
 from lumina.vocab import END, Vocab, render_chat
 from conftest import DEVICE, interrupt_after, run_script, tiny_checkpoint, tiny_model, write_jsonl
 
@@ -53,6 +55,31 @@ def test_the_dpo_loss_is_its_definition_log_2_at_the_reference_and_falls_as_chos
     assert dpo_loss(raised, reference, beta) < dpo_loss(reference, reference, beta)
 
 
+def test_per_char_rewards_ignore_a_change_that_only_follows_reply_length_and_score_end_drops_the_end():
+    vocab = Vocab.from_text("abcdefghijklmnopqrstuvwxyz !.")
+    net = tiny_model(vocab, seq_length=16)
+    long_short = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a much longer reply", "rejected": "no"}
+    pairs = [encode_pair(p, vocab, 16)[0] for p in toy_pairs(WORDS[:3]) + [long_short]]
+    chars = reply_chars(pairs)
+    assert chars[-1].tolist() == [len(long_short["chosen"]) + 1, len(long_short["rejected"]) + 1]  # <|end|> counts
+    objective = DPO(SimpleNamespace(train=pairs, val_pairs=pairs), beta=2.0, per_char=True)
+    objective.prepare(net, Runtime(torch.device("cpu")))
+    reference = objective.reference["train"]
+    shifted = reference - 0.3 * chars  # every character 0.3 nats less likely: a longer reply loses more in total
+    assert math.isclose(dpo_loss(objective.compared(shifted, "train"), objective.compared(reference, "train"), 2.0).item(),
+                        math.log(2), rel_tol=1e-6)
+    assert dpo_loss(shifted, reference, 2.0).item() > math.log(2) + 0.1  # summed, the long chosen reply loses
+    with torch.no_grad():
+        net.blocks[0].mlp.up.weight.add_(0.5)  # the policy moves away from the reference
+    policy = sequence_logprobs(net, pairs, "cpu")
+    expected = dpo_loss(policy / chars, reference / chars, 2.0)
+    assert math.isclose(objective.loss(net, torch.arange(len(pairs)), Runtime(torch.device("cpu"))).item(),
+                        expected.item(), rel_tol=1e-5)
+    without_end = DPO(SimpleNamespace(train=pairs, val_pairs=pairs), beta=2.0, score_end=False).pairs["train"]
+    assert torch.equal(reply_chars(without_end), chars - 1)  # only each reply's <|end|> left the score
+    assert not any((t == END).any() for _, t, _, _ in without_end) and all((t == END).any() for _, t, _, _ in pairs)
+
+
 @pytest.fixture
 def toy(tmp_path):
     base = tmp_path / "Model.pth"
@@ -87,6 +114,7 @@ def test_dpo_learns_a_toy_preference_and_keeps_the_reference_frozen(toy, tmp_pat
     assert all(torch.equal(before[k], after[k]) for k in before)  # the reference (base) file never changes
     tuned = load_checkpoint(str(tmp_path / "DPO.pth"))
     assert tuned["objective"] == "dpo" and tuned["beta"] == 0.5 and tuned["config"]["dtype"] == dtype
+    assert tuned["per_char"] is True and tuned["score_end"] is False  # the defaults, recorded
     build_model(tuned)  # a plain checkpoint that every stage reads
 
 
