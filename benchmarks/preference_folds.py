@@ -111,11 +111,15 @@ def pair_figures(net, reference, vocab, pairs, runtime, beta, per_char, score_en
     return pair_metrics(policy / scale, ref / scale, beta)["pair_accuracy"], likelihood
 
 
-def measure(path, reference, held, runtime, beta, samples, per_char=False, score_end=True):
+def measure(path, reference, held, runtime, samples):
+    """The held-out figures of one model; pair accuracy with the rewards its DPO run used (the
+    beta, per_char and score_end its checkpoint records; a supervised model is its own reference)."""
     threads, pairs, prompts = held
-    net, vocab = build_model(load_checkpoint(path))
+    checkpoint = load_checkpoint(path)
+    net, vocab = build_model(checkpoint)
     net.eval()
     ref = build_model(load_checkpoint(reference))[0].eval() if reference else net
+    beta, per_char, score_end = (checkpoint.get(k, d) for k, d in (("beta", 0.1), ("per_char", False), ("score_end", True)))
     rate, median = end_rate(net, vocab, prompts, runtime, samples)
     accuracy, likelihood = pair_figures(net, ref, vocab, pairs, runtime, beta, per_char, score_end)
     return {"end_rate": rate, "median_reply": median, "val_bpc": val_bpc(net, vocab, threads, runtime),
@@ -128,9 +132,6 @@ def main(argv):
     runtime = Runtime(torch.device("cpu"))
     folds = folds_of(options["data"], options["folds"], options["seed"])
     variants = [v.strip() for v in options["dpo_args"].split(";")]
-    beta_of = lambda args: float(next((a.split("=")[1] for a in args.split() if a.startswith("--beta=")), 0.1))
-    per_char_of = lambda args: "--per_char=true" in args.lower()
-    score_end_of = lambda args: "--score_end=false" not in args.lower()
     wanted = [int(f) for f in options["only_folds"]] or range(options["folds"])
     print(f"base {options['base']} | {options['folds']} folds by tree | sft {options['sft_args'] or 'defaults'} | "
           f"dpo {options['dpo_args'] or 'defaults'}")
@@ -142,11 +143,10 @@ def main(argv):
         data.write_jsonl(os.path.join(work, "pairs.jsonl"), [p for f in train for p in f[1]])
         sft, dpo = os.path.join(work, "SFT.pth"), os.path.join(work, "DPO.pth")  # each DPO variant overwrites the last
         print(f"fold {k}: sft  | {fine_tune(options['base'], os.path.join(work, 'threads.jsonl'), sft, options['sft_args'])}")
-        results["sft"].append(measure(sft, None, folds[k], runtime, 0.1, options["samples"]))
+        results["sft"].append(measure(sft, None, folds[k], runtime, options["samples"]))
         for variant in [] if options["skip_dpo"] else variants:
             print(f"fold {k}: dpo {variant} | {fine_tune(sft, os.path.join(work, 'pairs.jsonl'), dpo, variant)}")
-            results[f"dpo {variant}"].append(measure(dpo, sft, folds[k], runtime, beta_of(variant), options["samples"],
-                                                        per_char_of(variant), score_end_of(variant)))
+            results[f"dpo {variant}"].append(measure(dpo, sft, folds[k], runtime, options["samples"]))
         for stage, figures in results.items():
             print(f"fold {k}: {stage} held out: " + json.dumps({k2: round(v, 4) for k2, v in figures[-1].items()}),
                   flush=True)
