@@ -41,7 +41,7 @@ CONFIG = {
     "nhead": None,                 # attention heads; hidden_size / nhead of 32-128 works well
     "seq_length": None,            # context window in characters; 64-1024
     "dropout": None,               # None: by the epochs the run will see (0 up to 1, 0.1 up to 16, 0.2 above; logged)
-    "ngram_buckets": 0,            # rows of each hashed table of 2- and 3-character contexts; 0 = none
+    "ngram_buckets": None,         # rows of each hashed table of 2- and 3-character contexts; 0 = none
     # --- optimization ---
     "optimizer": "muon",           # muon: Muon for the blocks' weight matrices, AdamW for the rest; or adamw for all
     "batch_size": None,            # sequences per micro-batch, per process
@@ -76,7 +76,7 @@ CONFIG = {
 }
 # Keys that default to None take these types on the command line.
 TYPES = {"hidden_size": int, "num_layers": int, "nhead": int, "seq_length": int,
-         "batch_size": int, "learning_rate": float, "dropout": float, "weight_decay": float}
+         "batch_size": int, "learning_rate": float, "dropout": float, "weight_decay": float, "ngram_buckets": int}
 
 # Model shapes and batch sizes that suit each device; any key set above wins over the preset.
 # CPU: on 2 cores a 10-15 minute run is short, and many small steps beat a wider model. In 3-minute
@@ -87,8 +87,10 @@ TYPES = {"hidden_size": int, "num_layers": int, "nhead": int, "seq_length": int,
 # ("Optimizer: Muon"); with --optimizer=adamw use batch 4 at 3e-3.
 # GPU: a larger model for the same 15 minutes (not measured: no GPU yet).
 PRESETS = {
-    "cpu": dict(hidden_size=128, num_layers=4, nhead=4, seq_length=256, batch_size=8, learning_rate=6e-3),
-    "gpu": dict(hidden_size=512, num_layers=8, nhead=8, seq_length=512, batch_size=64, learning_rate=1e-3),
+    "cpu": dict(hidden_size=128, num_layers=4, nhead=4, seq_length=256, batch_size=8, learning_rate=6e-3,
+                ngram_buckets=4096),  # n-grams: measured better in the same minutes (benchmarks/README.md)
+    "gpu": dict(hidden_size=512, num_layers=8, nhead=8, seq_length=512, batch_size=64, learning_rate=1e-3,
+                ngram_buckets=0),  # not yet measured on a GPU
 }
 
 

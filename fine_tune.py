@@ -63,7 +63,7 @@ CONFIG = {
     "learning_rate": 0.0,              # 0 = the rate that suits `train` (LEARNING_RATES below)
     "epochs": 5.0,                     # passes over the training data: sets max_iters from the data's size; 0 = use max_iters
     "max_iters": 1000,                 # optimizer steps when epochs is 0, or until max_minutes
-    "max_minutes": 5.0,                # wall-clock budget; 0 = none
+    "max_minutes": None,               # wall-clock budget; None = the one measured for the objective (MINUTES); 0: none
     "warmup_ratio": 0.05,              # share of the run spent warming up
     "batch_size": None,                # sequences per micro-batch
     "grad_accum": None,                # micro-batches per step
@@ -85,9 +85,11 @@ CONFIG = {
     "threads": 0,                      # CPU threads; 0 = one per physical core
     "seed": 1337,                      # data split and sampling
 }
-TYPES = {k: float if k in ("min_lr_ratio", "weight_decay", "beta2", "grad_clip", "label_smoothing") else int
+FLOATS = ("min_lr_ratio", "weight_decay", "beta2", "grad_clip", "label_smoothing", "max_minutes")
+TYPES = {k: float if k in FLOATS else int
          for k, v in CONFIG.items() if v is None}
 LEARNING_RATES = {"chat_tokens": 5e-3, "lora": 1e-3, "all": 3e-4}  # measured: benchmarks/README.md, "Fine-tuning"
+MINUTES = {"sft": 5.0, "dpo": 2.0}  # DPO: the budget measured with DPO_RATE_SHARE (README, "Preference")
 DPO_RATE_SHARE = 0.2  # DPO at the supervised rate moved val +0.08 bits/char; a fifth, +0.002 (README, "Preference")
 EVALUATIONS = 4  # per run when eval_interval is 0: each also samples the held-out replies (seconds)
 # A base checkpoint records its run's whole config; one that lacks a key it inherits (a hand-made
@@ -134,11 +136,13 @@ def budget(train_config, config, found, log):
 
 
 def choose_objective(config, log):
-    """sft or dpo: what --objective says, or for auto what --data holds."""
+    """sft or dpo: what --objective says, or for auto what --data holds; and that objective's budget."""
     if config["objective"] == "auto":
         config["objective"] = "dpo" if os.path.isfile(config["data"]) and data.pair_files(config["data"]) else "sft"
         log(f"objective auto: {config['objective']} ({'preference pairs' if config['objective'] == 'dpo' else 'text'} "
             f"in {config['data']})")
+    if config["max_minutes"] is None:
+        config["max_minutes"] = MINUTES[config["objective"]]
 
 
 def grow_vocabulary(net, vocab, new_chars, limit, log):
