@@ -153,7 +153,8 @@ class DPO:
         self.beta, self.reference = beta, None
         self.pairs = {split: getattr(found, split) if score_end else unscored_end(getattr(found, split))
                       for split in ("train", "val_pairs")}
-        self.chars = {split: reply_chars(pairs) for split, pairs in self.pairs.items()} if per_char else None
+        self.chars = {split: reply_chars(pairs).clamp(min=1.0)  # an empty reply: log-prob 0 either way
+                      for split, pairs in self.pairs.items()} if per_char else None
 
     def compared(self, logp, split, index=slice(None)):
         """Log-probabilities as the rewards compare them: summed over the reply, or with per_char
