@@ -182,6 +182,7 @@ def settings_of(config):
 def outputs_valid(out_dir, config):
     """True when manifest.json matches this config and every file still has its recorded sha256.
     Outputs made from the sample because the hub was down are never final: the hub is tried again."""
+    data.settle_file_set(out_dir)
     try:
         with open(os.path.join(out_dir, "manifest.json"), encoding="utf-8") as f:
             manifest = json.load(f)
@@ -194,13 +195,17 @@ def outputs_valid(out_dir, config):
 
 
 def write_outputs(out_dir, splits, found, pairs, manifest):
-    """Data files first, the manifest (with each file's sha256) last, each atomically."""
-    digests = {}
-    for split in SPLITS:
-        for name, rows in ((f"raw_{split}", splits.get(split, [])), (split, found[split]), (f"pairs_{split}", pairs[split])):
-            digests[f"{name}.jsonl"] = data.write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
-    manifest = {**manifest, "sha256": digests}
-    data.write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2, ensure_ascii=False))
+    """Every file of the set and the manifest (with each file's sha256) as one set: a crash part-way
+    leaves the old set whole, never a new train.jsonl beside an old validation.jsonl."""
+    def write(staging):
+        digests = {}
+        for split in SPLITS:
+            for name, rows in ((f"raw_{split}", splits.get(split, [])), (split, found[split]), (f"pairs_{split}", pairs[split])):
+                digests[f"{name}.jsonl"] = data.write_jsonl(os.path.join(staging, f"{name}.jsonl"), rows)
+        data.write_text(os.path.join(staging, "manifest.json"),
+                        json.dumps({**manifest, "sha256": digests}, indent=2, ensure_ascii=False))
+
+    data.write_file_set(out_dir, write)
 
 
 def print_summary(manifest, example):
@@ -243,7 +248,11 @@ def main(argv):
     # --- validate, thread and write ---
     found, pairs, counts = prepare(splits, config)
     manifest = {"source": source, "settings": settings_of(config), "counts": counts, "problems": problems}
-    write_outputs(out_dir, splits, found, pairs, manifest)
+    try:
+        write_outputs(out_dir, splits, found, pairs, manifest)
+    except OSError as e:
+        sys.exit(f"error: could not write {out_dir}/ ({e.strerror or e}); free some disk space or choose another "
+                 f"--out_dir. The files that were there are intact")
     print_summary(manifest, (found["train"] or found["validation"] or [None])[0])
     print(f"\nwrote {out_dir}/: {len(found['train']):,} train and {len(found['validation']):,} validation conversations; "
           f"{len(pairs['train']):,} train and {len(pairs['validation']):,} validation preference pairs")

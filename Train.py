@@ -13,6 +13,8 @@ Run:
   python Train.py                                   # the preset for your device, about 15 minutes
   python Train.py --max_minutes=1 --num_layers=2    # a tiny CPU example
   python Train.py --resume                          # continue after Ctrl-C, SIGTERM or a crash
+  python Train.py --overwrite                       # replace the run in out_dir (by default a new run moves
+                                                    #   the old one's files to out_dir/previous_runs/ and says so)
   torchrun --nproc_per_node=4 Train.py --grad_accum=4   # 4 GPUs on one machine (DistributedDataParallel)
   python Train.py --help                            # every key, with its comment and default
 """
@@ -135,7 +137,7 @@ def report_turn_ends(path, prompts, runtime, max_chars, log):
 
 
 def main(argv):
-    config, flags, _ = parse_cli(argv, CONFIG, __file__, types=TYPES, rules=RULES, flags=("resume",))
+    config, flags, _ = parse_cli(argv, CONFIG, __file__, types=TYPES, rules=RULES, flags=("resume", "overwrite"))
     # --- runtime ---
     runtime = training.setup_runtime(config)
     log = print if runtime.is_main else (lambda *a: None)
@@ -145,6 +147,8 @@ def main(argv):
     except ckpt.CheckpointError as e:
         sys.exit(f"error: cannot resume: {e}")
     config = resolve_config(config, argv, state, runtime.device)
+    if runtime.is_main and not state:
+        training.keep_previous_run(files, flags["overwrite"], log)
     torch.manual_seed(config["seed"])
     log(f"device {runtime.device} | {runtime.world} process(es) | threads {torch.get_num_threads()}")
     # --- data ---

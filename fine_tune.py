@@ -3,7 +3,9 @@
 Reads  base_model (default Model.pth, from `python Train.py`) and --data: a file or folder in any
        format Train.py accepts (chat JSONL, OASST message rows, <|user|>/<|bot|> text, prose).
 Writes output (default FineTuned_Model.pth), which ChatAI.py picks up by default, and beside it
-       fine_tune_state.pth (resumable), fine_tune_metrics.jsonl and fine_tune_loss.png.
+       files named after it: FineTuned_Model_state.pth (resumable), FineTuned_Model_metrics.jsonl and
+       FineTuned_Model_loss.png. A run that would replace another's files moves them to
+       previous_runs/ first and says where (--overwrite replaces them).
 
 Characters the base model never saw are added to its vocabulary; old ids and their embedding rows
 stay exactly as they were. The architecture always comes from the checkpoint; a training key left
@@ -12,7 +14,7 @@ at None below is inherited from the base model's run.
 Run:
   python fine_tune.py --data=my_chats.jsonl           # teaches the chat's form: the model learns to end its turn
   python fine_tune.py --data=spanish.jsonl --train=all --epochs=3   # new content: every weight learns
-  python fine_tune.py --resume                       # continue after Ctrl-C
+  python fine_tune.py --resume                       # continue after Ctrl-C, with that run's config
   python fine_tune.py --base_model=FineTuned_Model.pth --output=Round2.pth   # fine-tune again
 """
 import math
@@ -24,11 +26,12 @@ import torch
 from lumina import data
 from lumina.adapt import add_lora, expand_vocab, freeze_all_but_new_rows, load_lora
 from lumina.checkpoint import CheckpointError, build_model, load_checkpoint
-from lumina.config import ConfigError, check_rules, parse_cli
+from lumina.config import ConfigError, apply_overrides, check_rules, parse_cli
 from lumina.corpus import load_data, report_data
 from lumina.preference import DPO, load_pairs
 from lumina.evaluate import end_of_turn_rate, evaluate, probe_replies, replies_per_prompt, turn_ends
-from lumina.training import RULES as TRAINING_RULES, SHAPE_KEYS, Trainer, choose_dtype, output_files, setup_runtime
+from lumina.training import (RULES as TRAINING_RULES, SHAPE_KEYS, Trainer, choose_dtype, keep_previous_run,
+                             output_files, setup_runtime)
 from lumina.vocab import SPECIAL_TOKENS, Vocab
 
 CONFIG = {
@@ -36,7 +39,8 @@ CONFIG = {
     "base_model": "Model.pth",         # checkpoint to start from (Train.py's or an earlier fine-tune's)
     "data": "fine_tune_data.jsonl",    # file or folder of new data, in any format Train.py reads
     "output": "FineTuned_Model.pth",   # the best fine-tuned model; its folder also gets the state and metrics
-    "overwrite": False,                # allow output == base_model (also: --overwrite)
+    "overwrite": False,                # allow output == base_model, and replace an earlier run's files instead of
+                                       #   moving them to previous_runs/ (also: --overwrite)
     "max_new_chars": 64,               # refuse data that would add more new characters (a wrong encoding?)
     "assistant_only_loss": True,       # chat data: learn only the assistant turns; prose always trains on all
     "end_weight": 3.0,                 # sft: the loss weight of each <|end|> against a character's 1 (measured: 1 ended
@@ -189,20 +193,59 @@ def report(net, found, config, runtime, objective, label, log):
     return (loss, rate, pairs.get("pair_accuracy")), replies
 
 
-def open_checkpoints(config, files, resume):
-    """(base checkpoint, resumable state or None), or an exit with the reason."""
-    if os.path.abspath(config["output"]) == os.path.abspath(config["base_model"]) and not config["overwrite"]:
-        sys.exit(f"error: output {config['output']} is the base model itself; choose another --output, "
-                 f"or pass --overwrite to replace it")
+def run_files(output):
+    """The run's files, named after its output: R2.pth gets R2_state.pth, R2_metrics.jsonl and
+    R2_loss.png, so a second fine-tune never writes over the first's."""
+    folder, name = os.path.split(os.path.abspath(output))
+    return output_files(folder, name, prefix=os.path.splitext(name)[0])
+
+
+SAME_ON_RESUME = ("base_model", "data", "output")  # a resumed run must read and write what it did
+
+
+def resumed_config(config, argv, state):
+    """--resume: the interrupted run's config with this command line on top (as Train.py does), so a
+    bare --resume continues a LoRA or DPO run as it was. Another base model, data or output is
+    refused by name: the saved optimizer and reference belong to those."""
+    saved = state.get("fine_tune_config")
+    if saved is None:  # a state file from before runs recorded their config
+        return config
     try:
-        base = load_checkpoint(config["base_model"])
+        config = apply_overrides({**CONFIG, **saved}, [a for a in argv if a != "--resume"], TYPES)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    for key in SAME_ON_RESUME:
+        if os.path.abspath(config[key]) != saved[key]:
+            sys.exit(f"error: cannot resume: the interrupted run's {key} was {saved[key]}, not {config[key]}; resume "
+                     f"with the same --{key}, or start a new run without --resume")
+    return config
+
+
+def open_checkpoints(config, argv, files, resume):
+    """(config, base checkpoint, resumable state or None), or an exit with the reason."""
+    try:
         state = load_checkpoint(files["state"]) if resume else None
+        if state:
+            config = resumed_config(config, argv, state)
+        if os.path.abspath(config["output"]) == os.path.abspath(config["base_model"]) and not config["overwrite"]:
+            sys.exit(f"error: output {config['output']} is the base model itself; choose another --output, "
+                     f"or pass --overwrite to replace it")
+        base = load_checkpoint(config["base_model"])
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     if "int8_scales" in base:
         sys.exit(f"error: {config['base_model']} holds int8 weights (from export.py --int8), and fine-tuning needs "
                  f"float weights: fine-tune the checkpoint it was exported from, then export again")
-    return base, state
+    for key, digest in (fingerprints(config).items() if state else ()):
+        if state.get("fingerprints", {}).get(key, digest) != digest:
+            sys.exit(f"error: cannot resume: {config[key]} changed since the run was interrupted (its sha256 differs); "
+                     f"resume with the files it had, or start a new run without --resume")
+    return config, base, state
+
+
+def fingerprints(config):
+    """The sha256 of the base model and of the data, which a resumed run must find unchanged."""
+    return {"base_model": data.sha256_file(config["base_model"]), "data": data.files_digest(config["data"])}
 
 
 def read_data(config, train_config, vocab, state, log):
@@ -251,7 +294,9 @@ def run_meta(config, found, old_size, state, before):
     dpo = {**{k: config[k] for k in ("beta", "per_char", "score_end")},
            "pair_accuracy_before": state["pair_accuracy_before"] if state else before[2]} \
         if config["objective"] == "dpo" else {}
+    saved = {**{k: config[k] for k in CONFIG}, **{k: os.path.abspath(config[k]) for k in SAME_ON_RESUME}}
     return {"stage": "fine_tune", "base_model": os.path.abspath(config["base_model"]), "old_vocab_size": old_size,
+            "fine_tune_config": saved, "fingerprints": fingerprints(config),
             "new_vocab_size": len(found.vocab), "val_loss_before": state["val_loss_before"] if state else before[0],
             "end_rate_before": state.get("end_rate_before") if state else before[1], "train": config["train"],
             "objective": config["objective"], **lora, **dpo}
@@ -274,14 +319,15 @@ def report_after(files, found, train_config, runtime, objective, meta, base_repl
 
 def main(argv):
     config, flags, _ = parse_cli(argv, CONFIG, __file__, types=TYPES, rules=RULES, flags=("resume",))
-    files = output_files(os.path.dirname(os.path.abspath(config["output"])), os.path.basename(config["output"]),
-                         prefix="fine_tune")
-    base, state = open_checkpoints(config, files, flags["resume"])
+    files = run_files(config["output"])
+    config, base, state = open_checkpoints(config, argv, files, flags["resume"])
     choose_objective(config, print)
     train_config, inherited = training_config(config, base)
     runtime = setup_runtime(train_config)
     torch.manual_seed(train_config["seed"])  # the same seed, the same LoRA start and dropout: the same run
     log = print if runtime.is_main else (lambda *a: None)
+    if runtime.is_main and not state:
+        keep_previous_run(files, config["overwrite"], log)
     log(f"base model {config['base_model']} (stage {base.get('stage')}) | inherited: "
         + ", ".join(f"{k}={train_config[k]}" for k in inherited))
     log("set here: " + ", ".join(f"{k}={train_config[k]}" for k in CONFIG if config[k] is not None and k in TRAINING_RULES))

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 from collections import Counter, defaultdict
 
@@ -59,6 +60,7 @@ def split_files(path):
     train.jsonl / validation.jsonl (and raw_*.jsonl beside them, which are not training data). In
     another folder, files are told apart by name; one file given on its own is what to train on,
     whatever its name says (a share of it is then held out)."""
+    settle_file_set(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     if os.path.isfile(path):
         return [path], []
     prepared = os.path.join(path, "train.jsonl")
@@ -72,7 +74,9 @@ def split_files(path):
 def atomic_write(path, write):
     """Call write(tmp_path), then rename over `path`: a crash leaves the old file or the new one,
     never half of one. The temporary file sits in the same folder so the rename is atomic, and it
-    gets the mode any new file would get (mkstemp alone makes private files)."""
+    gets the mode any new file would get (mkstemp alone makes private files). The file is synced
+    before the rename and the folder after it (SQLite's rule): without that, a power cut can leave
+    a renamed but empty file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
@@ -82,10 +86,61 @@ def atomic_write(path, write):
     try:
         os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    sync_folder(folder)
+
+
+def sync_folder(folder):
+    """Make the folder's entries (a rename) durable; POSIX only: Windows cannot open a folder."""
+    if os.name == "posix":
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+INCOMING = ".incoming"  # a file set being written; it holds COMPLETE once every file is in
+COMPLETE = "COMPLETE"
+
+
+def write_file_set(folder, write, before_move=None):
+    """Replace a set of files that belong together (train.jsonl beside validation.jsonl...) so a
+    reader sees the old set or the new one, never a mix: write(staging) writes every file into
+    folder/.incoming, a COMPLETE marker is the commit point, then each file moves into place. A
+    crash before the marker leaves the old set (the next write clears the leftovers); a crash
+    after it is finished by the next reader (settle_file_set), as a journal is replayed."""
+    staging = os.path.join(folder, INCOMING)
+    settle_file_set(folder)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    write(staging)
+    names = sorted(n for n in os.listdir(staging) if not n.startswith("."))
+    write_text(os.path.join(staging, COMPLETE), "\n".join(names))
+    settle_file_set(folder, before_move)
+
+
+def settle_file_set(folder, before_move=None):
+    """Finish moving a complete set out of folder/.incoming (every reader of a prepared folder
+    calls this first); an incomplete one is left for its writer. before_move(name): a test's hook."""
+    staging = os.path.join(folder, INCOMING)
+    try:
+        with open(os.path.join(staging, COMPLETE), encoding="utf-8") as f:
+            names = f.read().split("\n")
+    except OSError:
+        return  # no set in progress, or one that never completed: the old set stands
+    for name in names:
+        if os.path.exists(os.path.join(staging, name)):  # an earlier, interrupted settle moved the others
+            if before_move:
+                before_move(name)
+            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    sync_folder(folder)
+    shutil.rmtree(staging)
 
 
 def write_jsonl(path, rows):
@@ -110,6 +165,17 @@ def write_text(path, text):
             f.write(text)
 
     atomic_write(path, write)
+
+
+def files_digest(path):
+    """One sha256 for the data at `path` (a file, or a folder's data files): names and contents."""
+    digest = hashlib.sha256()
+    try:
+        for file in data_files(path):
+            digest.update(f"{os.path.basename(file)}:{sha256_file(file)}\n".encode())
+    except (DataError, OSError):
+        return "missing"
+    return digest.hexdigest()
 
 
 def sha256_file(path):
@@ -474,6 +540,7 @@ def pair_files(path):
     """(train files, validation files) of preference pairs at `path`, or None when it holds none:
     Dataset_download.py's folder (pairs_train.jsonl, pairs_validation.jsonl), or a JSONL file whose
     first row is a pair."""
+    settle_file_set(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     if os.path.isdir(path):
         train, val = (os.path.join(path, name) for name in PAIR_FILES)
         return ([train], [val] if os.path.exists(val) else []) if os.path.exists(train) else None

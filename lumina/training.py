@@ -335,6 +335,52 @@ def output_files(out_dir, best="Model.pth", prefix="train"):
             "plot": os.path.join(out_dir, f"{prefix}_loss.png")}
 
 
+PREVIOUS_RUNS = "previous_runs"  # where a new run moves the files of the run it would replace
+
+
+def keep_previous_run(files, overwrite, log):
+    """A fresh run never destroys an earlier one (Hugging Face's Trainer refuses a non-empty
+    output_dir): its files move to previous_runs/<name>-<date>/ beside them and the log says
+    where, unless `overwrite`. Returns the folder they went to, or None."""
+    present = [path for path in files.values() if os.path.exists(path)]
+    if not present:
+        return None
+    folder = os.path.dirname(present[0])
+    if overwrite:
+        log(f"--overwrite: replacing the run in {folder}")
+        return None
+    when = time.localtime(max(os.path.getmtime(path) for path in present))
+    stem = os.path.splitext(os.path.basename(files["best"]))[0]
+    target = os.path.join(folder, PREVIOUS_RUNS, f"{stem}-{time.strftime('%Y%m%d-%H%M%S', when)}")
+    while os.path.exists(target):
+        target += "+"
+    os.makedirs(target)
+    for path in present:
+        os.replace(path, os.path.join(target, os.path.basename(path)))
+    data.sync_folder(folder)
+    log(f"{folder} already holds a run ({last_evaluation(os.path.join(target, os.path.basename(files['metrics'])))}, "
+        f"{time.strftime('%Y-%m-%d %H:%M', when)}): moved it to {os.path.relpath(target)}/. To continue that run "
+        f"instead, move its files back and pass --resume; --overwrite replaces a run; --out_dir=DIR trains elsewhere")
+    return target
+
+
+def last_evaluation(metrics_path):
+    """'step N, val X bits/char' from a run's metrics file, or what it lacks."""
+    found = "no evaluation yet"
+    try:
+        with open(metrics_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash
+                if isinstance(record, dict) and isinstance(record.get("val_bpc"), (int, float)):
+                    found = f"step {record.get('step')}, val {record['val_bpc']:.3f} bits/char"
+    except OSError:
+        found = "no metrics file"
+    return found
+
+
 def log_metrics(path, record):
     """Append one record. One short write per line: a crash loses at most the line being written,
     and start_metrics() drops such a torn line on resume."""

@@ -89,3 +89,46 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}")) or real(fd))
+    path = tmp_path / "Model.pth"
+    data.write_text(str(path), "weights")
+    assert synced[0].startswith(str(tmp_path)) and os.path.basename(synced[0]) != "Model.pth"  # the temporary, before the rename
+    assert synced[-1] == str(tmp_path)  # then the folder, so the rename itself survives a power cut
+    assert path.read_text() == "weights"
+
+
+def test_a_file_set_is_seen_whole_old_or_new_whatever_moment_a_crash_comes(tmp_path):
+    folder, names = str(tmp_path), ("train.jsonl", "validation.jsonl", "manifest.json")
+
+    def writer(word, tick=lambda *a: None):
+        def write(staging):
+            for n in names:
+                tick(n)
+                data.write_text(os.path.join(staging, n), f"{word} {n}\n")
+        return write
+
+    class Crash(Exception):
+        pass
+
+    data.write_file_set(folder, writer("old"))
+    for crash_at in range(1, 2 * len(names) + 1):  # before every write and every move of the new set
+        calls = []
+
+        def tick(*args):
+            calls.append(args)
+            if len(calls) == crash_at:
+                raise Crash
+
+        with pytest.raises(Crash):
+            data.write_file_set(folder, writer("new", tick), before_move=tick)
+        data.split_files(folder)  # a reader first finishes a set that was complete when the crash came
+        seen = {n: (tmp_path / n).read_text() for n in names}
+        assert seen in ({n: f"old {n}\n" for n in names}, {n: f"new {n}\n" for n in names}), (crash_at, seen)
+        assert (seen["train.jsonl"] == "new train.jsonl\n") == (crash_at > len(names))
+        data.write_file_set(folder, writer("old"))
+        assert sorted(os.listdir(folder)) == sorted(names)  # nothing of the interrupted set is left

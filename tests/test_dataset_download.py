@@ -320,3 +320,26 @@ def test_pairs_follow_their_tree_into_one_split(tmp_path):
         assert questions(read(out_dir / f"pairs_{split}.jsonl"), "prompt") == questions(read(out_dir / f"{split}.jsonl"),
                                                                                         "messages")
     assert len(read(out_dir / "pairs_validation.jsonl")) == 10
+
+
+def test_an_interrupted_preparation_leaves_the_old_set_whole(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "train.jsonl", ROWS)
+    D.main([f"--source={src}", f"--out_dir={tmp_path / 'out'}"])
+    old = {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(tmp_path / "out")}
+    real, written = D.data.write_jsonl, []
+
+    def full_disk_at_the_third_file(path, rows):
+        written.append(path)
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        return real(path, rows)
+
+    monkeypatch.setattr(D.data, "write_jsonl", full_disk_at_the_third_file)
+    with pytest.raises(SystemExit, match="No space left on device.*free some disk space.*intact"):
+        D.main([f"--source={src}", f"--out_dir={tmp_path / 'out'}", "--branches=all"])
+    monkeypatch.undo()
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in old} == old  # the old set, whole
+    assert D.outputs_valid(str(tmp_path / "out"), D.parse_cli([f"--source={src}"], D.CONFIG, D.__file__, types=D.TYPES,
+                                                               rules=D.RULES, renamed=D.RENAMED)[0])

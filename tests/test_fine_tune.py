@@ -1,5 +1,6 @@
 """fine_tune.py: vocabulary growth, lower held-out loss, new characters in chat, bad input."""
 
+import json
 import re
 
 import pytest
@@ -124,9 +125,9 @@ def test_lora_fine_tune_grows_the_vocabulary_and_resumes_exactly(base, spanish, 
     run_in_process(straight, base, spanish)
     with pytest.raises(SystemExit):
         run_in_process(broken, base, spanish, interrupt_at=13)
-    assert load_checkpoint(str(broken / "fine_tune_state.pth"))["lora"]  # the adapters, apart from the base
+    assert load_checkpoint(str(broken / "FT_state.pth"))["lora"]  # the adapters, apart from the base
     run_in_process(broken, base, spanish, resume=True)
-    curves = [{r["step"]: r["loss"] for r in map(json.loads, open(folder / "fine_tune_metrics.jsonl")) if "loss" in r}
+    curves = [{r["step"]: r["loss"] for r in map(json.loads, open(folder / "FT_metrics.jsonl")) if "loss" in r}
               for folder in (straight, broken)]
     assert sorted(curves[0]) == sorted(curves[1]) == list(range(1, 31))
     assert all(abs(curves[0][s] - curves[1][s]) <= 1e-6 + 1e-5 * abs(curves[0][s]) for s in curves[0])
@@ -160,3 +161,37 @@ def test_fine_tuning_on_chats_teaches_a_prose_model_to_end_its_turn(tmp_path):
     assert after >= before + 25, out.stdout  # a barely trained base ends some replies by chance
     assert re.search(r"val bits/char [\d.]+ -> [\d.]+ \|", out.stdout)  # the closing line scripts read
     assert out.stdout.count("ends its turn in") == 6  # before, at each of the 4 evaluations, and after
+
+
+# --- runs keep their own files, and resume the run they were -------------------------------------
+def test_each_fine_tune_names_its_files_after_its_output_and_a_second_keeps_the_first(base, spanish, tmp_path):
+    def tune(*args):
+        out = run_script("fine_tune.py", f"--data={spanish}", *FT_ARGS, "--max_iters=4", "--eval_interval=4",
+                         "--probe_chars=0", *args, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        return out
+    tune(f"--base_model={base}", "--output=R1.pth")
+    round1 = {name: (tmp_path / name).read_bytes() for name in ("R1.pth", "R1_state.pth", "R1_metrics.jsonl")}
+    tune("--base_model=R1.pth", "--output=R2.pth")  # the docstring's "fine-tune again"
+    assert {name: (tmp_path / name).read_bytes() for name in round1} == round1
+    assert (tmp_path / "R2_state.pth").exists() and (tmp_path / "R2_metrics.jsonl").exists()
+    again = tune(f"--base_model={base}", "--output=R1.pth", "--seed=5")  # the same output again: the first is kept
+    kept = re.search(r"moved it to (\S+)/", again.stdout).group(1)
+    assert {name: (tmp_path / kept / name).read_bytes() for name in round1} == round1
+
+
+def test_resume_restores_the_runs_config_and_refuses_another_base_data_or_output(base, spanish, tmp_path):
+    folder = tmp_path / "lora"
+    with pytest.raises(SystemExit):
+        run_in_process(folder, base, spanish, interrupt_at=5)
+    before = open(folder / "FT_metrics.jsonl").read()
+    other = write_jsonl(tmp_path / "other.jsonl", [{"messages": c} for c in CHATS * 5])
+    for changed, name in ((f"--data={other}", "data"), (f"--base_model={tmp_path / 'elsewhere.pth'}", "base_model")):
+        with pytest.raises(SystemExit, match=f"{name}"):
+            fine_tune.main([f"--output={folder / 'FT.pth'}", changed, "--resume"])
+    assert open(folder / "FT_metrics.jsonl").read() == before  # a refused resume touches nothing
+    fine_tune.main([f"--output={folder / 'FT.pth'}", "--resume"])  # bare: the saved run's config, LoRA included
+    tuned = load_checkpoint(str(folder / "FT.pth"))
+    assert tuned["lora_rank"] == 4 and tuned["train"] == "lora"
+    steps = [r["step"] for r in map(json.loads, open(folder / "FT_metrics.jsonl")) if "loss" in r]
+    assert steps == list(range(1, 31))

@@ -131,9 +131,9 @@ def test_a_resumed_dpo_run_gives_the_same_losses(toy, tmp_path):
     run_dpo(straight, base, train)
     with pytest.raises(SystemExit):
         run_dpo(broken, base, train, interrupt_at=7)
-    assert "objective" in load_checkpoint(str(broken / "fine_tune_state.pth"))  # the reference travels with it
+    assert "objective" in load_checkpoint(str(broken / "DPO_state.pth"))  # the reference travels with it
     run_dpo(broken, base, train, resume=True)
-    curves = [{r["step"]: r["loss"] for r in map(json.loads, open(folder / "fine_tune_metrics.jsonl")) if "loss" in r}
+    curves = [{r["step"]: r["loss"] for r in map(json.loads, open(folder / "DPO_metrics.jsonl")) if "loss" in r}
               for folder in (straight, broken)]
     assert sorted(curves[0]) == sorted(curves[1]) == list(range(1, 17))
     assert all(abs(curves[0][s] - curves[1][s]) <= 1e-6 + 1e-5 * abs(curves[0][s]) for s in curves[0])
