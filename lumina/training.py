@@ -366,19 +366,25 @@ def keep_previous_run(files, overwrite, log):
 
 def last_evaluation(metrics_path):
     """'step N, val X bits/char' from a run's metrics file, or what it lacks."""
+    if not os.path.exists(metrics_path):
+        return "no metrics file"
     found = "no evaluation yet"
-    try:
-        with open(metrics_path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a crash
-                if isinstance(record, dict) and isinstance(record.get("val_bpc"), (int, float)):
-                    found = f"step {record.get('step')}, val {record['val_bpc']:.3f} bits/char"
-    except OSError:
-        found = "no metrics file"
+    for _, record in metric_records(metrics_path):
+        if isinstance(record.get("val_bpc"), (int, float)):
+            found = f"step {record.get('step')}, val {record['val_bpc']:.3f} bits/char"
     return found
+
+
+def metric_records(path):
+    """(line, record) for each record of a metrics file; a line torn by a crash is skipped."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                yield line, record
 
 
 def log_metrics(path, record):
@@ -393,14 +399,8 @@ def start_metrics(path, last_step):
     the steps after its checkpoint, and they must not appear twice. Rewritten atomically."""
     kept = []
     if last_step and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a crash
-                if record.get("step", math.inf) <= last_step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
+        kept = [line if line.endswith("\n") else line + "\n" for line, record in metric_records(path)
+                if record.get("step", math.inf) <= last_step]
     data.write_text(path, "".join(kept))
 
 
