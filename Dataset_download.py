@@ -119,7 +119,7 @@ def read_local(path, problems):
     for file in tqdm(files, desc="reading", unit="file"):
         if file.endswith(".parquet"):
             from datasets import load_dataset
-            rows = load_dataset("parquet", data_files=file, split="train").to_list()
+            rows = data.text_rows(load_dataset("parquet", data_files=file, split="train").to_list(), file, problems)
         else:
             rows = [row for _, row in data.read_jsonl(file, problems)]
         if not rows:
@@ -139,6 +139,7 @@ def read_source(config, problems):
     if source:
         return read_local(os.path.expanduser(source), problems), source
     splits = download(config["hub_name"], config["retries"], config["retry_wait"])
+    splits = {split: data.text_rows(rows, f"hub split {split}", problems) for split, rows in splits.items()}
     for split, size in HUB_SIZES.items():
         if len(splits[split]) != size:
             problems.append(f"hub split {split} has {len(splits[split]):,} rows, expected {size:,}")

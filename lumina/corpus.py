@@ -12,7 +12,8 @@ import torch
 from lumina import data
 from lumina.vocab import Vocab, encode_documents, render_chat
 
-CACHE_VERSION = 4  # 3: the cache also holds the held-out prompts; 4: every answered user turn is a prompt
+CACHE_VERSION = 5  # 3: the cache also holds the held-out prompts; 4: every answered user turn is a prompt;
+                   # 5: strict UTF-8, and lines with NUL or lone surrogates skipped
 END_PROBES = 32    # held-out prompts the end-of-turn rate samples at most (chat data only)
 
 

@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import tempfile
+import zlib
 from collections import Counter, defaultdict
 
 ROLES = {"prompter": "user", "user": "user", "assistant": "assistant", "system": "system"}
@@ -191,36 +192,93 @@ def sha256_file(path):
 # ----------------------------------------------------------------------------------------------
 def read_jsonl(path, problems):
     """[(line number, row dict)] of a .jsonl or .jsonl.gz file. A line that is not a JSON object
-    goes to `problems` as "file:line: reason" and is skipped. A line holding one of the release's
-    nested trees ({"prompt": {..., "replies": [...]}}) becomes its flattened messages."""
-    opener = gzip.open if path.endswith(".gz") else open
+    of text goes to `problems` as "file:line: reason" and is skipped. A line holding one of the
+    release's nested trees ({"prompt": {..., "replies": [...]}}) becomes its flattened messages."""
     rows = []
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{number}: not valid JSON ({e.msg})")
-                continue
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
             if not isinstance(row, dict):
-                problems.append(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            elif isinstance(row.get("prompt"), dict):
-                rows += [(number, r) for r in flatten_tree(row["prompt"], None, row.get("message_tree_id"))]
-            else:
-                rows.append((number, row))
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            if "\\u" in line:  # NUL and lone surrogates can only arrive as \u escapes
+                check_text(row)
+            found = flatten_tree(row["prompt"], row.get("message_tree_id")) if isinstance(row.get("prompt"), dict) else [row]
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{number}: not valid JSON ({e.msg})")
+        except RecursionError:
+            problems.append(f"{path}:{number}: JSON nested too deeply to be a message")
+        except ValueError as e:
+            problems.append(f"{path}:{number}: {e}")
+        else:
+            rows += [(number, r) for r in found]
     return rows
 
 
-def flatten_tree(node, parent_id, tree_id):
-    """A nested {..., "replies": [...]} tree as flat rows with parent_id set from the nesting."""
-    row = {k: v for k, v in node.items() if k != "replies"}
-    row["parent_id"] = parent_id
-    row["message_tree_id"] = tree_id or row.get("message_tree_id") or row.get("message_id")
-    rows = [row]
-    for reply in node.get("replies") or []:
-        rows += flatten_tree(reply, row.get("message_id"), row["message_tree_id"])
+def text_rows(rows, source, problems):
+    """The rows (from parquet or the hub) whose strings are text: one with a NUL or a lone
+    surrogate goes to `problems` as "source:row N: reason", as a bad JSONL line does."""
+    kept = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            check_text(row)
+            kept.append(row)
+        except ValueError as e:
+            problems.append(f"{source}:row {number}: {e}")
+    return kept
+
+
+def text_lines(path):
+    """(line number, line) of a text file, .gz or not. Every line must be UTF-8: a file in another
+    encoding is a DataError naming the line, rather than text with U+FFFD where its letters were;
+    so is a truncated or corrupt .gz."""
+    opener = gzip.open if path.endswith(".gz") else open
+    number = 0
+    try:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                yield number, raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{number}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at column {e.start + 1}); "
+                        f"save the file as UTF-8") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}:{number + 1}: the file is truncated or corrupt ({e}); copy or download it again") from None
+
+
+BAD_CHARACTERS = re.compile("[\x00\ud800-\udfff]")  # NUL (no text has one) and lone surrogates (not Unicode)
+
+
+def check_text(value):
+    """Raise ValueError when any string in a parsed JSON value (keys too) holds a NUL or a lone
+    surrogate. Iterative, so no depth of nesting can overflow the stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += list(item.keys()) + list(item.values())
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, str) and BAD_CHARACTERS.search(item):
+            char = BAD_CHARACTERS.search(item).group()
+            raise ValueError("holds a NUL character (U+0000): is it a binary file?" if char == "\x00" else
+                             f"holds a lone surrogate (U+{ord(char):04X}), which is not Unicode text")
+
+
+def flatten_tree(root, tree_id):
+    """A nested {..., "replies": [...]} tree as flat rows with parent_id set from the nesting
+    (a loop, not recursion: a tree may be deep)."""
+    rows, stack = [], [(root, None)]
+    while stack:
+        node, parent_id = stack.pop()
+        if not isinstance(node, dict) or not isinstance(node.get("replies") or [], list):
+            raise ValueError("a tree's 'prompt' and every reply must be message objects with a 'replies' list")
+        row = {k: v for k, v in node.items() if k != "replies"}
+        row["parent_id"] = parent_id
+        row["message_tree_id"] = tree_id or row.get("message_tree_id") or row.get("message_id")
+        tree_id = row["message_tree_id"]
+        rows.append(row)
+        stack += [(reply, row.get("message_id")) for reply in reversed(node.get("replies") or [])]
     return rows
 
 
@@ -246,8 +304,12 @@ def read_documents(path, problems):
     """The documents in one file, whatever its format. Bad lines go to `problems`."""
     if path.endswith((".jsonl", ".jsonl.gz", ".json")):
         return rows_to_documents(read_jsonl(path, problems), path, problems)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    lines = []
+    for number, line in text_lines(path):
+        if "\x00" in line:
+            raise DataError(f"{path}:{number}: holds a NUL character (U+0000): is it a binary file?")
+        lines.append(line)
+    text = "".join(lines).replace("\r\n", "\n")
     if any(line.startswith(("<|user|>", "<|bot|>")) for line in text.splitlines()):
         return parse_marked_text(text, path, problems)
     return [("text", p) for p in text.split("\n\n") if p.strip()]
@@ -264,8 +326,12 @@ def rows_to_documents(rows, path, problems):
                 documents.append(("chat", chat))
             else:
                 problems.append(f"{path}:{number}: 'messages' needs role/content objects with text")
-        elif isinstance(row.get("text"), str) and row.get("role") in ROLES:
-            messages.append(row)
+        elif isinstance(row.get("text"), str) and is_one_of(row.get("role"), ROLES):
+            reason = schema_problem(row) if "message_id" in row or "parent_id" in row else None
+            if reason:  # a message row with ids that are not strings, and the like
+                problems.append(f"{path}:{number}: {reason.replace('_', ' ')}")
+            else:
+                messages.append(row)
         elif isinstance(row.get("text"), str):
             if row["text"].strip():
                 documents.append(("text", row["text"]))
@@ -274,10 +340,15 @@ def rows_to_documents(rows, path, problems):
     return documents + [("chat", c["messages"]) for c in message_rows_to_conversations(messages)]
 
 
+def is_one_of(value, names):
+    """value is a string among `names` (a list or a number where a name belongs is not)."""
+    return isinstance(value, str) and value in names
+
+
 def clean_chat(messages):
     """Keep well-formed messages, renaming OASST's 'prompter' to 'user'; [] if any is malformed."""
     chat = [{"role": ROLES[m["role"]], "content": m["content"]} for m in messages
-            if isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)]
+            if isinstance(m, dict) and is_one_of(m.get("role"), ROLES) and isinstance(m.get("content"), str)]
     return chat if len(chat) == len(messages) else []
 
 
@@ -335,7 +406,7 @@ def validate(rows, filters):
     the other role are kept. A message below a dropped one is an orphan; a loop of parents, a cycle."""
     dropped, kept = Counter(), {}
     for row in rows:
-        reason = schema_problem(row) or ("duplicate_id" if row["message_id"] in kept else None)
+        reason = "not_an_object" if not isinstance(row, dict) else schema_problem(row) or ("duplicate_id" if row["message_id"] in kept else None)
         reason = reason or filter_reason(row, filters)
         if reason:
             dropped[reason] += 1
@@ -389,7 +460,8 @@ def structure_reason(row, kept):
 def rank_key(row):
     """Rank 0 is the best reply; unranked replies come after every ranked one, then by date and id,
     so the order never depends on the order of the rows in the file."""
-    return (row.get("rank") is None, row.get("rank") or 0, row.get("created_date") or "", row["message_id"])
+    date = row.get("created_date") if isinstance(row.get("created_date"), str) else ""
+    return (row.get("rank") is None, row.get("rank") or 0, date, row["message_id"])
 
 
 def conversations(messages, branches="best"):
@@ -473,7 +545,7 @@ def preference_pairs(rows, messages):
     without a rank, or equal ranks."""
     replies = defaultdict(list)
     for row in rows:
-        if isinstance(row, dict) and row.get("role") == "assistant" and row.get("parent_id") in messages:
+        if isinstance(row, dict) and row.get("role") == "assistant" and is_one_of(row.get("parent_id"), messages):
             replies[row["parent_id"]].append(row)
     tree_of, pairs, skipped = tree_ids(messages), [], Counter()
     for prompt_id, siblings in replies.items():
@@ -496,7 +568,7 @@ def pair_problem(a, b, messages):
         return "deleted_reply"
     if a.get("review_result") is False or b.get("review_result") is False:
         return "rejected_reply"
-    if any(messages.get(r.get("message_id")) is not r for r in (a, b)):
+    if any(not is_one_of(r.get("message_id"), messages) or messages[r["message_id"]] is not r for r in (a, b)):
         return "dropped_reply"  # empty, another language, a duplicate id...
     if a.get("rank") is None or b.get("rank") is None:
         return "null_rank"
@@ -545,12 +617,10 @@ def pair_files(path):
         train, val = (os.path.join(path, name) for name in PAIR_FILES)
         return ([train], [val] if os.path.exists(val) else []) if os.path.exists(train) else None
     if os.path.isfile(path) and path.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            first = next((line for line in f if line.strip()), "")
         try:
+            first = next((line for _, line in text_lines(path) if line.strip()), "")
             row = json.loads(first)
-        except json.JSONDecodeError:
+        except (DataError, ValueError, RecursionError):  # the reader of the data says what is wrong with it
             return None
         return ([path], []) if isinstance(row, dict) and "chosen" in row and "rejected" in row else None
     return None
