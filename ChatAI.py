@@ -181,7 +181,7 @@ def fit_history(session):
     """Drop the oldest turns whole until the prompt leaves a quarter of the window for the reply
     (model.turns_to_drop). Returns how many messages were dropped; they stay in `save`."""
     pinned = 1 if session.config["system_prompt"] else 0
-    dropped = turns_to_drop(conversation(session), session.vocab, session.model.config.seq_length, pinned)
+    dropped = turns_to_drop(conversation(session), session.model.config.seq_length, pinned)
     session.start += dropped
     return dropped
 

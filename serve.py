@@ -4,8 +4,12 @@ Reads  FineTuned_Model.pth when present, else Model.pth, or the checkpoint path 
 Serves http://127.0.0.1:8000 by default:
   POST /v1/chat/completions   the OpenAI chat API, streamed (server-sent events) or not
   GET  /v1/models             the loaded checkpoint
-  GET  /health                answers while the model is loaded (no key needed)
+  GET  /health                200 while it can serve; 503 while steps fail, after a crash, or shutting down
   GET  /                      a chat page (no key needed; it asks for one when the server wants it)
+
+Only this machine's pages reach it: a request from another site's page (its Origin) is refused
+unless --allowed_origins names that site, and on a loopback address the Host must be this machine's
+(so a DNS-rebinding page cannot pose as it). POSTs must be application/json.
 
 Every client shares one model. A scheduler thread runs it one step at a time over every sequence
 in flight (continuous batching): a new request joins at the next step, and a finished, cancelled
@@ -14,6 +18,7 @@ or disconnected one leaves at once and frees its KV-cache slot. A token here is 
 Run:
   python serve.py                                        # then open http://127.0.0.1:8000
   python serve.py path/to/Model.pth --port=8080 --api_key=secret
+  LUMINA_API_KEY=secret python serve.py                  # the key from the environment (not in `ps`)
   python serve.py --help                                 # every key, with its comment and default
 Talk to it with any OpenAI client, e.g. in Python:
   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret").chat.completions.create(
@@ -24,6 +29,7 @@ import asyncio
 import collections
 import dataclasses
 import heapq
+import hmac
 import json
 import os
 import sys
@@ -36,7 +42,9 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import parse_cli
@@ -48,7 +56,9 @@ CONFIG = {
     # --- network ---
     "host": "127.0.0.1",        # 127.0.0.1 serves this machine only; 0.0.0.0 every network it is on
     "port": 8000,               # TCP port
-    "api_key": None,            # a secret: /v1/* then needs "Authorization: Bearer <key>"; None = open
+    "api_key": None,            # a secret: /v1/* then needs "Authorization: Bearer <key>"; None = $LUMINA_API_KEY, or open
+    "allowed_origins": None,    # other sites whose pages may call the API, comma-separated (http://localhost:3000);
+                                #   None = only the page this server serves
     "model_name": None,         # the model id clients see and send; None = the checkpoint's file name
     # --- batching ---
     "max_batch": 16,            # sequences generated together (KV-cache slots); more wait in the queue
@@ -56,6 +66,7 @@ CONFIG = {
     # --- limits ---
     "max_tokens_limit": 10000,  # the largest max_tokens a request may ask for (characters)
     "max_body_bytes": 1000000,  # larger request bodies are refused with 413
+    "max_messages": 1000,       # messages in one request; more are refused with 400
     "shutdown_seconds": 10.0,   # on Ctrl-C/SIGTERM, how long replies in flight may take to finish
     # --- default sampling (a request's own fields win) ---
     "temperature": 0.8,         # 0-2; 0 = greedy
@@ -70,20 +81,25 @@ CONFIG = {
                                 # faster there: see README); or float32, bfloat16, float16. The weights are cast once
     "threads": 0,               # CPU threads for the model; 0 = torch's default
 }
-TYPES = {"api_key": str, "model_name": str}
+TYPES = {"api_key": str, "model_name": str, "allowed_origins": str}
 RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "max_tokens_limit": (1, 10 ** 6),
-         "max_body_bytes": (1000, 10 ** 9), "shutdown_seconds": (0, 3600), "temperature": (0.0, 2.0),
+         "max_body_bytes": (1000, 10 ** 9), "max_messages": (1, 10 ** 6), "shutdown_seconds": (0, 3600), "temperature": (0.0, 2.0),
          "top_k": (1, 10 ** 6), "top_p": (0.0, 1.0), "repetition_penalty": (1.0, 2.0), "max_tokens": (1, 10 ** 6),
          "threads": (0, 1024), "length_penalty": (-5.0, 5.0), "dtype": DTYPE_CHOICES}
 SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # per-request settings
 MAX_STOPS = 4  # as OpenAI's API allows
+MAX_STOP_CHARS = 256  # each stop string's length: matching costs nothing more, but a stop string is a few words
+FAILING_STEPS = 3  # consecutive failed steps after which /health answers 503 (a sticky CUDA error, say)
+API_KEY_VARIABLE = "LUMINA_API_KEY"
+LOOPBACK = ("localhost", "::1")  # with 127.0.0.0/8: the names a loopback-bound server answers to
 SEND_EVERY = 0.025  # seconds: streamed text reaches the clients in batches at most this far apart
 
 
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+             413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+             503: "server_error"}
 
     def __init__(self, status, message, param=None, code=None):
         super().__init__(message)
@@ -137,10 +153,13 @@ def field(body, name, kind, low=None, high=None, default=None):
     return value
 
 
-def parse_messages(value):
+def parse_messages(value, limit):
     """[{"role", "content"}] with content a string or a list of text parts, as the OpenAI API allows."""
     if not isinstance(value, list) or not value:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    if len(value) > limit:
+        raise APIError(400, f"'messages' holds {len(value):,} messages, more than this server's {limit:,} "
+                            f"(--max_messages); send the recent turns only", "messages")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
@@ -168,8 +187,10 @@ def parse_request(body, config, model_name):
                        "model", "model_not_found")
     stops = body.get("stop")
     stops = [stops] if isinstance(stops, str) else stops or []
-    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
-        raise APIError(400, f"'stop' must be a string or a list of up to {MAX_STOPS} non-empty strings", "stop")
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS
+                                                                           for s in stops):
+        raise APIError(400, f"'stop' must be a string or a list of up to {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} "
+                            f"characters", "stop")
     options = field(body, "stream_options", dict, default={})
     limit = config["max_tokens_limit"]
     max_tokens = field(body, "max_completion_tokens", int, 1, limit, field(body, "max_tokens", int, 1, limit))
@@ -178,7 +199,7 @@ def parse_request(body, config, model_name):
     if 1 < num_beams < n:
         raise APIError(400, f"'n' ({n}) cannot exceed 'num_beams' ({num_beams}): the choices are the best beams", "n")
     return ChatRequest(
-        messages=parse_messages(body.get("messages")), stream=field(body, "stream", bool, default=False),
+        messages=parse_messages(body.get("messages"), config["max_messages"]), stream=field(body, "stream", bool, default=False),
         include_usage=bool(options.get("include_usage")), n=n, num_beams=num_beams,
         length_penalty=field(body, "length_penalty", float, *RULES["length_penalty"], config["length_penalty"]),
         max_tokens=max_tokens or config["max_tokens"], stops=stops, seed=field(body, "seed", int, -2 ** 63, 2 ** 63 - 1),
@@ -195,7 +216,7 @@ def prompt_for(request, vocab, seq_length):
         dropped += len(message["content"]) - len(text)
         messages.append({**message, "content": text})
     pinned = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    cut = turns_to_drop(messages, vocab, seq_length, pinned)
+    cut = turns_to_drop(messages, seq_length, pinned)
     ids, _ = render_chat(messages[:pinned] + messages[pinned + cut:], vocab, add_generation_prompt=True)
     return ids, dropped
 
@@ -204,21 +225,33 @@ def prompt_for(request, vocab, seq_length):
 # Stop strings: the reply never contains one, and streaming never sends half of one
 # ----------------------------------------------------------------------------------------------
 class StopText:
-    """Text of one choice, released only when no stop string can still begin inside it."""
+    """Text of one choice, released only when no stop string can still begin inside it. Each stop
+    string is followed by a Knuth-Morris-Pratt automaton: one step per character whatever the
+    strings' lengths, so no request can make the check (run under the scheduler's lock) slow."""
 
     def __init__(self, stops):
-        self.stops, self.text, self.sent = stops, "", 0
+        self.stops = [(stop, fallbacks(stop)) for stop in stops]
+        self.matched = [0] * len(stops)  # per stop string: how many of its first characters end the text
+        self.text, self.sent = "", 0
 
     def add(self, chars):
         """(text that is safe to send now, True if a stop string was found)."""
-        self.text += chars
-        hits = [self.text.find(s, max(0, self.sent - len(s))) for s in self.stops]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
-            return self.release(len(self.text)), True
-        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        return self.release(len(self.text) - held), False
+        for char in chars:
+            self.text += char
+            hits = [len(stop) for i, (stop, table) in enumerate(self.stops) if self.advance(i, stop, table, char)]
+            if hits:  # the first stop string to end; of two ending here, the longer began first
+                self.text = self.text[:len(self.text) - max(hits)]
+                return self.release(len(self.text)), True
+        return self.release(len(self.text) - max(self.matched, default=0)), False
+
+    def advance(self, i, stop, table, char):
+        """Feed one character to stop string i's automaton; True when the whole string has matched."""
+        k = self.matched[i]
+        while k and stop[k] != char:
+            k = table[k - 1]
+        k += stop[k] == char
+        self.matched[i] = table[k - 1] if k == len(stop) else k  # after a whole match, as after a mismatch
+        return k == len(stop)
 
     def release(self, end):
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
@@ -226,6 +259,18 @@ class StopText:
 
     def flush(self):
         return self.release(len(self.text))
+
+
+def fallbacks(pattern):
+    """KMP's failure table: table[k] is the length of the longest proper prefix of pattern[:k + 1]
+    that is also its suffix, where a match of k + 1 characters falls back to on a mismatch."""
+    table, k = [0] * len(pattern), 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = table[k - 1]
+        k += pattern[i] == pattern[k]
+        table[i] = k
+    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,10 +296,9 @@ class Job:
     def slots_needed(self):
         return max(self.request.n, self.request.num_beams)
 
-    def start(self, slots):
-        """Take the slots and set up the choices: seeded rows (choice i uses seed + i), or a beam search."""
-        request = self.request
-        self.slots = slots
+    def start(self):
+        """Set up the choices in the slots it was given: seeded rows (choice i uses seed + i), or a beam search."""
+        request, slots = self.request, self.slots
         if request.num_beams > 1:
             self.beam = BeamSearch(self.prompt_ids, request.max_tokens, slots, request.length_penalty, TURN_ENDS)
         else:
@@ -269,6 +313,15 @@ class Job:
 
     def live_searches(self):
         return [self.beam] if self.beam and not self.beam.done else []
+
+
+def logged(error, what):
+    """Write the error's traceback to the server's log under a short id, and return the id, which is
+    all a client is told."""
+    error_id = uuid.uuid4().hex[:8]
+    print(f"error {error_id}: {what}", file=sys.stderr)
+    traceback.print_exception(error, file=sys.stderr)
+    return error_id
 
 
 class Scheduler:
@@ -287,27 +340,53 @@ class Scheduler:
         self.free = list(range(config["max_batch"]))  # a heap: the lowest slots first, so rows stay neighbours
         self.waiting, self.running = collections.deque(), []
         self.wake, self.accepting, self.outbox, self.failure = threading.Condition(), True, [], None
-        self.urgent, self.sent_at = False, 0.0
+        self.urgent, self.sent_at, self.failed_steps, self.deadline = False, 0.0, [], None  # failed_steps: error ids of the failures in a row
         self.thread = threading.Thread(target=self.loop, daemon=True, name="scheduler")
+
+    def check_room(self):
+        """Raise the APIError a new request gets now (503, or 429 when the queue is full), before
+        any work is spent on its prompt."""
+        if self.failure:
+            raise APIError(503, f"the server cannot generate: its scheduler stopped ({self.failure})")
+        if not self.accepting:
+            raise APIError(503, "the server is shutting down")
+        if len(self.waiting) >= self.config["max_queue"] + len(self.free):  # free slots take them at the next step
+            raise APIError(429, f"the queue is full ({self.config['max_queue']} requests wait); retry later")
 
     def submit(self, job):
         with self.wake:
-            if self.failure:
-                raise APIError(503, f"the server cannot generate: its scheduler stopped ({self.failure})")
-            if not self.accepting:
-                raise APIError(503, "the server is shutting down")
-            if len(self.waiting) >= self.config["max_queue"] + len(self.free):  # free slots take them at the next step
-                raise APIError(429, f"the queue is full ({self.config['max_queue']} requests wait); retry later")
+            self.check_room()
             self.waiting.append(job)
             self.wake.notify()
 
+    def health(self):
+        """(HTTP status, body) of /health: 503 while it cannot serve (llama-server's rule)."""
+        if self.failure:
+            return 503, {"status": "failed", "reason": f"the scheduler stopped ({self.failure})"}
+        if not self.accepting:
+            return 503, {"status": "shutting down"}
+        if len(self.failed_steps) >= FAILING_STEPS:
+            return 503, {"status": "failing", "reason": f"the last {len(self.failed_steps)} steps failed (errors "
+                                                        f"{', '.join(self.failed_steps[-FAILING_STEPS:])}: see the server's log)"}
+        return 200, {"status": "ok", "dtype": str(self.dtype).replace("torch.", ""), "running": len(self.running),
+                     "waiting": len(self.waiting), "free_slots": len(self.free)}
+
     def stop_accepting(self):
-        """Shutting down: no new requests; those still waiting get 503, those running finish."""
+        """Shutting down: no new requests; those still waiting get 503, those running may finish
+        within shutdown_seconds, after which the next step ends them with a 503 too."""
         with self.wake:
-            self.accepting = False
+            self.accepting, self.deadline = False, time.monotonic() + self.config["shutdown_seconds"]
             while self.waiting:
                 self.post(self.waiting.popleft(), "error", APIError(503, "the server is shutting down"))
             self.send()
+
+    def cut_off(self):
+        """Past the shutdown deadline: every reply still running ends with a 503 (its client learns
+        why, and uvicorn's own graceful shutdown then has nothing left to wait for)."""
+        for job in self.running:
+            if not job.failed:
+                self.post(job, "error", APIError(503, "the server shut down before this reply was finished"))
+                job.failed = True
 
     def loop(self):
         try:
@@ -319,6 +398,8 @@ class Scheduler:
     def step(self):
         """Let jobs leave and join, then advance every row in flight by one id."""
         with self.wake:
+            if not self.accepting and time.monotonic() > self.deadline:
+                self.cut_off()
             self.running = [job for job in self.running if not self.retire(job)]
             self.send()
             self.admit()
@@ -330,8 +411,9 @@ class Scheduler:
             self.engine.step([row for job in live for row in job.live_rows()],
                              [search for job in live for search in job.live_searches()])
         except Exception as e:  # the batched step failed: every job in it fails, the server goes on
-            failure = e
+            failure = logged(e, "a batched step failed")
         with self.wake:  # the event loop's thread posts too (stop_accepting): one writer of the outbox at a time
+            self.failed_steps = self.failed_steps + [failure] if failure else []
             for job in live:
                 if failure:
                     self.fail(job, failure)
@@ -345,26 +427,27 @@ class Scheduler:
             job = self.waiting.popleft()
             if not job.cancelled:
                 self.running.append(job)
-                self.guarded(job, job.start, [heapq.heappop(self.free) for _ in range(job.slots_needed)])
+                job.slots = [heapq.heappop(self.free) for _ in range(job.slots_needed)]  # retire() frees them, whatever start does
+                self.guarded(job, job.start)
 
     def guarded(self, job, work, *args):
         """work(*args) for one job; an exception fails that job alone."""
         try:
             work(*args)
         except Exception as e:
-            self.fail(job, e)
+            who = f" (user {job.request.user!r})" if job.request.user else ""
+            self.fail(job, logged(e, f"a request failed{who}"))
 
-    def fail(self, job, error):
-        """Answer the job with a 500 that names the error; retire() frees its slots."""
-        traceback.print_exception(error, file=sys.stderr)
-        who = f" (user {job.request.user!r})" if job.request.user else ""
-        self.post(job, "error", APIError(500, f"generation failed{who}: {type(error).__name__}: {error}"))
+    def fail(self, job, error_id):
+        """Answer the job with a 500 that names the logged error by its id (the exception's text stays
+        in the server's log: it can hold paths or other clients' text); retire() frees its slots."""
+        self.post(job, "error", APIError(500, f"generation failed (error {error_id}: the server's log has the details)"))
         job.failed = True
 
     def die(self, error):
-        traceback.print_exception(error, file=sys.stderr)
+        error_id = logged(error, "the scheduler stopped")
         with self.wake:
-            self.failure, self.accepting = f"{type(error).__name__}: {error}", False
+            self.failure, self.accepting = f"error {error_id}: see the server's log", False
             for job in [*self.waiting, *self.running]:
                 self.post(job, "error", APIError(503, f"the server cannot generate: its scheduler stopped ({self.failure})"))
             self.waiting.clear()
@@ -520,16 +603,15 @@ def build_app(scheduler, config, model_name):
 
     @app.get("/health")
     async def health():
-        if scheduler.failure:
-            return JSONResponse({"status": "failed", "reason": scheduler.failure}, status_code=503)
-        return {"status": "ok", "model": model_name, "dtype": str(scheduler.dtype).replace("torch.", ""),
-                "running": len(scheduler.running), "waiting": len(scheduler.waiting)}
+        status, body = scheduler.health()
+        return JSONResponse({**body, "model": model_name}, status_code=status)
+
+    created = int(os.path.getmtime(config["checkpoint"]))  # read once: the file may move while the model serves
 
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request, config)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(os.path.getmtime(config["checkpoint"])),
-                                            "owned_by": "luminaai"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "luminaai"}]}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -540,12 +622,63 @@ def build_app(scheduler, config, model_name):
         authorize(request, config)
         return await complete(request, scheduler, config, model_name)
 
-    return app
+    origins = allowed_origins(config)
+    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "Content-Type"])
+    return SameSite(app, config["host"], origins)
+
+
+def allowed_origins(config):
+    return [origin.strip().rstrip("/") for origin in (config["allowed_origins"] or "").split(",") if origin.strip()]
+
+
+class SameSite:
+    """Refuses, before the app sees it, a request that a web page of another site could have sent
+    (Jupyter Server's and Ollama's checks): an Origin that is neither this server nor an allowed one
+    (any page can POST to 127.0.0.1), a Host that is not this machine's name while bound to loopback
+    (DNS rebinding: evil.example resolving to 127.0.0.1), and a POST whose body is not declared
+    JSON (a cross-site form or text/plain POST needs no preflight)."""
+
+    def __init__(self, app, host, origins):
+        self.app, self.loopback, self.origins = app, is_loopback(host), set(origins)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            error = self.refusal(Headers(scope=scope), scope["method"])
+            if error:
+                return await error.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def refusal(self, headers, method):
+        host, origin = headers.get("host", ""), headers.get("origin")
+        if self.loopback and not is_loopback(host_name(host)):
+            return APIError(403, f"Host {host!r} is not this machine: a loopback server answers only to localhost or "
+                                 f"127.0.0.1 (a page on another name may be a DNS-rebinding attack)")
+        if origin and origin != f"http://{host}" and origin not in self.origins:
+            return APIError(403, f"requests from pages of {origin} are refused; start the server with "
+                                 f"--allowed_origins={origin} to allow that site")
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        if method == "POST" and media != "application/json":
+            return APIError(415, f"POST bodies must be sent as application/json, got {media or 'no Content-Type'!r}")
+        return None
+
+
+def host_name(host):
+    """The name part of a Host header: example:80 -> example, [::1]:80 -> ::1."""
+    if host.startswith("["):
+        return host[1:].split("]")[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback(name):
+    return name in LOOPBACK or name.split(".")[0] == "127"
 
 
 def authorize(request, config):
-    """With --api_key set, /v1/* needs "Authorization: Bearer <key>"; the page and /health do not."""
-    if config["api_key"] and request.headers.get("authorization") != f"Bearer {config['api_key']}":
+    """With an API key set, /v1/* needs "Authorization: Bearer <key>"; the page and /health do not.
+    Compared in constant time, so the answer's timing tells nothing of the key."""
+    given = request.headers.get("authorization", "").encode()
+    if config["api_key"] and not hmac.compare_digest(given, f"Bearer {config['api_key']}".encode()):
         raise APIError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
 
@@ -562,11 +695,16 @@ async def read_body(request, limit):
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is JSON nested too deeply") from None
 
 
 async def complete(request, scheduler, config, model_name):
     chat = parse_request(await read_body(request, config["max_body_bytes"]), config, model_name)
-    prompt, dropped = prompt_for(chat, scheduler.vocab, scheduler.net.config.seq_length)
+    scheduler.check_room()  # a full queue answers 429 before any work on the prompt
+    # Building the prompt is linear in the request, but off the event loop all the same: a large one
+    # never holds up /health or the streams of others.
+    prompt, dropped = await asyncio.to_thread(prompt_for, chat, scheduler.vocab, scheduler.net.config.seq_length)
     job = Job(chat, prompt, asyncio.get_running_loop(), asyncio.Queue())
     scheduler.submit(job)
     completion_id = "chatcmpl-" + uuid.uuid4().hex
@@ -591,15 +729,33 @@ class Server(uvicorn.Server):
         self.scheduler = scheduler
 
     def handle_exit(self, sig, frame):
+        if not self.scheduler.accepting:  # a second signal: stop now
+            hard_exit("stopped at a second signal")
         self.scheduler.stop_accepting()
         super().handle_exit(sig, frame)
         self._captured_signals.clear()  # a clean shutdown is not a crash: exit 0, do not re-raise
+        # The scheduler ends the replies still running at shutdown_seconds, and uvicorn's graceful
+        # shutdown follows; should a stuck step or handler block the event loop, the process still
+        # ends on time: shutdown_seconds, then two margins more.
+        grace = self.config.timeout_graceful_shutdown + SHUTDOWN_MARGIN
+        watchdog = threading.Timer(grace, hard_exit, [f"stopped: replies still running after {grace:g} s were cut off"])
+        watchdog.daemon = True  # a shutdown that finishes in time ends the process without waiting for it
+        watchdog.start()
+
+
+SHUTDOWN_MARGIN = 1.0  # seconds past shutdown_seconds before the process ends, whatever is in flight
+
+
+def hard_exit(message):
+    print(message, flush=True)
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------------------------
 def main(argv):
     config, _, paths = parse_cli(argv, CONFIG, __file__, types=TYPES, rules=RULES, positional=1)
     config["checkpoint"] = default_checkpoint(paths[0] if paths else None)
+    config["api_key"] = config["api_key"] or os.environ.get(API_KEY_VARIABLE) or None
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     # --- model and scheduler ---
@@ -618,7 +774,7 @@ def main(argv):
     print(dtype_line(dtype, config["dtype"], why), flush=True)
     app = build_app(scheduler, config, model_name)
     server = Server(uvicorn.Config(app, host=config["host"], port=config["port"], log_level="warning",
-                                   timeout_graceful_shutdown=config["shutdown_seconds"]), scheduler)
+                                   timeout_graceful_shutdown=config["shutdown_seconds"] + SHUTDOWN_MARGIN), scheduler)
     try:
         server.run()
     except OSError as e:  # the port is taken, or the host is not this machine's

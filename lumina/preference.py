@@ -59,7 +59,7 @@ def reply_windows(prompt_ids, reply_ids, seq_length):
 def encode_pair(pair, vocab, seq_length):
     """((inputs, targets, which), trimmed) for one pair. A prompt that would leave less than a
     quarter of the window for the reply loses its oldest turns, whole, as chat history does."""
-    dropped = turns_to_drop(pair["prompt"], vocab, seq_length)
+    dropped = turns_to_drop(pair["prompt"], seq_length)
     prompt, _ = render_chat(pair["prompt"][dropped:], vocab, add_generation_prompt=True)
     sides = [reply_windows(prompt, vocab.encode(pair[key]) + [END], seq_length) for key in ("chosen", "rejected")]
     which = torch.cat([torch.full((len(x),), side, dtype=torch.int64) for side, (x, _, _) in enumerate(sides)])

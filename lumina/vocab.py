@@ -84,16 +84,21 @@ def render_chat(messages, vocab, add_generation_prompt=False):
 REPLY_RESERVE = 4  # when old turns must go, keep 1/4 of the window free for the reply
 
 
-def turns_to_drop(messages, vocab, seq_length, pinned=0):
+def rendered_length(message):
+    """How many ids render_chat gives one message: its role token, its text (one id a character)
+    and <|end|>."""
+    return len(message["content"]) + 2
+
+
+def turns_to_drop(messages, seq_length, pinned=0):
     """How many messages after the first `pinned` (a system prompt) to drop, oldest first and whole,
     so that the rendered prompt leaves a quarter of the window for the reply. The newest message
-    always stays; a turn is never cut in half."""
+    always stays; a turn is never cut in half. Linear: each message is measured once."""
     budget = seq_length * (REPLY_RESERVE - 1) // REPLY_RESERVE
+    total = sum(map(rendered_length, messages)) + 1  # + the <|bot|> that asks for the reply
     dropped = 0
-    while pinned + dropped < len(messages) - 1:
-        ids, _ = render_chat(messages[:pinned] + messages[pinned + dropped:], vocab, add_generation_prompt=True)
-        if len(ids) <= budget:
-            break
+    while pinned + dropped < len(messages) - 1 and total > budget:
+        total -= rendered_length(messages[pinned + dropped])
         dropped += 1
     return dropped
 
@@ -128,5 +133,4 @@ def encode_documents(documents, vocab, assistant_only):
 def unknown_chars_dropped(text, vocab):
     """(text without the characters the model never saw, those characters in order of appearance).
     Chat stages drop them and say so, rather than feeding the model <|unk|>."""
-    unknown = vocab.unknown_chars(text)
-    return "".join(c for c in text if c not in unknown), unknown
+    return "".join(c for c in text if c in vocab.stoi), vocab.unknown_chars(text)

@@ -102,12 +102,13 @@ def free_port():
 class Server:
     """serve.py in a subprocess, ready when /health answers."""
 
-    def __init__(self, checkpoint, *args):
+    def __init__(self, checkpoint, *args, env=None):
         import httpx
         self.checkpoint, self.port = checkpoint, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), checkpoint, f"--port={self.port}",
-                                      "--threads=1", f"--device={DEVICE}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                      "--threads=1", f"--device={DEVICE}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
         deadline = time.time() + 60
         while time.time() < deadline:
             try:

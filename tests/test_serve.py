@@ -1,7 +1,9 @@
 """serve.py, as its clients use it: the real server in a subprocess on a loopback port, the
 official openai client, raw HTTP for bad input, concurrency for batching, and a real browser."""
 import concurrent.futures
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from lumina.checkpoint import load_checkpoint, load_for_chat
 from lumina.engine import BeamSearch, Engine
@@ -314,16 +317,26 @@ def inprocess(tmp_path):
         server.close()
 
 
-def test_one_requests_failure_fails_that_request_only(inprocess, monkeypatch):
+def logged_error(response, capfd, text):
+    """The error id a 500 or 503 names, checked against the server's log: the log has the
+    exception's text under that id, and the client is told only the id."""
+    message = (response.json().get("error") or {}).get("message") or response.json()["reason"]
+    error_id = re.search(r"error ([0-9a-f]{8})", message).group(1)
+    log = capfd.readouterr().err
+    assert text not in message and f"error {error_id}" in log and text in log.split(f"error {error_id}", 1)[1]
+    return error_id
+
+
+def test_one_requests_failure_fails_that_request_only(inprocess, monkeypatch, capfd):
     """A request's own work is setting up its sampling (its rows, seeds and settings) and checking
     its stop strings after each step: make each fail for one request while others run beside it."""
     import serve
     real_start, real_deliver = serve.Job.start, serve.Scheduler.deliver
 
-    def start(job, slots):
+    def start(job):
         if job.request.user == "bad sampling":
             raise ValueError("injected sampling failure")
-        return real_start(job, slots)
+        return real_start(job)
 
     def deliver(scheduler, job):
         if job.request.user == "bad stop check" and job.rows[0].new > 5:
@@ -337,17 +350,18 @@ def test_one_requests_failure_fails_that_request_only(inprocess, monkeypatch):
         good = [pool.submit(server.post, f"fine {i}", max_tokens=200) for i in range(2)]
         for user, message in (("bad sampling", "injected sampling failure"), ("bad stop check", "injected stop-check failure")):
             bad = server.post("fail", max_tokens=200, user=user)
-            error = bad.json()["error"]
-            assert bad.status_code == 500 and message in error["message"] and error["type"] == "server_error"
+            assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
+            logged_error(bad, capfd, message)
         assert [len(g.result().json()["choices"][0]["message"]["content"]) for g in good] == [200, 200]
     streamed = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
         "model": "Model", "messages": [{"role": "user", "content": "x"}], "stream": True, "user": "bad sampling"})
-    assert "injected sampling failure" in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
+    assert '"error"' in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
     assert server.post("after", max_tokens=10).status_code == 200
-    assert httpx.get(server.url + "/health").json()["running"] == 0  # the failed requests' slots are free
+    health = httpx.get(server.url + "/health").json()
+    assert health["running"] == 0 and health["free_slots"] == 4  # the failed requests' slots are free
 
 
-def test_a_failed_step_fails_its_requests_and_the_next_request_is_served(inprocess):
+def test_a_failed_step_fails_its_requests_and_the_next_request_is_served(inprocess, capfd):
     server = inprocess(max_batch=4)
     net, failures = server.scheduler.net, []
     real_forward = net.forward
@@ -360,13 +374,14 @@ def test_a_failed_step_fails_its_requests_and_the_next_request_is_served(inproce
 
     net.forward = forward
     failed = server.post("first", max_tokens=20)
-    assert failed.status_code == 500 and "injected forward failure" in failed.json()["error"]["message"]
+    assert failed.status_code == 500
+    logged_error(failed, capfd, "injected forward failure")
     served = server.post("second", max_tokens=20)
     assert served.status_code == 200 and len(served.json()["choices"][0]["message"]["content"]) == 20
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-def test_a_dead_scheduler_answers_503_at_once_and_waits_for_nothing(inprocess, monkeypatch):
+def test_a_dead_scheduler_answers_503_at_once_and_waits_for_nothing(inprocess, monkeypatch, capfd):
     import serve
     server = inprocess(max_batch=1, max_tokens_limit=10 ** 6)
     running = threading.Thread(target=lambda: results.append(server.post("long", max_tokens=10 ** 6)))
@@ -381,10 +396,182 @@ def test_a_dead_scheduler_answers_503_at_once_and_waits_for_nothing(inprocess, m
 
     monkeypatch.setattr(serve.Scheduler, "step", broken)
     running.join(30)
-    assert results and results[0].status_code == 503 and "injected scheduler crash" in results[0].json()["error"]["message"]
+    assert results and results[0].status_code == 503
+    error_id = logged_error(results[0], capfd, "injected scheduler crash")
     health = httpx.get(server.url + "/health")
-    assert health.status_code == 503 and "injected scheduler crash" in health.json()["reason"]
+    assert health.status_code == 503 and error_id in health.json()["reason"]
     start = time.time()
     refused = server.post("after", max_tokens=5)
-    assert refused.status_code == 503 and time.time() - start < 5
-    assert "injected scheduler crash" in refused.json()["error"]["message"]
+    assert refused.status_code == 503 and time.time() - start < 5 and error_id in refused.json()["error"]["message"]
+
+
+# --- hostile requests: none freezes the server, no other site drives it (issue 27) ---------------------
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory):
+    """The never-ending model with 16 slots: room for hostile requests and an ordinary one beside them."""
+    server = Server(endless_checkpoint(tmp_path_factory.mktemp("busy") / "Model.pth"), "--max_batch=16",
+                    "--max_tokens_limit=100000")
+    yield server
+    server.stop()
+
+
+def health_while(server, request, seconds=3.0):
+    """Send `request` (a function) in a thread and poll /health meanwhile: the slowest answer, and
+    the request's response. An ordinary request must be served beside it too."""
+    result, slowest = {}, 0.0
+    worker = threading.Thread(target=lambda: result.update(r=request()))
+    worker.start()
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        start = time.perf_counter()
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+        slowest = max(slowest, time.perf_counter() - start)
+        time.sleep(0.05)
+    ordinary = ask(server.client(), "hello", max_tokens=5)
+    assert len(ordinary.choices[0].message.content) == 5
+    worker.join(120)
+    return slowest, result["r"]
+
+
+def post(server, body, **headers):
+    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def test_long_stop_strings_are_refused_and_the_longest_allowed_cost_one_pass(busy):
+    import serve
+    huge = post(busy, {"model": "Model", "messages": [{"role": "user", "content": "go"}], "n": 16,
+                       "stop": ["a" * 200_000] * 4, "max_tokens": 2000})
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "stop"
+    longest = ["abcdefghij" * (serve.MAX_STOP_CHARS // 10)] * 4  # never completed: every character is checked
+    slowest, response = health_while(busy, lambda: post(busy, {
+        "model": "Model", "messages": [{"role": "user", "content": "go"}], "n": 16, "stop": longest, "max_tokens": 3000}))
+    assert response.status_code == 200 and len(response.json()["choices"]) == 16
+    assert slowest < 1.0  # the goal is 100 ms (benchmarks/hostile_requests.py); here, room for a busy machine
+
+
+@given(stops=st.lists(st.text("ab", min_size=1, max_size=6), min_size=1, max_size=4),
+       chunks=st.lists(st.text("abc", max_size=4), max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_stop_text_matches_a_plain_search_character_by_character(stops, chunks):
+    """The automaton against the obvious rule: the text ends where a stop string first ends (of two
+    ending together, the longer), and all is released but the longest ending that could still grow
+    into a stop string."""
+    import serve
+    text, released, full = serve.StopText(stops), "", ""
+    for chunk in chunks:
+        out, hit = text.add(chunk)
+        released += out
+        for char in chunk:
+            full += char
+            ends = [s for s in stops if full.endswith(s)]
+            if ends:
+                assert hit and text.text == full[:len(full) - max(map(len, ends))] and text.text.startswith(released)
+                return
+        held = max((k for s in stops for k in range(len(s)) if full.endswith(s[:k])), default=0)
+        assert not hit and released == full[:len(full) - held]
+    assert released + text.flush() == full
+
+
+def test_a_megabyte_of_empty_messages_is_refused_or_served_without_stalling(busy):
+    many = post(busy, {"model": "Model", "max_tokens": 5, "messages": [{"role": "user", "content": ""}] * 28_000})  # 1 MB
+    assert many.status_code == 400 and "max_messages" in many.json()["error"]["message"]
+    allowed = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x" * 900} for i in range(999)]
+    slowest, response = health_while(busy, lambda: post(busy, {"model": "Model", "max_tokens": 5, "messages": allowed}),
+                                     seconds=1.0)
+    assert response.status_code == 200 and slowest < 1.0
+
+
+def test_nested_json_gets_a_json_400_and_a_moved_checkpoint_still_lists(busy, tmp_path):
+    deep = httpx.post(busy.url + "/v1/chat/completions", content=b"[" * 200_000 + b"]" * 200_000,
+                      headers={"Content-Type": "application/json"}, timeout=60)
+    assert deep.status_code == 400 and "nested" in deep.json()["error"]["message"]
+    moved = tmp_path / "moved.pth"
+    os.replace(busy.checkpoint, moved)
+    try:
+        assert busy.client().models.list().data[0].id == "Model"
+    finally:
+        os.replace(moved, busy.checkpoint)
+
+
+def test_other_sites_pages_content_types_and_rebinding_hosts_are_refused(busy):
+    body = {"model": "Model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    evil = post(busy, body, Origin="http://evil.example")
+    assert evil.status_code == 403 and "--allowed_origins=http://evil.example" in evil.json()["error"]["message"]
+    plain = httpx.post(busy.url + "/v1/chat/completions", content=json.dumps(body), timeout=60,
+                       headers={"Content-Type": "text/plain", "Origin": busy.url})  # a "simple" cross-site POST
+    assert plain.status_code == 415
+    rebound = httpx.get(busy.url + "/health", headers={"Host": f"evil.example:{busy.port}"})
+    assert rebound.status_code == 403 and "DNS-rebinding" in rebound.json()["error"]["message"]
+    assert post(busy, body, Origin=busy.url).status_code == 200  # the server's own page
+    assert post(busy, body, Host=f"localhost:{busy.port}").status_code == 200
+
+
+def test_an_allowed_origin_gets_cors_and_the_key_comes_from_the_environment(tmp_path):
+    path = endless_checkpoint(tmp_path / "Model.pth")
+    server = Server(path, "--allowed_origins=http://localhost:3000", env={"LUMINA_API_KEY": KEY})
+    try:
+        body = {"model": "Model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        assert post(server, body).status_code == 401
+        ok = post(server, body, Authorization=f"Bearer {KEY}", Origin="http://localhost:3000")
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+        preflight = httpx.options(server.url + "/v1/chat/completions", headers={
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert preflight.status_code == 200
+        assert post(server, body, Authorization=f"Bearer {KEY}", Origin="http://localhost:4000").status_code == 403
+    finally:
+        server.stop()
+
+
+def test_health_says_503_while_every_step_fails_and_recovers(inprocess):
+    server = inprocess(max_batch=2)
+    real_forward, broken = server.scheduler.net.forward, [True]
+
+    def forward(*args, **kwargs):
+        if broken[0]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")  # sticky, on a GPU
+        return real_forward(*args, **kwargs)
+
+    server.scheduler.net.forward = forward
+    for _ in range(serve_module().FAILING_STEPS):
+        assert server.post("x", max_tokens=5).status_code == 500
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 503 and health.json()["status"] == "failing"
+    broken[0] = False
+    assert server.post("x", max_tokens=5).status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def serve_module():
+    import serve
+    return serve
+
+
+def test_a_full_queue_answers_429_before_building_the_prompt(inprocess, monkeypatch):
+    server = inprocess(max_batch=1, max_queue=0, max_tokens_limit=10 ** 6)
+    long = threading.Thread(target=lambda: server.post("long", max_tokens=3000))
+    long.start()
+    while httpx.get(server.url + "/health").json()["running"] < 1:
+        time.sleep(0.05)
+    built = []
+    real = serve_module().prompt_for
+    monkeypatch.setattr(serve_module(), "prompt_for", lambda *a: built.append(1) or real(*a))
+    assert server.post("next", max_tokens=5).status_code == 429 and not built
+    long.join(120)
+
+
+def test_sigterm_ends_the_server_within_shutdown_seconds_whatever_is_in_flight(tmp_path):
+    server = Server(endless_checkpoint(tmp_path / "Model.pth"), "--shutdown_seconds=1", "--max_tokens_limit=1000000")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=post(server, {
+        "model": "Model", "max_tokens": 1_000_000, "messages": [{"role": "user", "content": "go"}]})))
+    worker.start()
+    while server.health()["running"] < 1:
+        time.sleep(0.05)
+    start = time.time()
+    server.proc.send_signal(signal.SIGTERM)
+    out, err = server.proc.communicate(timeout=60)
+    assert time.time() - start < 1 + 5 and server.proc.returncode == 0 and "Traceback" not in err  # 1 s, then margins
+    assert "stopped" in out
+    worker.join(60)
+    assert result["r"].status_code == 503 and "shut down before this reply" in result["r"].json()["error"]["message"]
