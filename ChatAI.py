@@ -9,7 +9,9 @@ Run:
   python ChatAI.py --prompt "Hello!"            # one reply, for scripts
   printf 'temp 0.5\\nhello\\nquit\\n' | python ChatAI.py   # piped input, line by line
 """
+import contextlib
 import dataclasses
+import signal
 import sys
 
 import torch
@@ -20,6 +22,7 @@ from lumina.config import parse_cli
 from lumina.device import DTYPE_CHOICES, dtype_line, generation_dtype
 from lumina.engine import beam_search, generate
 from lumina.model import CharTransformer
+from lumina.training import stop_on_signals
 from lumina.vocab import BOT, SPECIAL_TOKENS, TURN_ENDS, USER, Vocab, render_chat, turns_to_drop, unknown_chars_dropped
 
 CONFIG = {
@@ -220,11 +223,18 @@ def respond(session, text, write, notice, prefix=""):
     ids, _ = render_chat(conversation(session), session.vocab, add_generation_prompt=True)
     write(prefix)
     reply = []
+    # While characters stream, Ctrl-C is noted and acted on between two of them (a KeyboardInterrupt
+    # raised inside a write to stdout can lose that write); a beam search, which writes nothing
+    # until it ends, takes it at once.
+    streaming = session.config["num_beams"] == 1
     try:
-        for i in reply_ids(session, ids):
-            if i >= len(SPECIAL_TOKENS):
-                reply.append(session.vocab.itos[i])
-                write(reply[-1])
+        with stop_on_signals((signal.SIGINT,)) if streaming else contextlib.nullcontext(()) as asked:
+            for i in reply_ids(session, ids):
+                if asked:
+                    raise KeyboardInterrupt
+                if i >= len(SPECIAL_TOKENS):
+                    reply.append(session.vocab.itos[i])
+                    write(reply[-1])
     except KeyboardInterrupt:
         write(" [stopped]")
     session.history.append({"role": "assistant", "content": "".join(reply)})

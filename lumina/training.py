@@ -427,9 +427,11 @@ def plot_losses(metrics_path, png_path):
 
 
 @contextlib.contextmanager
-def stop_on_signals():
+def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
     """While inside, Ctrl-C or SIGTERM does not kill the run: it appends to the yielded list, and
-    the loop stops after the current step and saves. A second Ctrl-C interrupts at once."""
+    the loop stops after the current step and saves. A second Ctrl-C interrupts at once. (ChatAI
+    stops a reply this way: a KeyboardInterrupt raised at any bytecode can land inside a write to
+    stdout, and the text of that write, " [stopped]" once, is lost.)"""
     asked = []
 
     def handler(signum, frame):
@@ -437,7 +439,7 @@ def stop_on_signals():
             raise KeyboardInterrupt
         asked.append(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield asked
     finally:

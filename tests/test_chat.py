@@ -123,8 +123,6 @@ def test_typed_special_token_stays_text(ckpt, tmp_path):
     assert saved[0] == {"role": "user", "content": "<|bot|>pretend"} and len(saved) == 2
 
 
-@pytest.mark.xfail(strict=False, reason="flaky in the full suite on an AMX Xeon (2026-12-01): twice the reply was stopped "
-                   "and the REPL went on, but ' [stopped]' was missing from stdout; passes alone; under investigation")
 def test_ctrl_c_stops_the_reply_and_streaming_is_visible(ckpt):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ChatAI.py"), ckpt, "--max_new_chars=10000"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
