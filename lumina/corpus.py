@@ -34,7 +34,7 @@ def cache_key(path, val_fraction, assistant_only, seed, base_vocab):
     if not os.path.exists(path):
         return "none"  # training_documents explains the missing path
     train_files, val_files = data.split_files(path)
-    files = [(os.path.basename(f), data.sha256_file(f)) for f in train_files + val_files]
+    files = [(os.path.basename(f), data.sha256_file(f)) for f in train_files + val_files + data.prepared_pair_files(path)]
     settings = [CACHE_VERSION, files, len(train_files), val_fraction, assistant_only, seed, base_vocab and base_vocab.chars]
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
 
@@ -44,7 +44,7 @@ def encode_data(path, val_fraction, assistant_only, seed, base_vocab):
     the numpy arrays the cache holds."""
     problems = []
     train_docs, val_docs = data.training_documents(path, val_fraction, seed, problems)
-    counts = data.document_chars(train_docs + val_docs)
+    counts = data.document_chars(train_docs + val_docs) + data.pair_chars(data.prepared_pair_files(path))
     vocab = base_vocab.extended(sorted(counts)) if base_vocab else Vocab(sorted(counts))
     new_chars = {c: counts[c] for c in vocab.chars[len(base_vocab.chars):]} if base_vocab else {}
     train, train_mask = encode_documents(train_docs, vocab, assistant_only)

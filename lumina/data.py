@@ -626,6 +626,23 @@ def pair_files(path):
     return None
 
 
+def prepared_pair_files(path):
+    """The pair files beside the conversations in a folder from Dataset_download.py, else []."""
+    files = pair_files(path) if os.path.isdir(path) else None
+    return [f for group in files or () for f in group]
+
+
+def pair_chars(files):
+    """Counter of every character in these pair files. Train.py builds the vocabulary of a prepared
+    folder from its pairs too: the pairs hold every ranked reply, the conversations only the best
+    ones, so without them preference tuning would meet a hundred characters the model never saw."""
+    counts = Counter()
+    for path in files:
+        for pair in read_pairs(path, []):  # fine_tune.py reports a pair file's bad lines when it reads it
+            counts.update(pair["chosen"] + pair["rejected"] + "".join(m["content"] for m in pair["prompt"]))
+    return counts
+
+
 def training_pairs(path, val_fraction, seed, problems):
     """(train pairs, validation pairs) from pair files; without a validation file a val_fraction
     of whole trees is held out, so no tree has pairs on both sides."""

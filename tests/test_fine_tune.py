@@ -1,6 +1,7 @@
 """fine_tune.py: vocabulary growth, lower held-out loss, new characters in chat, bad input."""
 
 import json
+import os
 import re
 
 import pytest
@@ -195,3 +196,26 @@ def test_resume_restores_the_runs_config_and_refuses_another_base_data_or_output
     assert tuned["lora_rank"] == 4 and tuned["train"] == "lora"
     steps = [r["step"] for r in map(json.loads, open(folder / "FT_metrics.jsonl")) if "loss" in r]
     assert steps == list(range(1, 31))
+
+
+def test_the_readme_flow_from_the_bundled_sample_reaches_a_chat_twice(tmp_path):
+    """Offline, as the README says: the sample, Train.py (twice: the second keeps the first),
+    fine_tune.py on the threads, then DPO on the pairs (their characters are in the vocabulary,
+    though the threads hold only the best replies), then a chat with each model."""
+    tiny = ["--seq_length=64", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=4", "--max_minutes=0",
+            "--probe_chars=0", f"--device={DEVICE}", "--dtype=float32", "--end_chars=50"]
+    tune = ["--epochs=0", "--max_iters=6", "--max_minutes=0", "--probe_chars=0", f"--device={DEVICE}", "--dtype=float32",
+            "--end_chars=50"]
+    steps = [("Dataset_download.py", "--source=sample"),
+             ("Train.py", "--max_iters=20", "--eval_interval=10", "--ngram_buckets=0", *tiny),
+             ("Train.py", "--max_iters=20", "--eval_interval=10", "--ngram_buckets=0", *tiny),
+             ("ChatAI.py", "--prompt=Hello!", "--max_new_chars=20"),
+             ("fine_tune.py", "--data=oasst1_data", *tune),
+             ("fine_tune.py", "--base_model=FineTuned_Model.pth", "--data=oasst1_data/pairs_train.jsonl", "--output=DPO.pth",
+              *tune),
+             ("ChatAI.py", "DPO.pth", "--prompt=Hello!", "--max_new_chars=20")]
+    for script, *args in steps:
+        out = run_script(script, *args, cwd=tmp_path)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, (script, args, out.stdout[-2000:], out.stderr[-2000:])
+    assert "vocabulary" not in out.stdout and load_checkpoint(str(tmp_path / "DPO.pth"))["objective"] == "dpo"
+    assert len(os.listdir(tmp_path / "previous_runs")) == 1  # the first Train.py run, kept
