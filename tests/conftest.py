@@ -86,11 +86,22 @@ def vocab():
     return Vocab.from_text("abcdefghijklmnopqrstuvwxyz !?.,\n\tñ")
 
 
+def need(*modules, allow_module_level=False):
+    """Skip unless these packages are installed, saying which are missing (the GPU machine has none
+    of serve.py's). On CI (CI=true) a missing package fails instead: the requirements install
+    every one, so a skip there would hide a broken install."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    message = f"needs {', '.join(missing)} (python -m pip install -r requirements-dev.txt)"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI installs every package, but this test {message}", pytrace=False)
+    pytest.skip(message, allow_module_level=allow_module_level)
+
+
 # --- serve.py, as its clients reach it ---------------------------------------------------------------------
 KEY = "secret"
-# What talking to serve.py needs beyond the stages' own packages; a machine without them (the GPU
-# machine has none of them) skips those tests and says which are missing.
-SERVE_MISSING = [m for m in ("fastapi", "uvicorn", "httpx", "openai") if importlib.util.find_spec(m) is None]
+SERVE_PACKAGES = ("fastapi", "uvicorn", "httpx", "openai")  # what talking to serve.py needs beyond the stages' own
 
 
 def free_port():

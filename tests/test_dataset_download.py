@@ -6,12 +6,11 @@ import os
 import socket
 import time
 
-import importlib.util
 
 import pytest
 
 import Dataset_download as D
-from conftest import SHARED_DATA, run_script, write_jsonl
+from conftest import SHARED_DATA, need, run_script, write_jsonl
 
 SAMPLE = os.path.join(SHARED_DATA, "oasst1_validation_en_sample.messages.jsonl")
 
@@ -103,12 +102,8 @@ def test_null_ranks_fall_back_to_a_stable_order(tmp_path):
 
 
 # --- sources -------------------------------------------------------------------------------------
-NEEDS_DATASETS = pytest.mark.skipif(importlib.util.find_spec("datasets") is None,
-                                    reason="needs the datasets package (pip install -r requirements.txt)")
-
-
-@NEEDS_DATASETS
 def test_parquet_written_and_read_by_datasets(tmp_path):
+    need("datasets")
     import datasets
     src = tmp_path / "parquet"
     src.mkdir()
@@ -119,8 +114,8 @@ def test_parquet_written_and_read_by_datasets(tmp_path):
     assert read(tmp_path / "out" / "validation.jsonl")[0]["messages"][1]["content"] == "Apple."
 
 
-@NEEDS_DATASETS
 def test_the_hub_path_through_datasets_with_local_files(tmp_path):
+    need("datasets")
     import datasets
     train, val = write_jsonl(tmp_path / "t.jsonl", ROWS[:6]), write_jsonl(tmp_path / "v.jsonl", ROWS[6:8])
     load = lambda name: datasets.load_dataset("json", data_files={"train": train, "validation": val})

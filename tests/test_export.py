@@ -12,7 +12,7 @@ import export
 from lumina.checkpoint import CheckpointError, build_model, load_checkpoint, model_state, save_checkpoint
 from lumina.engine import Engine, Row, generate, window_start
 from lumina.vocab import BOT, END, SPECIAL_TOKENS, SYSTEM, USER, Vocab, render_chat
-from conftest import ROOT, run_script, tiny_model, write_jsonl
+from conftest import ROOT, need, run_script, tiny_model, write_jsonl
 
 TEXT = "abcdefghijklmnopqrstuvwxyz !?.,\n"
 STOPS = (END, USER, BOT, SYSTEM)
@@ -87,7 +87,7 @@ def test_a_damaged_int8_file_fails_by_name(float_and_int8, tmp_path):
 # --- ONNX ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory):
-    pytest.importorskip("onnxruntime")
+    need("onnxruntime", "onnx")
     folder = tmp_path_factory.mktemp("onnx")
     vocab = Vocab.from_text(TEXT)
     net = lively_model(vocab, seq_length=64)
@@ -152,7 +152,7 @@ def test_bad_requests_get_one_line_each(tmp_path):
 
 def test_onnx_greedy_equals_the_engines_for_a_model_with_ngrams(tmp_path):
     """An exported step reads the two ids before its first id, as the engine's passes do."""
-    pytest.importorskip("onnxruntime")
+    need("onnxruntime", "onnx")
     vocab = Vocab.from_text(TEXT)
     net = tiny_model(vocab, seq_length=32, hidden_size=64, ngram_buckets=64)
     with torch.no_grad():

@@ -48,3 +48,11 @@ def test_importing_the_library_has_no_side_effects(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
     assert os.listdir(tmp_path) == []
+
+
+def test_ci_runs_the_readmes_test_command_verbatim():
+    """A newcomer's command is the one CI runs: a requirement only CI installed once hid a failing test."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    command = next(line for line in readme.splitlines() if line.startswith("python -m pip install -r requirements-dev.txt"))
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().strip().splitlines()
+    assert ci[-1] == command and "pytest" in command

@@ -13,7 +13,7 @@ from lumina.checkpoint import load_checkpoint, load_for_chat
 from lumina.device import autocast
 from lumina.evaluate import end_of_turn_rate
 from lumina.vocab import render_chat
-from conftest import (CHATS, DEVICE, DTYPES, KEY, ROOT, SERVE_MISSING, Server, ask, endless_checkpoint, run_script,
+from conftest import (CHATS, DEVICE, DTYPES, KEY, ROOT, SERVE_PACKAGES, need, Server, ask, endless_checkpoint, run_script,
                       write_jsonl)
 
 TINY = ["--seq_length=32", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8", "--max_minutes=0",
@@ -61,8 +61,7 @@ def test_every_stage_generates_at_every_precision(tmp_path, dtype):
                      "--prompt", "hello there", cwd=tmp_path)
     assert out.returncode == 0 and len(out.stdout.strip()) > 0, out.stderr
     # serve.py: seeded, n=2 and beam search, in batched steps.
-    if SERVE_MISSING:
-        pytest.skip(f"every stage but serve.py passed; serve.py needs {', '.join(SERVE_MISSING)}")
+    need(*SERVE_PACKAGES)  # every stage but serve.py has passed
     import httpx
     server = Server(str(tmp_path / "FineTuned_Model.pth"), f"--api_key={KEY}", f"--dtype={dtype}", "--model_name=Model")
     try:

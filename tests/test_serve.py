@@ -17,11 +17,9 @@ from hypothesis import given, settings, strategies as st
 from lumina.checkpoint import load_checkpoint, load_for_chat
 from lumina.engine import BeamSearch, Engine
 from lumina.vocab import BOT, END, SPECIAL_TOKENS, SYSTEM, USER, Vocab, render_chat
-from conftest import CHATS, DEVICE, KEY, ROOT, SERVE_MISSING, Server, ask, endless_checkpoint, free_port, run_script, write_jsonl
+from conftest import CHATS, DEVICE, KEY, ROOT, SERVE_PACKAGES, Server, need, ask, endless_checkpoint, free_port, run_script, write_jsonl
 
-if SERVE_MISSING:
-    pytest.skip(f"serve.py and its clients need {', '.join(SERVE_MISSING)} (pip install -r requirements-dev.txt)",
-                allow_module_level=True)
+need(*SERVE_PACKAGES, allow_module_level=True)
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
