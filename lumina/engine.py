@@ -10,6 +10,7 @@
 
 ChatAI.py, serve.py, the probes and the end-of-turn rate all generate through the Engine.
 """
+import collections
 import contextlib
 import dataclasses
 import secrets
@@ -507,8 +508,7 @@ class BeamSearch:
         best_live = self.normalised(max(self.scores), self.rows[0].new)
         return len(self.finished) == self.num_beams and best_live <= self.finished[-1][0]
 
-    def finish(self, ids, score):
-        new_ids = ids[self.prompt_length:]
+    def finish(self, new_ids, score):
         self.finished.append((self.normalised(score, len(new_ids)), new_ids))
         self.finished = sorted(self.finished, key=lambda f: -f[0])[:self.num_beams]
 
@@ -526,27 +526,31 @@ class BeamSearch:
         return torch.cat([top.values, top.indices.float()])
 
     def accept(self, numbers, cache):
-        """Choose the new beams from propose()'s numbers, now on the host."""
-        half = len(numbers) // 2
-        rows, scores, parents = [], [], []
+        """Choose the new beams from propose()'s numbers, now on the host. A parent's id list passes
+        to its last new beam, extended in place; only a parent with several children is copied, so
+        a step does not copy every beam's whole history (quadratic over a long reply)."""
+        half, kept = len(numbers) // 2, []  # kept: (score, parent, token) of the new beams
         for rank, (score, flat) in enumerate(zip(numbers[:half], numbers[half:])):
             parent, token = divmod(int(flat), self.vocab_size)
-            ids = self.rows[parent].ids + [token]
             if token in self.stop_ids:
                 if rank < self.num_beams:
-                    self.finish(ids, score)
+                    self.finish(self.rows[parent].ids[self.prompt_length:] + [token], score)
                 continue
-            old = self.rows[parent]
-            rows.append(dataclasses.replace(old, ids=ids, new=old.new + 1, slot=self.slots[len(rows)]))
-            scores.append(score)
-            parents.append(old.slot)
-            if len(rows) == self.num_beams:
+            kept.append((score, parent, token))
+            if len(kept) == self.num_beams:
                 break
-        cache.copy_slots(parents, [row.slot for row in rows])
-        self.rows, self.scores = rows, scores
+        uses, rows = collections.Counter(parent for _, parent, _ in kept), []
+        for score, parent, token in kept:
+            old = self.rows[parent]
+            uses[parent] -= 1
+            ids = old.ids if uses[parent] == 0 else list(old.ids)  # the parent's last child takes its list
+            ids.append(token)
+            rows.append(dataclasses.replace(old, ids=ids, new=old.new + 1, slot=self.slots[len(rows)]))
+        cache.copy_slots([self.rows[parent].slot for _, parent, _ in kept], [row.slot for row in rows])
+        self.rows, self.scores = rows, [score for score, _, _ in kept]
         if rows and rows[0].new >= rows[0].max_new_tokens:  # out of length: each beam is a reply as it stands
-            for row, score in zip(rows, scores):
-                self.finish(row.ids, score)
+            for row, score in zip(rows, self.scores):
+                self.finish(row.ids[self.prompt_length:], score)
             self.rows, self.scores = [], []
 
     def run(self, engine):
