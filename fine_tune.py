@@ -307,8 +307,9 @@ def report_after(files, found, train_config, runtime, objective, meta, base_repl
     best, _ = build_model(load_checkpoint(files["best"]))
     after, tuned_replies = report(best.to(runtime.device), found, train_config, runtime, objective, "after fine-tuning",
                                   log)
-    for (prompt, old), (_, new) in zip(base_replies, tuned_replies):
-        log(f"probe | {prompt}\n  base:       {old!r}\n  fine-tuned: {new!r}")
+    for (prompt, old, old_logprob), (_, new, new_logprob) in zip(base_replies, tuned_replies):
+        log(f"probe | {prompt}\n  base:       {old!r} | mean log-prob {old_logprob:.2f}/char"
+            f"\n  fine-tuned: {new!r} | mean log-prob {new_logprob:.2f}/char")
     pairs = f"pair accuracy {meta['pair_accuracy_before']:.1%} -> {after[2]:.1%} | " if objective else ""
     replies = len(found.val_prompts) * replies_per_prompt(found.val_prompts)
     turns = (f"ends its turn {meta['end_rate_before']:.0%} -> {after[1]:.0%} of {replies} held-out replies | "

@@ -2,6 +2,7 @@
 import torch
 
 from lumina import engine
+from lumina.device import autocast
 from lumina.corpus import windows
 from lumina.vocab import END, TURN_ENDS, render_chat
 
@@ -51,14 +52,31 @@ def turn_ends(rate, prompts):
 
 
 def probe_replies(net, vocab, max_chars, dtype=None, seed=0):
-    """Short replies to fixed prompts through the chat template, so progress can be read."""
+    """(prompt, reply, mean log-probability per character of the reply) for fixed prompts, through
+    the chat template: a learner sees the replies grow into words and the model grow surer of them."""
     prompts = [render_chat([{"role": "user", "content": prompt}], vocab, add_generation_prompt=True)[0]
                for prompt in PROBES]
-    rows = [engine.Row(ids, max_chars, slot, temperature=0.8, top_k=40, seed=seed) for slot, ids in enumerate(prompts)]
+    rows = [engine.Row(list(ids), max_chars, slot, temperature=0.8, top_k=40, seed=seed)  # a copy: the row grows
+            for slot, ids in enumerate(prompts)]
     run(engine.Engine(net, len(rows), dtype), rows)
+    found = [(prompt, vocab.decode(i for i in row.ids[len(ids):] if i != END), reply_logprob(net, row.ids, len(ids), dtype))
+             for prompt, ids, row in zip(PROBES, prompts, rows)]
     net.train()
-    return [(prompt, vocab.decode(i for i in row.ids[len(ids):] if i != END))
-            for prompt, ids, row in zip(PROBES, prompts, rows)]
+    return found
+
+
+@torch.no_grad()
+def reply_logprob(net, ids, start, dtype=None):
+    """The mean log-probability the model gave ids[start:], read in one forward of the window that
+    ends with them (a reply longer than the window is scored on its last part)."""
+    first = max(0, len(ids) - net.config.seq_length)
+    device = net.tok_emb.weight.device
+    x = torch.tensor([ids[first:]], device=device)
+    before = torch.tensor([engine.predecessors(ids, first)], device=device)
+    with autocast(device, dtype or torch.float32):
+        logits, _ = net(x, before=before)
+    logprobs = logits[0, :-1].float().log_softmax(-1).gather(1, x[0, 1:, None])[:, 0]
+    return float(logprobs[max(0, start - first - 1):].mean()) if len(ids) > start else 0.0
 
 
 def run(eng, rows):

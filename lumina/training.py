@@ -565,8 +565,9 @@ class Trainer:
                  + (f" | {turn_ends(metrics['end_rate'], self.data.val_prompts)}" if self.end_probes else "")
                  + (" | saved" if self.objective.keeps_last else " | best, saved" if improved else ""))
         if self.config["probe_chars"]:
-            for prompt, reply in probe_replies(self.net, self.data.vocab, self.config["probe_chars"], self.runtime.dtype):
-                self.log(f"probe | {prompt} -> {reply!r}")
+            for prompt, reply, logprob in probe_replies(self.net, self.data.vocab, self.config["probe_chars"],
+                                                        self.runtime.dtype):
+                self.log(f"probe | {prompt} -> {reply!r} | mean log-prob {logprob:.2f}/char")
         log_metrics(self.files["metrics"], metrics)
         if improved:
             self.best_val = min(score, self.best_val)

@@ -538,6 +538,9 @@ def test_health_says_503_while_every_step_fails_and_recovers(inprocess):
     broken[0] = False
     assert server.post("x", max_tokens=5).status_code == 200
     assert httpx.get(server.url + "/health").status_code == 200
+    server.scheduler.stop_accepting()  # what SIGTERM does first
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 503 and health.json()["status"] == "shutting down"
 
 
 def serve_module():
