@@ -18,21 +18,21 @@ import torch
 
 from lumina import data
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
-from lumina.config import parse_cli
+from lumina.config import CHAT_SAMPLING, parse_cli
 from lumina.device import DTYPE_CHOICES, dtype_line, generation_dtype
 from lumina.engine import beam_search, generate
 from lumina.model import CharTransformer
 from lumina.training import stop_on_signals
-from lumina.vocab import BOT, SPECIAL_TOKENS, TURN_ENDS, USER, Vocab, render_chat, turns_to_drop, unknown_chars_dropped
+from lumina.vocab import BOT, SPECIAL_TOKENS, TURN_ENDS, USER, Vocab, chat_prompt, unknown_chars_dropped
 
 CONFIG = {
     # --- sampling (each can be changed while chatting; see `help`) ---
-    "temperature": 0.8,         # 0.1-2.0: lower is more focused, higher more surprising
+    "temperature": CHAT_SAMPLING["temperature"],  # 0.1-2.0: lower is more focused, higher more surprising
     "mode": "topk",             # topk, nucleus or greedy
-    "top_k": 40,                # topk mode: sample among the k likeliest characters; >= vocabulary keeps all
+    "top_k": CHAT_SAMPLING["top_k"],  # topk mode: sample among the k likeliest characters; >= vocabulary keeps all
     "top_p": 0.9,               # nucleus mode: sample among the likeliest characters holding this mass (0-1)
-    "repetition_penalty": 1.0,  # 1.0-2.0; >1 makes recently used characters rarer
-    "max_new_chars": 400,       # longest reply, in characters
+    "repetition_penalty": CHAT_SAMPLING["repetition_penalty"],  # 1.0-2.0; >1 makes recently used characters rarer
+    "max_new_chars": CHAT_SAMPLING["max_new_chars"],  # longest reply, in characters
     "num_beams": 1,             # 1 samples as above; 2+ searches that many beams for the likeliest reply (not streamed)
     "length_penalty": 1.0,      # beam search: a reply's log probability is divided by length**this; >0 favours longer
     "seed": None,               # an int makes replies reproducible; None for fresh ones
@@ -180,13 +180,13 @@ def conversation(session, full=False):
     return ([{"role": "system", "content": system}] if system else []) + session.history[0 if full else session.start:]
 
 
-def fit_history(session):
-    """Drop the oldest turns whole until the prompt leaves a quarter of the window for the reply
-    (model.turns_to_drop). Returns how many messages were dropped; they stay in `save`."""
-    pinned = 1 if session.config["system_prompt"] else 0
-    dropped = turns_to_drop(conversation(session), session.model.config.seq_length, pinned)
+def prompt_ids(session):
+    """(ids of the prompt for the next reply, messages dropped now): built by vocab.chat_prompt, as
+    serve.py builds its prompts; the oldest turns go whole until a quarter of the window is left for
+    the reply, and stay in `save`."""
+    ids, dropped, _ = chat_prompt(conversation(session), session.vocab, session.model.config.seq_length)
     session.start += dropped
-    return dropped
+    return ids, dropped
 
 
 def sampling_args(config):
@@ -217,10 +217,9 @@ def respond(session, text, write, notice, prefix=""):
         if not text.strip():
             return ""
     session.history.append({"role": "user", "content": text})
-    dropped = fit_history(session)
+    ids, dropped = prompt_ids(session)
     if dropped:
         notice(f"note: dropped the {dropped} oldest messages to fit the {session.model.config.seq_length}-character context")
-    ids, _ = render_chat(conversation(session), session.vocab, add_generation_prompt=True)
     write(prefix)
     reply = []
     # While characters stream, Ctrl-C is noted and acted on between two of them (a KeyboardInterrupt

@@ -47,10 +47,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
-from lumina.config import parse_cli
+from lumina.config import CHAT_SAMPLING, parse_cli
 from lumina.device import DTYPE_CHOICES, dtype_line, generation_dtype
 from lumina.engine import BeamSearch, Engine, Row
-from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, render_chat, turns_to_drop, unknown_chars_dropped
+from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, chat_prompt
 
 CONFIG = {
     # --- network ---
@@ -69,11 +69,11 @@ CONFIG = {
     "max_messages": 1000,       # messages in one request; more are refused with 400
     "shutdown_seconds": 10.0,   # on Ctrl-C/SIGTERM, how long replies in flight may take to finish
     # --- default sampling (a request's own fields win) ---
-    "temperature": 0.8,         # 0-2; 0 = greedy
-    "top_k": 40,                # 1 or more; None = every character
-    "top_p": 1.0,               # 0-1 nucleus mass; 1 = off
-    "repetition_penalty": 1.0,  # 1-2
-    "max_tokens": 400,          # reply length when a request does not say
+    "temperature": CHAT_SAMPLING["temperature"],  # 0-2; 0 = greedy (ChatAI.py's default too)
+    "top_k": CHAT_SAMPLING["top_k"],              # 1 or more; None = every character
+    "top_p": 1.0,                                 # 0-1 nucleus mass; 1 = off (top-k alone, as ChatAI's topk mode)
+    "repetition_penalty": CHAT_SAMPLING["repetition_penalty"],  # 1-2
+    "max_tokens": CHAT_SAMPLING["max_new_chars"],  # reply length when a request does not say
     "length_penalty": 1.0,      # beam search (a request's num_beams > 1): log p / length**this; >0 favours longer
     # --- system ---
     "device": "auto",           # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps
@@ -208,17 +208,10 @@ def parse_request(body, config, model_name):
 
 
 def prompt_for(request, vocab, seq_length):
-    """(prompt ids, characters dropped because the model never saw them). Leading system messages
-    stay; when the history outgrows the window the oldest turns after them go whole, as in ChatAI."""
-    messages, dropped = [], 0
-    for message in request.messages:
-        text, _ = unknown_chars_dropped(message["content"], vocab)
-        dropped += len(message["content"]) - len(text)
-        messages.append({**message, "content": text})
-    pinned = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    cut = turns_to_drop(messages, seq_length, pinned)
-    ids, _ = render_chat(messages[:pinned] + messages[pinned + cut:], vocab, add_generation_prompt=True)
-    return ids, dropped
+    """(prompt ids, characters dropped because the model never saw them): the chat stages' one
+    prompt builder (vocab.chat_prompt), as ChatAI.py builds its prompts."""
+    ids, _, unknown = chat_prompt(request.messages, vocab, seq_length)
+    return ids, unknown
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,9 +606,11 @@ def build_app(scheduler, config, model_name):
         authorize(request, config)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "luminaai"}]}
 
+    page_html = chat_page(config, model_name)
+
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return PAGE.replace("__MODEL__", json.dumps(model_name))
+        return page_html
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -626,6 +621,17 @@ def build_app(scheduler, config, model_name):
     app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                        allow_headers=["Authorization", "Content-Type"])
     return SameSite(app, config["host"], origins)
+
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_page.html")  # the chat page, beside this file
+PAGE_DEFAULTS = ("temperature", "top_p", "top_k", "max_tokens")  # the page's controls start at the server's values
+
+
+def chat_page(config, model_name):
+    with open(PAGE, encoding="utf-8") as f:
+        html = f.read()
+    defaults = {key: config[key] for key in PAGE_DEFAULTS}
+    return html.replace("__MODEL__", json.dumps(model_name)).replace("__DEFAULTS__", json.dumps(defaults))
 
 
 def allowed_origins(config):
@@ -780,133 +786,6 @@ def main(argv):
     except OSError as e:  # the port is taken, or the host is not this machine's
         sys.exit(f"error: cannot listen on {config['host']}:{config['port']} ({e.strerror or e}); choose another --port")
     print("stopped", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# The chat page: one HTML document, script and style inline, no CDN and no build step. It reads
-# the streamed reply with fetch() (EventSource cannot POST) and Stop aborts that fetch, which the
-# server sees as a disconnect and cancels at its next step.
-# ----------------------------------------------------------------------------------------------
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>LuminaAI chat</title>
-<style>
-  body { font: 15px/1.45 system-ui, sans-serif; margin: 0; background: #f6f7f9; color: #1d2330; }
-  header { padding: 10px 16px; background: #1d2330; color: #fff; display: flex; gap: 12px; align-items: baseline; }
-  header small { color: #aab3c5; }
-  main { max-width: 860px; margin: 0 auto; padding: 12px 16px 170px; }
-  .msg { white-space: pre-wrap; padding: 8px 12px; border-radius: 8px; margin: 8px 0; max-width: 85%; }
-  .user { background: #dbe7ff; margin-left: auto; }
-  .assistant { background: #fff; border: 1px solid #dde1e8; }
-  .error { background: #ffe3e3; color: #8a1111; }
-  footer { position: fixed; bottom: 0; left: 0; right: 0; background: #fff; border-top: 1px solid #dde1e8; padding: 10px 16px; }
-  .row { max-width: 860px; margin: 0 auto; display: flex; gap: 8px; flex-wrap: wrap; align-items: center; }
-  textarea { flex: 1 1 100%; height: 54px; font: inherit; padding: 6px; }
-  label { font-size: 13px; color: #4a5366; }
-  input[type=number] { width: 70px; }
-  button { font: inherit; padding: 6px 14px; }
-</style></head>
-<body>
-<header><strong>LuminaAI</strong><small id="model"></small><small id="status"></small></header>
-<main id="log"></main>
-<footer><div class="row">
-  <textarea id="input" placeholder="Type a message; Enter sends, Shift+Enter is a new line"></textarea>
-  <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.8"></label>
-  <label>top-p <input id="top_p" type="number" min="0" max="1" step="0.05" value="1"></label>
-  <label>top-k <input id="top_k" type="number" min="1" step="1" value="40"></label>
-  <label>max length <input id="max_tokens" type="number" min="1" step="50" value="400"></label>
-  <button id="send">Send</button><button id="stop" disabled>Stop</button><button id="clear">Clear</button>
-</div></footer>
-<script>
-const MODEL = __MODEL__;
-const history = [];
-let controller = null, apiKey = sessionStorage.getItem("lumina_key") || "";
-const $ = (id) => document.getElementById(id);
-$("model").textContent = MODEL;
-
-function bubble(role, text) {
-  const div = document.createElement("div");
-  div.className = "msg " + role;
-  div.textContent = text;
-  $("log").appendChild(div);
-  window.scrollTo(0, document.body.scrollHeight);
-  return div;
-}
-
-function busy(on) {
-  $("send").disabled = on; $("stop").disabled = !on;
-  $("status").textContent = on ? "writing..." : "";
-}
-
-function settings() {
-  const number = (id) => Number($(id).value);
-  return { temperature: number("temperature"), top_p: number("top_p"), top_k: number("top_k"),
-           max_tokens: number("max_tokens") };
-}
-
-async function send() {
-  const text = $("input").value;
-  if (!text.trim() || controller) return;
-  $("input").value = "";
-  history.push({ role: "user", content: text });
-  bubble("user", text);
-  const reply = bubble("assistant", "");
-  controller = new AbortController();
-  busy(true);
-  try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", signal: controller.signal,
-      headers: { "Content-Type": "application/json", ...(apiKey ? { Authorization: "Bearer " + apiKey } : {}) },
-      body: JSON.stringify({ model: MODEL, messages: history, stream: true, ...settings() }) });
-    if (!response.ok) {
-      const body = await response.json().catch(() => ({}));
-      history.pop();
-      reply.remove();
-      const message = (body.error && body.error.message) || ("the server answered " + response.status);
-      if (response.status === 401) {
-        apiKey = prompt("This server needs an API key (" + message + "):") || "";
-        sessionStorage.setItem("lumina_key", apiKey);
-      }
-      bubble("error", "Error " + response.status + ": " + message);
-      return;
-    }
-    await readStream(response, reply);
-  } catch (e) {
-    if (e.name !== "AbortError") bubble("error", "Error: " + e.message);
-  } finally {
-    if (reply.isConnected) history.push({ role: "assistant", content: reply.textContent });
-    controller = null;
-    busy(false);
-  }
-}
-
-async function readStream(response, reply) {
-  const reader = response.body.getReader(), decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, { stream: true });
-    const events = buffer.split("\\n\\n");
-    buffer = events.pop();
-    for (const event of events) {
-      const data = event.replace(/^data: /, "");
-      if (data === "[DONE]") return;
-      const chunk = JSON.parse(data);
-      if (chunk.error) throw new Error(chunk.error.message);
-      for (const choice of chunk.choices) reply.textContent += choice.delta.content || "";
-      window.scrollTo(0, document.body.scrollHeight);
-    }
-  }
-}
-
-$("send").onclick = send;
-$("stop").onclick = () => controller && controller.abort();
-$("clear").onclick = () => { if (controller) controller.abort(); history.length = 0; $("log").innerHTML = ""; };
-$("input").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } });
-</script>
-</body></html>
-"""
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ class ConfigError(Exception):
     """A bad command-line argument; the message names the valid keys, types or values."""
 
 
+# The sampling a chat stage starts from: ChatAI.py's CONFIG, serve.py's CONFIG (and through it its
+# page) take these, so a reply reads the same in the terminal and in the browser.
+CHAT_SAMPLING = {"temperature": 0.8, "top_k": 40, "repetition_penalty": 1.0, "max_new_chars": 400}
+
+
 def parse_value(text):
     """'3e-4' -> 3e-4, 'true' -> True, 'none' -> None, "['en','de']" -> list; else the string."""
     lowered = text.strip().lower()

@@ -130,6 +130,22 @@ def encode_documents(documents, vocab, assistant_only):
     return np.array(ids, dtype=np.int32), np.array(mask, dtype=bool)
 
 
+def chat_prompt(messages, vocab, seq_length):
+    """(ids, messages dropped, characters dropped): the prompt a chat stage asks the model to reply
+    to, built here for ChatAI.py and serve.py alike. Characters the model never saw are left out
+    (rather than fed as <|unk|>); leading system messages stay; when the history outgrows the
+    window the oldest turns after them go whole (turns_to_drop)."""
+    kept, unknown = [], 0
+    for message in messages:
+        text, _ = unknown_chars_dropped(message["content"], vocab)
+        unknown += len(message["content"]) - len(text)
+        kept.append({**message, "content": text})
+    pinned = next((i for i, m in enumerate(kept) if m["role"] != "system"), len(kept))
+    cut = turns_to_drop(kept, seq_length, pinned)
+    ids, _ = render_chat(kept[:pinned] + kept[pinned + cut:], vocab, add_generation_prompt=True)
+    return ids, cut, unknown
+
+
 def unknown_chars_dropped(text, vocab):
     """(text without the characters the model never saw, those characters in order of appearance).
     Chat stages drop them and say so, rather than feeding the model <|unk|>."""

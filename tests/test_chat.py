@@ -9,7 +9,7 @@ import time
 import pytest
 
 import ChatAI
-from lumina.vocab import BOT, USER, Vocab, render_chat
+from lumina.vocab import BOT, USER, Vocab
 from conftest import ENDLESS_TEXT, ROOT, endless_checkpoint, run_script, tiny_checkpoint, tiny_model
 
 TEXT = ENDLESS_TEXT
@@ -98,8 +98,7 @@ def test_history_is_trimmed_to_whole_turns(tmp_path):
     vocab = Vocab.from_text(TEXT)
     session = ChatAI.Session(tiny_model(vocab, seq_length=64), vocab, dict(ChatAI.CONFIG))
     session.history = [{"role": r, "content": f"turn {i} " * 3} for i, r in enumerate(["user", "assistant"] * 4)]
-    dropped = ChatAI.fit_history(session)
-    ids, _ = render_chat(ChatAI.conversation(session), vocab, add_generation_prompt=True)
+    ids, dropped = ChatAI.prompt_ids(session)
     assert dropped > 0 and len(ids) <= 48 and ChatAI.conversation(session) == session.history[dropped:]
     assert ids[0] in (USER, BOT)  # the first visible id opens a turn: nothing was cut mid-turn
 
@@ -165,3 +164,16 @@ def test_default_prefers_the_fine_tuned_model(tmp_path):
     tiny_checkpoint(str(tmp_path / "FineTuned_Model.pth"), stage="fine_tune")
     out = run_script("ChatAI.py", "--prompt=hi", "--max_new_chars=3", cwd=tmp_path)
     assert out.returncode == 0 and "FineTuned_Model.pth | stage fine_tune" in out.stderr
+
+
+def test_chat_and_serve_build_the_same_prompt_through_one_function(tmp_path):
+    """The chat front end lives once: ChatAI's prompt for a session is serve.py's for the same messages."""
+    import serve
+    vocab = Vocab.from_text(TEXT)
+    session = ChatAI.Session(tiny_model(vocab, seq_length=64), vocab, {**ChatAI.CONFIG, "system_prompt": "be brief"})
+    session.history = [{"role": r, "content": f"turn {i} " * 3} for i, r in enumerate(["user", "assistant"] * 4)]
+    request = serve.ChatRequest(messages=ChatAI.conversation(session), stream=False, include_usage=False, n=1,
+                                num_beams=1, length_penalty=1.0, max_tokens=5, stops=[], seed=None, sampling={}, user=None)
+    assert serve.prompt_for(request, vocab, 64)[0] == ChatAI.prompt_ids(session)[0]
+    assert {key: serve.CONFIG[key] for key in ("temperature", "top_k", "repetition_penalty")} == \
+        {key: ChatAI.CONFIG[key] for key in ("temperature", "top_k", "repetition_penalty")}

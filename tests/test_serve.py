@@ -576,3 +576,10 @@ def test_sigterm_ends_the_server_within_shutdown_seconds_whatever_is_in_flight(t
     assert "stopped" in out
     worker.join(60)
     assert result["r"].status_code == 503 and "shut down before this reply" in result["r"].json()["error"]["message"]
+
+
+def test_the_page_is_its_own_file_and_starts_at_the_servers_sampling():
+    import serve
+    html = serve.chat_page({**serve.CONFIG, "temperature": 0.3, "max_tokens": 77}, "Model")
+    assert "__" not in html.split("<script>")[1] and '"temperature": 0.3' in html and '"max_tokens": 77' in html
+    assert html.startswith("<!doctype html>") and "<script src" not in html and "http" not in html.split("<script>")[1]
