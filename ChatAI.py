@@ -17,8 +17,8 @@ import torch
 from lumina import data
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import parse_cli
-from lumina.device import DTYPE_CHOICES, dtype_line, generation_dtype
-from lumina.engine import beam_search, generate
+from lumina.device import DTYPE_CHOICES, dtype_line
+from lumina.engine import beam_search, generate, generation_dtype
 from lumina.model import CharTransformer
 from lumina.vocab import BOT, SPECIAL_TOKENS, TURN_ENDS, USER, Vocab, render_chat, turns_to_drop, unknown_chars_dropped
 
@@ -38,8 +38,8 @@ CONFIG = {
     "prompt": None,             # a message: print one reply to it and exit
     # --- system ---
     "device": "auto",           # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps
-    "dtype": "auto",            # auto: bf16 on a GPU, float32 on a CPU (faster for one reply: see README);
-                                # or float32, bfloat16, float16. The weights are cast to it once
+    "dtype": "auto",            # auto: bf16 on a GPU; on a CPU the faster of float32 and bf16 for one reply, timed
+                                # here once (cached); or float32, bfloat16, float16. The weights are cast to it once
     "threads": 1,               # CPU threads; one stream of a small model ran as fast on 1 as on 2 (benchmarks/README.md)
     "compile": False,           # torch.compile the model: each character about 2x cheaper, after a compile
                                 # at start (2 cores: ~35 s the first time, ~12 s later; benchmarks/README.md)
@@ -252,7 +252,7 @@ def load_session(path, config):
     except (ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     device = net.tok_emb.weight.device
-    dtype, why = generation_dtype(config["dtype"], device, rows=1)
+    dtype, why = generation_dtype(net, config["dtype"], row_counts=(1,))
     net = net.to(dtype)
     info = [f"LuminaAI | {path} | stage {checkpoint.get('stage', '?')} | {net.num_params():,} parameters | "
             f"context {net.config.seq_length} | vocabulary {len(vocab)} | device {device}",

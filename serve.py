@@ -40,8 +40,8 @@ from starlette.exceptions import HTTPException
 
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import parse_cli
-from lumina.device import DTYPE_CHOICES, dtype_line, generation_dtype
-from lumina.engine import BeamSearch, Engine, Row
+from lumina.device import DTYPE_CHOICES, dtype_line
+from lumina.engine import BeamSearch, Engine, Row, generation_dtype
 from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, render_chat, turns_to_drop, unknown_chars_dropped
 
 CONFIG = {
@@ -66,8 +66,8 @@ CONFIG = {
     "length_penalty": 1.0,      # beam search (a request's num_beams > 1): log p / length**this; >0 favours longer
     # --- system ---
     "device": "auto",           # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps
-    "dtype": "auto",            # auto: bf16 on a GPU, and on a CPU with native bf16 when max_batch >= 32 (measured
-                                # faster there: see README); or float32, bfloat16, float16. The weights are cast once
+    "dtype": "auto",            # auto: bf16 on a GPU; on a CPU the faster of float32 and bf16 at 1 and max_batch
+                                # rows, timed here once (cached); or float32, bfloat16, float16. Weights cast once
     "threads": 0,               # CPU threads for the model; 0 = torch's default
 }
 TYPES = {"api_key": str, "model_name": str}
@@ -608,7 +608,7 @@ def main(argv):
     except (ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     model_name = config["model_name"] or os.path.splitext(os.path.basename(config["checkpoint"]))[0]
-    dtype, why = generation_dtype(config["dtype"], net.tok_emb.weight.device, config["max_batch"])
+    dtype, why = generation_dtype(net, config["dtype"], (1, config["max_batch"]))
     scheduler = Scheduler(net.to(dtype), vocab, config)
     scheduler.thread.start()
     # --- serve until Ctrl-C or SIGTERM ---

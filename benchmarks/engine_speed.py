@@ -6,7 +6,7 @@ speed does not depend on the weights), taking turns:
   1. rows: 1, 8, 16 and 64 rows at once, each a 60-character prompt and a `chars`-character reply
      (past the window, so re-reads are included); characters/s of the whole batch, and the ratio
      to one row. Each row count runs in the precision that --dtype names; auto is what serve.py
-     picks for that many rows (lumina.device.generation_dtype), the weights cast to it;
+     picks with max_batch that many rows (lumina.engine.generation_dtype, timed), the weights cast to it;
   2. sampling: the cost of one batched draw (engine.choose) per row at 64 rows, for the default
      settings (temperature 0.8, top-k 40), nucleus (top-p 0.9), and with a repetition penalty;
   3. chat: one greedy stream (ChatAI's default threads, 1) of the same weights through this
@@ -14,7 +14,7 @@ speed does not depend on the weights), taking turns:
      the texts must be identical;
   4. precision (with --precision_widths): steady-state characters/s of 1, 16 and 64 rows for models
      of those widths in float32, in bf16 autocast, and with the weights cast to bf16 (what ChatAI
-     and serve.py do): the measurements behind lumina.device.generation_dtype.
+     and serve.py do): what the timed trial of lumina.engine.generation_dtype decides among.
 
 Run:  python benchmarks/engine_speed.py [--rounds=3] [--threads=2] [--peer=d26845d]
       python benchmarks/engine_speed.py --rounds=2 --peer= --precision_widths=128,256,512
@@ -32,8 +32,8 @@ import torch
 import common  # noqa: F401  (puts the project on sys.path)
 import Train
 from lumina.config import parse_cli
-from lumina.device import generation_dtype, seeded_generator
-from lumina.engine import Engine, Row, Sampling, choose, generate, recent_ids
+from lumina.device import seeded_generator
+from lumina.engine import Engine, Row, Sampling, choose, generate, generation_dtype, recent_ids
 from lumina.model import CharTransformer, ModelConfig
 from lumina.vocab import SPECIAL_TOKENS
 
@@ -150,7 +150,7 @@ def main(argv):
           f"threads {options['threads']} | torch {torch.__version__}")
     # --- 1. rows at once ---
     torch.set_num_threads(options["threads"])
-    rates, dtypes = {}, {n: generation_dtype(options["dtype"], torch.device("cpu"), n)[0] for n in ROWS}
+    rates, dtypes = {}, {n: generation_dtype(net, options["dtype"], (1, n))[0] for n in ROWS}
     models = {dtype: copy.deepcopy(net).to(dtype) for dtype in set(dtypes.values())}
     for _ in range(options["rounds"]):
         for rows_n in ROWS:

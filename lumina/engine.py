@@ -11,14 +11,16 @@
 ChatAI.py, serve.py, the probes and the end-of-turn rate all generate through the Engine.
 """
 import contextlib
+import copy
 import dataclasses
 import secrets
+import time
 import types
 
 import torch
 import torch.nn as nn
 
-from lumina.device import autocast
+from lumina.device import DTYPES, autocast, timed_dtype, trial_key
 from lumina.vocab import END
 
 
@@ -444,6 +446,41 @@ class Engine:
             search.accept(numbers[offset:offset + search.proposal_size], self.cache)
             offset += search.proposal_size
         return new_ids
+
+
+TRIAL_PROMPT = 32   # ids each row of a timed trial reads before it steps
+TRIAL_STEPS = 5     # timed steps per trial, after two untimed ones (the prompt pass and a warm-up)
+
+
+def step_seconds(net, rows_n, steps=TRIAL_STEPS):
+    """Seconds per character of rows_n rows stepping together with ChatAI's default sampling (top-k
+    40), after their prompts are read: the best of `steps` steps."""
+    vocab_size = net.config.vocab_size
+    engine = Engine(net, rows_n)
+    rows = [Row([(i + j) % vocab_size for j in range(TRIAL_PROMPT)], 10 ** 6, slot=i, top_k=40, seed=i)
+            for i in range(rows_n)]
+    best = float("inf")
+    for n in range(2 + steps):
+        start = time.perf_counter()
+        engine.step(rows)
+        if n >= 2:
+            best = min(best, time.perf_counter() - start)
+    return best / rows_n
+
+
+def generation_dtype(net, asked, row_counts):
+    """(dtype, why) ChatAI.py and serve.py generate in, their weights cast to it once (a chat stage
+    never trains, so it keeps no float32 copy): what `asked` names, or for auto the precision whose
+    characters cost least at the row counts the stage will run (ChatAI: 1; serve.py: 1 and
+    max_batch), timed on a copy of this model (lumina.device.timed_dtype)."""
+    device = next(net.parameters()).device
+    row_counts = tuple(sorted(set(row_counts)))
+    key = trial_key(device, dataclasses.asdict(net.config), {"generate rows": row_counts})
+
+    def trial(name):
+        model = copy.deepcopy(net).to(DTYPES[name])
+        return [step_seconds(model, rows_n) for rows_n in row_counts]
+    return timed_dtype(asked, device, trial, key, f"a character (rows {'/'.join(map(str, row_counts))})")
 
 
 # ----------------------------------------------------------------------------------------------
