@@ -200,9 +200,9 @@ def reply_ids(session, prompt_ids):
     config, stops = session.config, TURN_ENDS
     if config["num_beams"] > 1:
         return beam_search(session.model, prompt_ids, config["max_new_chars"], config["num_beams"],
-                           config["length_penalty"], stops)
+                           config["length_penalty"], stops, compile=config["compile"])
     return generate(session.model, prompt_ids, config["max_new_chars"], seed=config["seed"], stop_ids=stops,
-                    **sampling_args(config))
+                    compile=config["compile"], **sampling_args(config))
 
 
 def respond(session, text, write, notice, prefix=""):
@@ -258,21 +258,10 @@ def load_session(path, config):
             f"context {net.config.seq_length} | vocabulary {len(vocab)} | device {device}",
             dtype_line(dtype, config["dtype"], why)]
     if config["compile"]:
-        print("compiling the model (a one-off wait; later runs reuse torch's compile cache)...", file=sys.stderr)
-        net = compile_for_chat(net, device.type)
+        print("compiling the decode step (a one-off wait; later runs reuse torch's compile cache)...", file=sys.stderr)
+        for _ in generate(net, [USER, BOT], 2, temperature=0, stop_ids=(), compile=True):
+            pass  # compiled now rather than in the middle of the first reply
     return Session(net, vocab, config), "\n".join(info)
-
-
-def compile_for_chat(net, device):
-    """torch.compile the model, and compile it now rather than in the middle of the first reply.
-
-    dynamic=True lets one graph serve every prompt length and cache position (the first prompt
-    pass) and a second one every single-character step. On a CPU the C++ wrapper cuts the
-    per-call overhead that dominates a step this small."""
-    compiled = torch.compile(net, dynamic=True, options={"cpp_wrapper": True} if device == "cpu" else {})
-    for _ in generate(compiled, [USER, BOT], 2, temperature=0, stop_ids=()):
-        pass
-    return compiled
 
 
 def read_lines(interactive):

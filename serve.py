@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import parse_cli
 from lumina.device import DTYPE_CHOICES, dtype_line
-from lumina.engine import BeamSearch, Engine, Row, generation_dtype
+from lumina.engine import BeamSearch, Engine, Row, compile_buckets, generation_dtype
 from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, render_chat, turns_to_drop, unknown_chars_dropped
 
 CONFIG = {
@@ -69,6 +69,8 @@ CONFIG = {
     "dtype": "auto",            # auto: bf16 on a GPU; on a CPU the faster of float32 and bf16 at 1 and max_batch
                                 # rows, timed here once (cached); or float32, bfloat16, float16. Weights cast once
     "threads": 0,               # CPU threads for the model; 0 = torch's default
+    "compile": False,           # compile the decode step, rows padded to powers of two (one graph each, all
+                                # compiled at start); pays for few rows at once, not for many (benchmarks/README.md)
 }
 TYPES = {"api_key": str, "model_name": str}
 RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "max_tokens_limit": (1, 10 ** 6),
@@ -283,7 +285,7 @@ class Scheduler:
     def __init__(self, net, vocab, config):
         self.net, self.vocab, self.config = net, vocab, config
         self.dtype = next(net.parameters()).dtype  # serve.py casts the weights to the precision it chose
-        self.engine = Engine(net, config["max_batch"])
+        self.engine = Engine(net, config["max_batch"], compile=config["compile"])
         self.free = list(range(config["max_batch"]))  # a heap: the lowest slots first, so rows stay neighbours
         self.waiting, self.running = collections.deque(), []
         self.wake, self.accepting, self.outbox, self.failure = threading.Condition(), True, [], None
@@ -610,6 +612,9 @@ def main(argv):
     model_name = config["model_name"] or os.path.splitext(os.path.basename(config["checkpoint"]))[0]
     dtype, why = generation_dtype(net, config["dtype"], (1, config["max_batch"]))
     scheduler = Scheduler(net.to(dtype), vocab, config)
+    if config["compile"]:
+        print("compiling the decode step for every bucket of rows (a one-off wait)...", flush=True)
+        compile_buckets(scheduler.engine)
     scheduler.thread.start()
     # --- serve until Ctrl-C or SIGTERM ---
     print(f"LuminaAI | {config['checkpoint']} as {model_name!r} | {net.num_params():,} parameters | "

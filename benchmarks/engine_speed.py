@@ -16,7 +16,7 @@ speed does not depend on the weights), taking turns:
      of those widths in float32, in bf16 autocast, and with the weights cast to bf16 (what ChatAI
      and serve.py do): what the timed trial of lumina.engine.generation_dtype decides among.
 
-Run:  python benchmarks/engine_speed.py [--rounds=3] [--threads=2] [--peer=d26845d]
+Run:  python benchmarks/engine_speed.py [--rounds=3] [--threads=2] [--peer=d26845d] [--compile=True]
       python benchmarks/engine_speed.py --rounds=2 --peer= --precision_widths=128,256,512
 """
 import copy
@@ -33,7 +33,7 @@ import common  # noqa: F401  (puts the project on sys.path)
 import Train
 from lumina.config import parse_cli
 from lumina.device import seeded_generator
-from lumina.engine import Engine, Row, Sampling, choose, generate, generation_dtype, recent_ids
+from lumina.engine import Engine, Row, Sampling, choose, compile_buckets, generate, generation_dtype, recent_ids
 from lumina.model import CharTransformer, ModelConfig
 from lumina.vocab import SPECIAL_TOKENS
 
@@ -45,6 +45,7 @@ CONFIG = {
     "peer": "d26845d",    # part 3: the release whose model.py is the single-stream peer; "" skips it
     "dtype": "auto",      # part 1: auto (serve.py's rule for each row count), float32 or bfloat16
     "precision_widths": [],  # part 4: model widths to time in each precision, e.g. 128,256,512; [] skips it
+    "compile": False,     # part 1 with the compiled, bucketed decode step (Engine(compile=True)), after a warm-up
 }
 PRECISION_SHAPES = {128: (4, 4), 256: (4, 4), 384: (6, 6), 512: (8, 8)}  # width -> (layers, heads)
 ROWS = (1, 8, 16, 64)
@@ -60,9 +61,12 @@ def prompt(vocab_size, length, seed):
     return torch.randint(len(SPECIAL_TOKENS), vocab_size, (length,), generator=seeded_generator(seed)).tolist()
 
 
-def batch_rate(net, rows_n, chars):
-    """Characters/s of rows_n rows generated together, each a `chars`-character reply."""
-    engine = Engine(net, rows_n)
+def batch_rate(net, rows_n, chars, compile=False):
+    """Characters/s of rows_n rows generated together, each a `chars`-character reply (compiled:
+    every bucket is compiled before the clock starts)."""
+    engine = Engine(net, rows_n, compile=compile)
+    if compile:
+        compile_buckets(engine)
     rows = [Row(prompt(net.config.vocab_size, 60, i), chars, slot=i, top_k=40, seed=i, stop_ids=())
             for i in range(rows_n)]
     start = time.perf_counter()
@@ -154,8 +158,9 @@ def main(argv):
     models = {dtype: copy.deepcopy(net).to(dtype) for dtype in set(dtypes.values())}
     for _ in range(options["rounds"]):
         for rows_n in ROWS:
-            rates[rows_n] = max(rates.get(rows_n, 0.0), batch_rate(models[dtypes[rows_n]], rows_n, options["chars"]))
-    print("rows at once: " + " | ".join(f"{n} ({str(dtypes[n])[6:]}): {rates[n]:,.0f} chars/s ({rates[n] / rates[1]:.1f}x)"
+            rates[rows_n] = max(rates.get(rows_n, 0.0), batch_rate(models[dtypes[rows_n]], rows_n, options["chars"],
+                                                                   options["compile"]))
+    print(("compiled " if options["compile"] else "") + "rows at once: " + " | ".join(f"{n} ({str(dtypes[n])[6:]}): {rates[n]:,.0f} chars/s ({rates[n] / rates[1]:.1f}x)"
                                         for n in ROWS))
     # --- 2. one batched draw ---
     for name, settings in (("top-k 40", dict(temperature=0.8, top_k=40)), ("top-p 0.9", dict(temperature=0.8, top_p=0.9)),

@@ -13,6 +13,7 @@ ChatAI.py, serve.py, the probes and the end-of-turn rate all generate through th
 import contextlib
 import copy
 import dataclasses
+import functools
 import secrets
 import time
 import types
@@ -105,6 +106,55 @@ class CacheView:
             K[self.slot_index, :, self.positions] = k.transpose(1, 2)  # indexed as (B, T, nhead, head_dim)
             V[self.slot_index, :, self.positions] = v.transpose(1, 2)
         return K[self.rows, :, :self.end], V[self.rows, :, :self.end], self.mask
+
+
+class FixedView:
+    """A decode pass (one new id per row) in shapes that depend on the number of rows alone, for a
+    compiled step: row b writes its key at positions[b] of slot slots[b] and reads the whole window
+    under a mask, and rows are gathered by index, so one graph serves any slots and lengths.
+    Reading the whole window costs more than CacheView's slice at many rows (see benchmarks)."""
+
+    def __init__(self, keys, values, slots, positions, seq_length):
+        self.keys, self.values, self.slots = keys, values, slots
+        self.start, self.end = 0, seq_length
+        self.positions = positions[:, None]  # (B, 1)
+        self.mask = (torch.arange(seq_length, device=slots.device) <= self.positions[:, :, None])[:, None]  # (B, 1, 1, S)
+
+    def attend(self, layer, k, v):
+        K, V = self.keys[layer], self.values[layer]
+        K[self.slots[:, None], :, self.positions] = k.transpose(1, 2)  # indexed as (B, 1, nhead, head_dim)
+        V[self.slots[:, None], :, self.positions] = v.transpose(1, 2)
+        return K[self.slots], V[self.slots], self.mask
+
+
+def fixed_decode(model, keys, values, x, before, slots, positions):
+    """The logits (B, vocab) of one decode pass through a FixedView: what compiled_decode compiles."""
+    view = FixedView(keys, values, slots, positions, model.config.seq_length)
+    logits, _ = model(x, cache=view, before=before)
+    return logits[:, -1]
+
+
+GRAPH_LIMIT = 64  # compiled decode graphs kept per process
+
+
+@functools.cache
+def compiled_decode(device_type):
+    """fixed_decode under torch.compile with static shapes: one graph per bucket of rows (and per
+    model and cache dtype), kept across Engines, so each reply of a chat reuses it. On a CPU the C++
+    wrapper cuts the per-call overhead that dominates a step this small; on CUDA, reduce-overhead
+    replays each bucket's graph as a CUDA graph (not measured here: no GPU was lent)."""
+    # One graph per bucket, model, precision and cache size: more than torch's default limit of 8
+    # graphs per function, past which it silently runs the function uncompiled.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, GRAPH_LIMIT)
+    if device_type == "cuda":
+        return torch.compile(fixed_decode, dynamic=False, mode="reduce-overhead")
+    return torch.compile(fixed_decode, dynamic=False, options={"cpp_wrapper": True} if device_type == "cpu" else {})
+
+
+def bucket(rows_n):
+    """Rows a compiled decode pass is padded to: a power of two, so a few graphs serve every batch
+    as rows join and leave (at most 2x the work of the real rows)."""
+    return 1 << (rows_n - 1).bit_length()
 
 
 class PastKV:
@@ -375,12 +425,14 @@ class Engine:
     window_start) in one padded forward pass, moves every other row one position in a second,
     draws every row's next id in one call (choose), and brings one tensor to the host: the chosen
     ids (with the candidates of any beam searches packed in). `dtype` runs the passes under that
-    autocast; None keeps the caller's."""
+    autocast; None keeps the caller's. With compile, decode passes run compiled_decode, their rows
+    padded to a bucket; the padding rows write into one extra scratch slot of the cache."""
 
-    def __init__(self, model, slots=1, dtype=None):
+    def __init__(self, model, slots=1, dtype=None, compile=False):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.cache = KVCache(model.config, slots, self.device)
+        self.cache = KVCache(model.config, slots + 1 if compile else slots, self.device)
+        self.decode, self.scratch = (compiled_decode(self.device.type) if compile else None), slots
         self.precision = autocast(self.device, dtype) if dtype is not None else contextlib.nullcontext()
         self.settings = (None, None)  # (the rows' settings, their Sampling): reused while they step
 
@@ -412,6 +464,8 @@ class Engine:
         position 0 (reading), or one id after what the row's slot holds. Texts are right-padded to
         the longest: the padding follows each row's last id, where none of its real positions can
         see it."""
+        if self.decode is not None and not reading:
+            return self.plan_fixed(rows)
         texts, cache = [row.ids[first:] for row, first in zip(rows, firsts)], self.cache
         T = max(map(len, texts))
         starts = [0 if reading else cache.lengths[row.slot] for row in rows]
@@ -421,10 +475,25 @@ class Engine:
                                     torch.tensor([len(text) - 1 for text in texts], device=self.device))
         lengths = {row.slot: start + len(text) for row, text, start in zip(rows, texts, starts)}
         return types.SimpleNamespace(x=x, before=before, view=cache.view([row.slot for row in rows], starts, T),
-                                     last=last, lengths=lengths)
+                                     last=last, lengths=lengths, fixed=None)
+
+    def plan_fixed(self, rows):
+        """A decode pass (each row's last id, after what its slot holds) for compiled_decode, padded
+        to bucket(len(rows)) rows that write into the scratch slot at position 0."""
+        pad, lengths = bucket(len(rows)) - len(rows), self.cache.lengths
+        tensor = lambda values: torch.tensor(values, device=self.device)
+        fixed = (tensor([row.ids[-1:] for row in rows] + [[0]] * pad),
+                 tensor([predecessors(row.ids, len(row.ids) - 1) for row in rows] + [[-1, -1]] * pad),
+                 tensor([row.slot for row in rows] + [self.scratch] * pad),
+                 tensor([lengths[row.slot] for row in rows] + [0] * pad))
+        return types.SimpleNamespace(fixed=fixed, rows=len(rows), lengths={row.slot: lengths[row.slot] + 1 for row in rows})
 
     def run(self, one_pass):
         """The logits at each row's last id of a planned pass; the slots now hold the new ids."""
+        if one_pass.fixed is not None:  # the slots were read before (a decode follows a read): the buffers exist
+            out = self.decode(self.model, self.cache.k, self.cache.v, *one_pass.fixed)[:one_pass.rows]
+            self.cache.lengths_update(one_pass.lengths)
+            return out
         out, _ = self.model(one_pass.x, cache=one_pass.view, before=one_pass.before)
         self.cache.lengths_update(one_pass.lengths)
         return out[:, -1] if one_pass.last is None else out[one_pass.last]
@@ -463,6 +532,18 @@ class Engine:
             search.accept(numbers[offset:offset + search.proposal_size], self.cache)
             offset += search.proposal_size
         return new_ids
+
+
+def compile_buckets(engine):
+    """Run a compiled Engine's decode pass at every bucket up to its slots, so that each graph is
+    compiled at start-up, not while a client waits. The slots' contents are left for the next rows
+    to overwrite: a row's first step reads its prompt from position 0."""
+    n = 1
+    while n <= engine.scratch:
+        rows = [Row([0, 0], 2, slot=i, temperature=0, stop_ids=()) for i in range(n)]
+        engine.step(rows)
+        engine.step(rows)
+        n *= 2
 
 
 TRIAL_PROMPT = 32   # ids each row of a timed trial reads before it steps
@@ -504,7 +585,7 @@ def generation_dtype(net, asked, row_counts):
 # 5. One streamed reply, and beam search
 # ----------------------------------------------------------------------------------------------
 def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None,
-             repetition_penalty=1.0, seed=None, stop_ids=(END,), use_cache=True, dtype=None):
+             repetition_penalty=1.0, seed=None, stop_ids=(END,), use_cache=True, dtype=None, compile=False):
     """Yield new ids one at a time, stopping after a stop id or max_new_tokens.
 
     The prompt (or its most recent window, see window_start) goes through in one forward pass;
@@ -513,7 +594,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top
     """
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt id")
-    engine = Engine(model, 1, dtype)
+    engine = Engine(model, 1, dtype, compile)
     row = Row(list(prompt_ids), max_new_tokens, 0, temperature, top_k, top_p, repetition_penalty, seed,
               tuple(stop_ids))
     while not row.done:
@@ -609,7 +690,8 @@ class BeamSearch:
         return self.finished
 
 
-def beam_search(model, prompt_ids, max_new_tokens, num_beams=4, length_penalty=1.0, stop_ids=(END,), dtype=None):
+def beam_search(model, prompt_ids, max_new_tokens, num_beams=4, length_penalty=1.0, stop_ids=(END,), dtype=None,
+                compile=False):
     """The new ids of the best reply beam search finds (ending in its stop id, if it reached one)."""
     search = BeamSearch(prompt_ids, max_new_tokens, range(num_beams), length_penalty, stop_ids)
-    return search.run(Engine(model, num_beams, dtype))[0][1]
+    return search.run(Engine(model, num_beams, dtype, compile))[0][1]
