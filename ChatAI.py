@@ -41,8 +41,8 @@ CONFIG = {
     "dtype": "auto",            # auto: bf16 on a GPU; on a CPU the faster of float32 and bf16 for one reply, timed
                                 # here once (cached); or float32, bfloat16, float16. The weights are cast to it once
     "threads": 1,               # CPU threads; one stream of a small model ran as fast on 1 as on 2 (benchmarks/README.md)
-    "compile": False,           # torch.compile the model: each character about 2x cheaper, after a compile
-                                # at start (2 cores: ~35 s the first time, ~12 s later; benchmarks/README.md)
+    "compile": False,           # torch.compile the decode step once at start (2 busy cores: ~23 s); one row's
+                                # forward ~4x cheaper in a probe (benchmarks/README.md, "Issue 30")
 }
 TYPES = {"seed": int, "prompt": str}
 RULES = {"mode": ("topk", "nucleus", "greedy"), "threads": (1, 1024), "top_k": (1, 10 ** 6), "dtype": DTYPE_CHOICES,
