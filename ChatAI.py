@@ -19,8 +19,8 @@ import torch
 from lumina import data
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import CHAT_SAMPLING, parse_cli
-from lumina.device import DTYPE_CHOICES, dtype_line, generation_dtype
-from lumina.engine import beam_search, generate
+from lumina.device import DTYPE_CHOICES, dtype_line
+from lumina.engine import beam_search, generate, generation_dtype
 from lumina.model import CharTransformer
 from lumina.training import stop_on_signals
 from lumina.vocab import BOT, SPECIAL_TOKENS, TURN_ENDS, USER, Vocab, chat_prompt, unknown_chars_dropped
@@ -41,11 +41,11 @@ CONFIG = {
     "prompt": None,             # a message: print one reply to it and exit
     # --- system ---
     "device": "auto",           # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps
-    "dtype": "auto",            # auto: bf16 on a GPU, float32 on a CPU (faster for one reply: see README);
-                                # or float32, bfloat16, float16. The weights are cast to it once
+    "dtype": "auto",            # auto: bf16 on a GPU; on a CPU the faster of float32 and bf16 for one reply, timed
+                                # here once (cached); or float32, bfloat16, float16. The weights are cast to it once
     "threads": 1,               # CPU threads; one stream of a small model ran as fast on 1 as on 2 (benchmarks/README.md)
-    "compile": False,           # torch.compile the model: each character about 2x cheaper, after a compile
-                                # at start (2 cores: ~35 s the first time, ~12 s later; benchmarks/README.md)
+    "compile": False,           # torch.compile the decode step once at start (2 busy cores: ~23 s); one row's
+                                # forward ~4x cheaper in a probe (benchmarks/README.md, "Issue 30")
 }
 TYPES = {"seed": int, "prompt": str}
 RULES = {"mode": ("topk", "nucleus", "greedy"), "threads": (1, 1024), "top_k": (1, 10 ** 6), "dtype": DTYPE_CHOICES,
@@ -203,9 +203,9 @@ def reply_ids(session, prompt_ids):
     config, stops = session.config, TURN_ENDS
     if config["num_beams"] > 1:
         return beam_search(session.model, prompt_ids, config["max_new_chars"], config["num_beams"],
-                           config["length_penalty"], stops)
+                           config["length_penalty"], stops, compile=config["compile"])
     return generate(session.model, prompt_ids, config["max_new_chars"], seed=config["seed"], stop_ids=stops,
-                    **sampling_args(config))
+                    compile=config["compile"], **sampling_args(config))
 
 
 def respond(session, text, write, notice, prefix=""):
@@ -261,27 +261,16 @@ def load_session(path, config):
     except (ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     device = net.tok_emb.weight.device
-    dtype, why = generation_dtype(config["dtype"], device, rows=1)
+    dtype, why = generation_dtype(net, config["dtype"], row_counts=(1,))
     net = net.to(dtype)
     info = [f"LuminaAI | {path} | stage {checkpoint.get('stage', '?')} | {net.num_params():,} parameters | "
             f"context {net.config.seq_length} | vocabulary {len(vocab)} | device {device}",
             dtype_line(dtype, config["dtype"], why)]
     if config["compile"]:
-        print("compiling the model (a one-off wait; later runs reuse torch's compile cache)...", file=sys.stderr)
-        net = compile_for_chat(net, device.type)
+        print("compiling the decode step (a one-off wait; later runs reuse torch's compile cache)...", file=sys.stderr)
+        for _ in generate(net, [USER, BOT], 2, temperature=0, stop_ids=(), compile=True):
+            pass  # compiled now rather than in the middle of the first reply
     return Session(net, vocab, config), "\n".join(info)
-
-
-def compile_for_chat(net, device):
-    """torch.compile the model, and compile it now rather than in the middle of the first reply.
-
-    dynamic=True lets one graph serve every prompt length and cache position (the first prompt
-    pass) and a second one every single-character step. On a CPU the C++ wrapper cuts the
-    per-call overhead that dominates a step this small."""
-    compiled = torch.compile(net, dynamic=True, options={"cpp_wrapper": True} if device == "cpu" else {})
-    for _ in generate(compiled, [USER, BOT], 2, temperature=0, stop_ids=()):
-        pass
-    return compiled
 
 
 def read_lines(interactive):

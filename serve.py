@@ -48,8 +48,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import CHAT_SAMPLING, parse_cli
-from lumina.device import DTYPE_CHOICES, dtype_line, generation_dtype
-from lumina.engine import BeamSearch, Engine, Row
+from lumina.device import DTYPE_CHOICES, dtype_line
+from lumina.engine import BeamSearch, Engine, Row, compile_buckets, generation_dtype
 from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, chat_prompt
 
 CONFIG = {
@@ -77,9 +77,11 @@ CONFIG = {
     "length_penalty": 1.0,      # beam search (a request's num_beams > 1): log p / length**this; >0 favours longer
     # --- system ---
     "device": "auto",           # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps
-    "dtype": "auto",            # auto: bf16 on a GPU, and on a CPU with native bf16 when max_batch >= 32 (measured
-                                # faster there: see README); or float32, bfloat16, float16. The weights are cast once
+    "dtype": "auto",            # auto: bf16 on a GPU; on a CPU the faster of float32 and bf16 at 1 and max_batch
+                                # rows, timed here once (cached); or float32, bfloat16, float16. Weights cast once
     "threads": 0,               # CPU threads for the model; 0 = torch's default
+    "compile": False,           # compile the decode step, rows padded to powers of two (one graph each, all
+                                # compiled at start); pays for few rows at once, not for many (benchmarks/README.md)
 }
 TYPES = {"api_key": str, "model_name": str, "allowed_origins": str}
 RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "max_tokens_limit": (1, 10 ** 6),
@@ -329,7 +331,7 @@ class Scheduler:
     def __init__(self, net, vocab, config):
         self.net, self.vocab, self.config = net, vocab, config
         self.dtype = next(net.parameters()).dtype  # serve.py casts the weights to the precision it chose
-        self.engine = Engine(net, config["max_batch"])
+        self.engine = Engine(net, config["max_batch"], compile=config["compile"])
         self.free = list(range(config["max_batch"]))  # a heap: the lowest slots first, so rows stay neighbours
         self.waiting, self.running = collections.deque(), []
         self.wake, self.accepting, self.outbox, self.failure = threading.Condition(), True, [], None
@@ -770,8 +772,11 @@ def main(argv):
     except (ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     model_name = config["model_name"] or os.path.splitext(os.path.basename(config["checkpoint"]))[0]
-    dtype, why = generation_dtype(config["dtype"], net.tok_emb.weight.device, config["max_batch"])
+    dtype, why = generation_dtype(net, config["dtype"], (1, config["max_batch"]))
     scheduler = Scheduler(net.to(dtype), vocab, config)
+    if config["compile"]:
+        print("compiling the decode step for every bucket of rows (a one-off wait)...", flush=True)
+        compile_buckets(scheduler.engine)
     scheduler.thread.start()
     # --- serve until Ctrl-C or SIGTERM ---
     print(f"LuminaAI | {config['checkpoint']} as {model_name!r} | {net.num_params():,} parameters | "

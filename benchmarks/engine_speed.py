@@ -6,7 +6,7 @@ speed does not depend on the weights), taking turns:
   1. rows: 1, 8, 16 and 64 rows at once, each a 60-character prompt and a `chars`-character reply
      (past the window, so re-reads are included); characters/s of the whole batch, and the ratio
      to one row. Each row count runs in the precision that --dtype names; auto is what serve.py
-     picks for that many rows (lumina.device.generation_dtype), the weights cast to it;
+     picks with max_batch that many rows (lumina.engine.generation_dtype, timed), the weights cast to it;
   2. sampling: the cost of one batched draw (engine.choose) per row at 64 rows, for the default
      settings (temperature 0.8, top-k 40), nucleus (top-p 0.9), and with a repetition penalty;
   3. chat: one greedy stream (ChatAI's default threads, 1) of the same weights through this
@@ -14,9 +14,9 @@ speed does not depend on the weights), taking turns:
      the texts must be identical;
   4. precision (with --precision_widths): steady-state characters/s of 1, 16 and 64 rows for models
      of those widths in float32, in bf16 autocast, and with the weights cast to bf16 (what ChatAI
-     and serve.py do): the measurements behind lumina.device.generation_dtype.
+     and serve.py do): what the timed trial of lumina.engine.generation_dtype decides among.
 
-Run:  python benchmarks/engine_speed.py [--rounds=3] [--threads=2] [--peer=d26845d]
+Run:  python benchmarks/engine_speed.py [--rounds=3] [--threads=2] [--peer=d26845d] [--compile=True]
       python benchmarks/engine_speed.py --rounds=2 --peer= --precision_widths=128,256,512
 """
 import copy
@@ -32,8 +32,8 @@ import torch
 import common  # noqa: F401  (puts the project on sys.path)
 import Train
 from lumina.config import parse_cli
-from lumina.device import generation_dtype, seeded_generator
-from lumina.engine import Engine, Row, Sampling, choose, generate, recent_ids
+from lumina.device import seeded_generator
+from lumina.engine import Engine, Row, Sampling, choose, compile_buckets, generate, generation_dtype, recent_ids
 from lumina.model import CharTransformer, ModelConfig
 from lumina.vocab import SPECIAL_TOKENS
 
@@ -45,6 +45,7 @@ CONFIG = {
     "peer": "d26845d",    # part 3: the release whose model.py is the single-stream peer; "" skips it
     "dtype": "auto",      # part 1: auto (serve.py's rule for each row count), float32 or bfloat16
     "precision_widths": [],  # part 4: model widths to time in each precision, e.g. 128,256,512; [] skips it
+    "compile": False,     # part 1 with the compiled, bucketed decode step (Engine(compile=True)), after a warm-up
 }
 PRECISION_SHAPES = {128: (4, 4), 256: (4, 4), 384: (6, 6), 512: (8, 8)}  # width -> (layers, heads)
 ROWS = (1, 8, 16, 64)
@@ -60,9 +61,12 @@ def prompt(vocab_size, length, seed):
     return torch.randint(len(SPECIAL_TOKENS), vocab_size, (length,), generator=seeded_generator(seed)).tolist()
 
 
-def batch_rate(net, rows_n, chars):
-    """Characters/s of rows_n rows generated together, each a `chars`-character reply."""
-    engine = Engine(net, rows_n)
+def batch_rate(net, rows_n, chars, compile=False):
+    """Characters/s of rows_n rows generated together, each a `chars`-character reply (compiled:
+    every bucket is compiled before the clock starts)."""
+    engine = Engine(net, rows_n, compile=compile)
+    if compile:
+        compile_buckets(engine)
     rows = [Row(prompt(net.config.vocab_size, 60, i), chars, slot=i, top_k=40, seed=i, stop_ids=())
             for i in range(rows_n)]
     start = time.perf_counter()
@@ -150,12 +154,13 @@ def main(argv):
           f"threads {options['threads']} | torch {torch.__version__}")
     # --- 1. rows at once ---
     torch.set_num_threads(options["threads"])
-    rates, dtypes = {}, {n: generation_dtype(options["dtype"], torch.device("cpu"), n)[0] for n in ROWS}
+    rates, dtypes = {}, {n: generation_dtype(net, options["dtype"], (1, n))[0] for n in ROWS}
     models = {dtype: copy.deepcopy(net).to(dtype) for dtype in set(dtypes.values())}
     for _ in range(options["rounds"]):
         for rows_n in ROWS:
-            rates[rows_n] = max(rates.get(rows_n, 0.0), batch_rate(models[dtypes[rows_n]], rows_n, options["chars"]))
-    print("rows at once: " + " | ".join(f"{n} ({str(dtypes[n])[6:]}): {rates[n]:,.0f} chars/s ({rates[n] / rates[1]:.1f}x)"
+            rates[rows_n] = max(rates.get(rows_n, 0.0), batch_rate(models[dtypes[rows_n]], rows_n, options["chars"],
+                                                                   options["compile"]))
+    print(("compiled " if options["compile"] else "") + "rows at once: " + " | ".join(f"{n} ({str(dtypes[n])[6:]}): {rates[n]:,.0f} chars/s ({rates[n] / rates[1]:.1f}x)"
                                         for n in ROWS))
     # --- 2. one batched draw ---
     for name, settings in (("top-k 40", dict(temperature=0.8, top_k=40)), ("top-p 0.9", dict(temperature=0.8, top_p=0.9)),

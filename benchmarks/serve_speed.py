@@ -6,12 +6,12 @@ round, to bursts of concurrent streaming clients:
   - `clients` clients, --max_batch=`clients` (continuous batching);
   - 1 client (the same server settings);
   - `clients` clients, --max_batch=1 (one sequence at a time);
-  - with --peer=RELEASE: `clients` clients on that release's serve.py (read from git), same
-    model file and settings.
+  - with --peer=RELEASE: `clients` clients and 1 client on that release's serve.py (read from
+    git), same weights (in the file format it reads) and settings.
 Reported: aggregate characters/s over each burst, and each client's time to its first character
 (p50 and p95). Clients and server share the machine.
 
-Run:  python benchmarks/serve_speed.py [--rounds=2] [--clients=16] [--chars=200] [--peer=d26845d]
+Run:  python benchmarks/serve_speed.py [--rounds=2] [--clients=16] [--chars=200] [--peer=d26845d] [--serial=False]
 """
 import asyncio
 import dataclasses
@@ -41,7 +41,9 @@ CONFIG = {
     "threads": 0,     # the server's CPU threads; 0 = torch's default
     "peer": "",       # a release (e.g. d26845d) whose serve.py also serves the burst; "" = none
     "dtype": "auto",  # this release's serve.py --dtype (the peer has no such key)
+    "serial": True,   # also serve the burst with --max_batch=1 (one sequence at a time: the slowest way)
 }
+PEER_FORMAT = 2  # d26845d reads format 2; the benchmark's model has no n-gram tables, all that format 3 added
 
 
 def endless_model(path):
@@ -58,6 +60,19 @@ def endless_model(path):
     save_checkpoint(path, {"stage": "bench", "vocab": vocab.chars, "model": model_state(net),
                              "model_config": dataclasses.asdict(net.config), "config": {}, "metrics": {}})
     return net.num_params()
+
+
+def peer_copy(checkpoint):
+    """The model file as an older release reads it: format 2, no n-gram key in its shape (the
+    model has no n-gram tables, so the weights are the same)."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["format_version"] = PEER_FORMAT
+    state["model_config"].pop("ngram_buckets", None)
+    folder = os.path.join(os.path.dirname(checkpoint), f"format{PEER_FORMAT}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, os.path.basename(checkpoint))  # the same name: serve.py serves it as "Model"
+    torch.save(state, path)
+    return path
 
 
 def start_server(root, checkpoint, max_batch, threads, extra=()):
@@ -142,15 +157,18 @@ def main(argv):
     n, ours = options["clients"], ["--dtype=" + options["dtype"]]
     print(f"model: CPU preset shape, {params:,} params | {n} clients x {options['chars']} chars | "
           f"server threads {options['threads'] or 'default'} | torch {torch.__version__} | {os.cpu_count()} CPUs")
-    ways = {f"{n} clients, max_batch {n}": (common.ROOT, n, n, ours),
-            f"1 client, max_batch {n}": (common.ROOT, n, 1, ours),
-            f"{n} clients, max_batch 1": (common.ROOT, 1, n, ours)}
+    ways = {f"{n} clients, max_batch {n}": (common.ROOT, checkpoint, n, n, ours),
+            f"1 client, max_batch {n}": (common.ROOT, checkpoint, n, 1, ours)}
+    if options["serial"]:
+        ways[f"{n} clients, max_batch 1"] = (common.ROOT, checkpoint, 1, n, ours)
     if options["peer"]:
-        ways[f"{n} clients, max_batch {n}, {options['peer']}"] = (release_tree(options["peer"]), n, n, [])
+        peer, old_file = release_tree(options["peer"]), peer_copy(checkpoint)
+        ways[f"{n} clients, max_batch {n}, {options['peer']}"] = (peer, old_file, n, n, [])
+        ways[f"1 client, max_batch {n}, {options['peer']}"] = (peer, old_file, n, 1, [])
     results = {way: [] for way in ways}
     for round_ in range(options["rounds"]):
-        for way, (root, max_batch, clients, extra) in ways.items():  # taking turns
-            rate, firsts = measure(root, checkpoint, max_batch, clients, options, extra)
+        for way, (root, model_file, max_batch, clients, extra) in ways.items():  # taking turns
+            rate, firsts = measure(root, model_file, max_batch, clients, options, extra)
             results[way].append(rate)
             p95 = firsts[min(len(firsts) - 1, round(0.95 * (len(firsts) - 1)))]
             print(f"round {round_ + 1} {way}: {rate:,.0f} chars/s | first character p50 "

@@ -1,7 +1,12 @@
 """Devices and precision: one rule for every stage, and the one place that makes a random generator."""
 import contextlib
+import json
+import os
+import platform
 
 import torch
+
+from lumina.data import atomic_write
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -61,24 +66,100 @@ def dtype_line(dtype, asked, why=""):
     return f"dtype {name} (asked {asked}" + (f": {why})" if asked == "auto" else ")")
 
 
-# Generation on a CPU with native bf16 (AMX), with the weights cast to bf16 once: one row at a time
-# ran at 0.69-0.80x of float32 at widths 128-512, and 64 rows at once at 1.38-1.91x; 16 rows were
-# 0.97x at width 128 and faster above (benchmarks/README.md, "Precision for generation"). So bf16
-# pays for a stage that runs many rows at once.
-BF16_MIN_ROWS = 32
+# ----------------------------------------------------------------------------------------------
+# The precision policy of every stage: for auto, time the candidates on the actual model and work,
+# keep the faster, and remember it per machine, model shape and torch version
+# ----------------------------------------------------------------------------------------------
+# A rule from CPU flags was wrong: on an EPYC with avx512_bf16 (no AMX), bf16 generated at 0.36x of
+# float32 for one row where an AMX Xeon had measured 0.69-0.80x (issue 30). Only a trial on the
+# machine itself knows, and a few seconds of it, once, is cheap.
+CACHE_FILE = "precision.json"
+EMULATED = "no AVX512-BF16 or AMX in this CPU's flags: bf16 would be emulated, far slower (not timed)"
 
 
-def generation_dtype(asked, device, rows):
-    """(dtype, why) that ChatAI.py and serve.py generate in, their weights cast to it once (a chat
-    stage never trains, so it keeps no float32 copy): what `asked` names, or for auto what this
-    device runs fastest for a stage that steps `rows` rows at once."""
+def cache_path():
+    """The file that remembers trials: $LUMINA_CACHE_DIR (tests point it elsewhere), else the user's
+    cache folder ($XDG_CACHE_HOME, default ~/.cache) /lumina."""
+    folder = os.environ.get("LUMINA_CACHE_DIR")
+    if not folder:
+        folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                              "lumina")
+    return os.path.join(folder, CACHE_FILE)
+
+
+def machine_name():
+    """What tells this machine's speed apart: the processor, its cores and the threads torch uses."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{platform.node()} | {name} | {os.cpu_count()} cores | {torch.get_num_threads()} threads"
+
+
+def trial_key(device, model_shape, work):
+    """The cache key of a trial: machine, device, torch version, model shape (a dict) and the work timed."""
+    return json.dumps({"machine": machine_name(), "device": str(device), "torch": torch.__version__,
+                       "model": model_shape, "work": work}, sort_keys=True)
+
+
+def read_trials(path):
+    """{key: record} from the cache file; a missing, unreadable or corrupt file is an empty cache
+    (the next trial rewrites it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            trials = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(trials, dict):
+        return {}
+    return {key: record for key, record in trials.items() if isinstance(record, dict) and "chosen" in record}
+
+
+def remember_trial(path, key, record):
+    trials = {**read_trials(path), key: record}
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(trials, f, indent=1)
+    try:
+        atomic_write(path, write)
+    except OSError:  # a read-only home folder: the choice still stands, it is timed again next start
+        pass
+
+
+def measured_choice(candidates, trial, key):
+    """(chosen, {candidate: seconds per workload}, cached): the candidate least behind the fastest
+    at any of the workloads that trial(candidate) times (a list of seconds each), from the cache
+    when this key was timed before."""
+    path = cache_path()
+    record = read_trials(path).get(key)
+    if record and record["chosen"] in candidates and set(record.get("times", ())) == set(candidates):
+        return record["chosen"], record["times"], True
+    times = {name: list(trial(name)) for name in candidates}
+    best = [min(seconds) for seconds in zip(*times.values())]
+    chosen = min(candidates, key=lambda name: max(t / b for t, b in zip(times[name], best)))
+    remember_trial(path, key, {"chosen": chosen, "times": times})
+    return chosen, times, False
+
+
+def timings_line(what, times, cached):
+    """What the log line says: "<what> took 1/2 ms in float32, 3/4 ms in bfloat16" for two workloads."""
+    return f"{what} took " + ", ".join("/".join(f"{t * 1000:.3g}" for t in seconds) + f" ms in {name}"
+                                       for name, seconds in times.items()) + (" (cached)" if cached else "")
+
+
+def timed_dtype(asked, device, trial, key, what):
+    """(dtype, why): the precision of every stage. What `asked` names; for auto on a GPU its native
+    mixed precision (gpu_dtype); on a CPU whose flags lack bf16, float32 (bf16 is emulated there,
+    ~100x slower: not worth timing); else the faster of float32 and bfloat16 by trial(name), a list
+    of seconds per workload (cached under key; `what` names the unit timed in the log line)."""
     if asked != "auto":
         return DTYPES[asked], ""
     if device.type != "cpu":
         return gpu_dtype(device)
     if not cpu_has_bf16():
-        return torch.float32, "no AVX512-BF16 or AMX in this CPU's flags: bf16 would be emulated, far slower"
-    if rows >= BF16_MIN_ROWS:
-        return torch.bfloat16, f"this CPU has native bf16, which generated faster than float32 for {rows} rows at once"
-    return torch.float32, (f"this CPU has native bf16, but for {rows} row(s) at once float32 generated faster "
-                           f"(bf16 pays from {BF16_MIN_ROWS})")
+        return torch.float32, EMULATED
+    chosen, times, cached = measured_choice(("float32", "bfloat16"), trial, key)
+    return DTYPES[chosen], timings_line(what, times, cached)

@@ -12,14 +12,17 @@ ChatAI.py, serve.py, the probes and the end-of-turn rate all generate through th
 """
 import collections
 import contextlib
+import copy
 import dataclasses
+import functools
 import secrets
+import time
 import types
 
 import torch
 import torch.nn as nn
 
-from lumina.device import autocast
+from lumina.device import DTYPES, autocast, timed_dtype, trial_key
 from lumina.vocab import END
 
 
@@ -104,6 +107,55 @@ class CacheView:
             K[self.slot_index, :, self.positions] = k.transpose(1, 2)  # indexed as (B, T, nhead, head_dim)
             V[self.slot_index, :, self.positions] = v.transpose(1, 2)
         return K[self.rows, :, :self.end], V[self.rows, :, :self.end], self.mask
+
+
+class FixedView:
+    """A decode pass (one new id per row) in shapes that depend on the number of rows alone, for a
+    compiled step: row b writes its key at positions[b] of slot slots[b] and reads the whole window
+    under a mask, and rows are gathered by index, so one graph serves any slots and lengths.
+    Reading the whole window costs more than CacheView's slice at many rows (see benchmarks)."""
+
+    def __init__(self, keys, values, slots, positions, seq_length):
+        self.keys, self.values, self.slots = keys, values, slots
+        self.start, self.end = 0, seq_length
+        self.positions = positions[:, None]  # (B, 1)
+        self.mask = (torch.arange(seq_length, device=slots.device) <= self.positions[:, :, None])[:, None]  # (B, 1, 1, S)
+
+    def attend(self, layer, k, v):
+        K, V = self.keys[layer], self.values[layer]
+        K[self.slots[:, None], :, self.positions] = k.transpose(1, 2)  # indexed as (B, 1, nhead, head_dim)
+        V[self.slots[:, None], :, self.positions] = v.transpose(1, 2)
+        return K[self.slots], V[self.slots], self.mask
+
+
+def fixed_decode(model, keys, values, x, before, slots, positions):
+    """The logits (B, vocab) of one decode pass through a FixedView: what compiled_decode compiles."""
+    view = FixedView(keys, values, slots, positions, model.config.seq_length)
+    logits, _ = model(x, cache=view, before=before)
+    return logits[:, -1]
+
+
+GRAPH_LIMIT = 64  # compiled decode graphs kept per process
+
+
+@functools.cache
+def compiled_decode(device_type):
+    """fixed_decode under torch.compile with static shapes: one graph per bucket of rows (and per
+    model and cache dtype), kept across Engines, so each reply of a chat reuses it. On a CPU the C++
+    wrapper cuts the per-call overhead that dominates a step this small; on CUDA, reduce-overhead
+    replays each bucket's graph as a CUDA graph (not measured here: no GPU was lent)."""
+    # One graph per bucket, model, precision and cache size: more than torch's default limit of 8
+    # graphs per function, past which it silently runs the function uncompiled.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, GRAPH_LIMIT)
+    if device_type == "cuda":
+        return torch.compile(fixed_decode, dynamic=False, mode="reduce-overhead")
+    return torch.compile(fixed_decode, dynamic=False, options={"cpp_wrapper": True} if device_type == "cpu" else {})
+
+
+def bucket(rows_n):
+    """Rows a compiled decode pass is padded to: a power of two, so a few graphs serve every batch
+    as rows join and leave (at most 2x the work of the real rows)."""
+    return 1 << (rows_n - 1).bit_length()
 
 
 class PastKV:
@@ -242,15 +294,32 @@ def keep_top_p(values, keep, top_p):
     return keep & (probs >= floor)
 
 
-def ranking_keys(logits):
+def ranking_keys(logits, ids=None):
     """(B, V) int64 keys that order each row's ids by logit, then by lower id: an ordering with no
     ties, so "the k likeliest ids" is one set however the draw is batched and on any device
     (bf16 logits tie often). A float's bits, with a negative float's magnitude bits flipped, sort
-    as the float does."""
-    bits = logits.float().view(torch.int32).long()
+    as the float does. `ids` (B, K): the keys of those ids, whose logits are given (B, K)."""
+    bits = (logits.float() + 0.0).view(torch.int32).long()  # + 0.0 makes -0.0 a plain 0.0: equal logits
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    ids = torch.arange(logits.shape[-1], device=logits.device)
+    if ids is None:
+        ids = torch.arange(logits.shape[-1], device=logits.device)
     return ordered * ID_SPACE + (ID_SPACE - 1 - ids)
+
+
+def top_ids(logits, k):
+    """Each row's k likeliest ids (B, V) -> (B, k), likeliest first and of equal logits the lower id
+    first: what the topk of ranking_keys gives, at about half the cost. torch.topk of the float
+    logits finds the values exactly, and every id likelier than the k-th value; only its choice among
+    ids equal to the k-th value is unspecified, so those are found again, lowest ids first, from a
+    running count of the ties (searchsorted: no host sync). Then the k ids are sorted by their keys."""
+    values, ids = logits.topk(k)
+    kth = values[:, -1:]
+    above = (values > kth).sum(-1, keepdim=True)  # (B, 1): ids likelier than the k-th, all found by topk
+    tied_so_far = (logits == kth).cumsum(-1)  # (B, V): how many ids up to each tie with the k-th value
+    nth_tie = torch.arange(k, device=logits.device) - above  # (B, k): which tie each column past `above` takes
+    ids = torch.where(nth_tie >= 0, torch.searchsorted(tied_so_far, nth_tie.clamp(min=0) + 1), ids)
+    order = ranking_keys(logits.gather(1, ids), ids).argsort(-1, descending=True)
+    return ids.gather(1, order)
 
 
 def choose(logits, sampling, positions, recent=None, noise=None):
@@ -268,15 +337,15 @@ def choose(logits, sampling, positions, recent=None, noise=None):
         return logits.argmax(-1)
     vocab = logits.shape[-1]
     temperature = torch.where(sampling.temperature > 0, sampling.temperature, 1.0)[:, None]
-    keys = ranking_keys(logits) if sampling.k_limit else None
     if sampling.candidates < vocab:  # every sampled row keeps at most this many: draw among those only
-        ids = keys.topk(sampling.candidates).indices  # (B, K), likeliest first
+        ids = top_ids(logits, sampling.candidates)  # (B, K), likeliest first
         values = logits.gather(1, ids) / temperature
         keep = torch.arange(sampling.candidates, device=logits.device) < sampling.top_k[:, None]
     else:
         values, ids = logits / temperature, torch.arange(vocab, device=logits.device)
         keep = torch.ones_like(values, dtype=torch.bool)
         if sampling.k_limit:
+            keys = ranking_keys(logits)
             kth = keys.topk(sampling.k_limit).values.gather(1, (sampling.top_k.clamp(max=sampling.k_limit) - 1)[:, None])
             keep = (keys >= kth) | (sampling.top_k[:, None] >= vocab)
     if sampling.top_p_used:
@@ -357,12 +426,14 @@ class Engine:
     window_start) in one padded forward pass, moves every other row one position in a second,
     draws every row's next id in one call (choose), and brings one tensor to the host: the chosen
     ids (with the candidates of any beam searches packed in). `dtype` runs the passes under that
-    autocast; None keeps the caller's."""
+    autocast; None keeps the caller's. With compile, decode passes run compiled_decode, their rows
+    padded to a bucket; the padding rows write into one extra scratch slot of the cache."""
 
-    def __init__(self, model, slots=1, dtype=None):
+    def __init__(self, model, slots=1, dtype=None, compile=False):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.cache = KVCache(model.config, slots, self.device)
+        self.cache = KVCache(model.config, slots + 1 if compile else slots, self.device)
+        self.decode, self.scratch = (compiled_decode(self.device.type) if compile else None), slots
         self.precision = autocast(self.device, dtype) if dtype is not None else contextlib.nullcontext()
         self.settings = (None, None)  # (the rows' settings, their Sampling): reused while they step
 
@@ -394,6 +465,8 @@ class Engine:
         position 0 (reading), or one id after what the row's slot holds. Texts are right-padded to
         the longest: the padding follows each row's last id, where none of its real positions can
         see it."""
+        if self.decode is not None and not reading:
+            return self.plan_fixed(rows)
         texts, cache = [row.ids[first:] for row, first in zip(rows, firsts)], self.cache
         T = max(map(len, texts))
         starts = [0 if reading else cache.lengths[row.slot] for row in rows]
@@ -403,10 +476,25 @@ class Engine:
                                     torch.tensor([len(text) - 1 for text in texts], device=self.device))
         lengths = {row.slot: start + len(text) for row, text, start in zip(rows, texts, starts)}
         return types.SimpleNamespace(x=x, before=before, view=cache.view([row.slot for row in rows], starts, T),
-                                     last=last, lengths=lengths)
+                                     last=last, lengths=lengths, fixed=None)
+
+    def plan_fixed(self, rows):
+        """A decode pass (each row's last id, after what its slot holds) for compiled_decode, padded
+        to bucket(len(rows)) rows that write into the scratch slot at position 0."""
+        pad, lengths = bucket(len(rows)) - len(rows), self.cache.lengths
+        tensor = lambda values: torch.tensor(values, device=self.device)
+        fixed = (tensor([row.ids[-1:] for row in rows] + [[0]] * pad),
+                 tensor([predecessors(row.ids, len(row.ids) - 1) for row in rows] + [[-1, -1]] * pad),
+                 tensor([row.slot for row in rows] + [self.scratch] * pad),
+                 tensor([lengths[row.slot] for row in rows] + [0] * pad))
+        return types.SimpleNamespace(fixed=fixed, rows=len(rows), lengths={row.slot: lengths[row.slot] + 1 for row in rows})
 
     def run(self, one_pass):
         """The logits at each row's last id of a planned pass; the slots now hold the new ids."""
+        if one_pass.fixed is not None:  # the slots were read before (a decode follows a read): the buffers exist
+            out = self.decode(self.model, self.cache.k, self.cache.v, *one_pass.fixed)[:one_pass.rows]
+            self.cache.lengths_update(one_pass.lengths)
+            return out
         out, _ = self.model(one_pass.x, cache=one_pass.view, before=one_pass.before)
         self.cache.lengths_update(one_pass.lengths)
         return out[:, -1] if one_pass.last is None else out[one_pass.last]
@@ -447,11 +535,58 @@ class Engine:
         return new_ids
 
 
+def compile_buckets(engine):
+    """Run a compiled Engine's decode pass at every bucket up to its slots, so that each graph is
+    compiled at start-up, not while a client waits. The slots' contents are left for the next rows
+    to overwrite: a row's first step reads its prompt from position 0."""
+    n = 1
+    while n <= engine.scratch:
+        rows = [Row([0, 0], 2, slot=i, temperature=0, stop_ids=()) for i in range(n)]
+        engine.step(rows)
+        engine.step(rows)
+        n *= 2
+
+
+TRIAL_PROMPT = 32   # ids each row of a timed trial reads before it steps
+TRIAL_STEPS = 5     # timed steps per trial, after two untimed ones (the prompt pass and a warm-up)
+
+
+def step_seconds(net, rows_n, steps=TRIAL_STEPS):
+    """Seconds per character of rows_n rows stepping together with ChatAI's default sampling (top-k
+    40), after their prompts are read: the best of `steps` steps."""
+    vocab_size = net.config.vocab_size
+    engine = Engine(net, rows_n)
+    rows = [Row([(i + j) % vocab_size for j in range(TRIAL_PROMPT)], 10 ** 6, slot=i, top_k=40, seed=i)
+            for i in range(rows_n)]
+    best = float("inf")
+    for n in range(2 + steps):
+        start = time.perf_counter()
+        engine.step(rows)
+        if n >= 2:
+            best = min(best, time.perf_counter() - start)
+    return best / rows_n
+
+
+def generation_dtype(net, asked, row_counts):
+    """(dtype, why) ChatAI.py and serve.py generate in, their weights cast to it once (a chat stage
+    never trains, so it keeps no float32 copy): what `asked` names, or for auto the precision whose
+    characters cost least at the row counts the stage will run (ChatAI: 1; serve.py: 1 and
+    max_batch), timed on a copy of this model (lumina.device.timed_dtype)."""
+    device = next(net.parameters()).device
+    row_counts = tuple(sorted(set(row_counts)))
+    key = trial_key(device, dataclasses.asdict(net.config), {"generate rows": row_counts})
+
+    def trial(name):
+        model = copy.deepcopy(net).to(DTYPES[name])
+        return [step_seconds(model, rows_n) for rows_n in row_counts]
+    return timed_dtype(asked, device, trial, key, f"a character (rows {'/'.join(map(str, row_counts))})")
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. One streamed reply, and beam search
 # ----------------------------------------------------------------------------------------------
 def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None,
-             repetition_penalty=1.0, seed=None, stop_ids=(END,), use_cache=True, dtype=None):
+             repetition_penalty=1.0, seed=None, stop_ids=(END,), use_cache=True, dtype=None, compile=False):
     """Yield new ids one at a time, stopping after a stop id or max_new_tokens.
 
     The prompt (or its most recent window, see window_start) goes through in one forward pass;
@@ -460,7 +595,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top
     """
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt id")
-    engine = Engine(model, 1, dtype)
+    engine = Engine(model, 1, dtype, compile)
     row = Row(list(prompt_ids), max_new_tokens, 0, temperature, top_k, top_p, repetition_penalty, seed,
               tuple(stop_ids))
     while not row.done:
@@ -559,7 +694,8 @@ class BeamSearch:
         return self.finished
 
 
-def beam_search(model, prompt_ids, max_new_tokens, num_beams=4, length_penalty=1.0, stop_ids=(END,), dtype=None):
+def beam_search(model, prompt_ids, max_new_tokens, num_beams=4, length_penalty=1.0, stop_ids=(END,), dtype=None,
+                compile=False):
     """The new ids of the best reply beam search finds (ending in its stop id, if it reached one)."""
     search = BeamSearch(prompt_ids, max_new_tokens, range(num_beams), length_penalty, stop_ids)
-    return search.run(Engine(model, num_beams, dtype))[0][1]
+    return search.run(Engine(model, num_beams, dtype, compile))[0][1]

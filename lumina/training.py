@@ -17,7 +17,8 @@ from tqdm import tqdm
 from lumina import checkpoint as ckpt, data
 from lumina.adapt import lora_state
 from lumina.corpus import random_windows
-from lumina.device import DTYPE_CHOICES, DTYPES, autocast, cpu_has_bf16, dtype_line, gpu_dtype, pick_device, seeded_generator
+from lumina.device import (DTYPE_CHOICES, DTYPES, autocast, dtype_line, pick_device, seeded_generator, timed_dtype,
+                           trial_key)
 from lumina.evaluate import end_of_turn_rate, evaluate, probe_replies, turn_ends
 from lumina.model import CharTransformer, ModelConfig
 from lumina.optim import lr_at, make_optimizer
@@ -58,44 +59,37 @@ DTYPE_TRIAL_STEPS = 3  # timed training steps per precision when dtype=auto must
 
 
 def choose_dtype(net, config, runtime, log):
-    """The run's precision, decided once: what `dtype` asks for, or for auto bf16 (or fp16) autocast
-    on a GPU, and on a CPU whose flags promise fast bf16 the faster of float32 and bf16 in a few
-    timed steps. It is logged on one line (chosen, asked, why), set on runtime, and written into
-    config, so checkpoints store the precision the run used, not "auto"."""
-    asked, why = config["dtype"], ""
-    if asked != "auto":
-        dtype = DTYPES[asked]
-    elif runtime.device.type != "cpu":
-        dtype, why = gpu_dtype(runtime.device)
-    elif runtime.world > 1:  # every process must train in the same precision, and timings differ
+    """The run's precision, decided once by the policy of every stage (lumina.device.timed_dtype):
+    what `dtype` asks for, or for auto the faster of float32 and bf16 in a few real training steps
+    of this model and batch (cached per machine). It is logged on one line (chosen, asked, why), set
+    on runtime, and written into config, so checkpoints store the precision the run used, not "auto"."""
+    asked = config["dtype"]
+    if asked == "auto" and runtime.device.type == "cpu" and runtime.world > 1:
+        # every process must train in the same precision, and timings differ
         dtype, why = torch.float32, "several CPU processes; choose one with --dtype to use bf16"
-    elif not cpu_has_bf16():
-        dtype, why = torch.float32, "no AVX512-BF16 or AMX in this CPU's flags: bf16 would be emulated, far slower"
     else:
-        dtype, why = time_precisions(net, config, runtime)
+        key = trial_key(runtime.device, dataclasses.asdict(net.config),
+                        {"train batch": [config["batch_size"], config["seq_length"]]})
+        dtype, why = timed_dtype(asked, runtime.device, lambda name: [step_time(net, config, runtime, DTYPES[name])],
+                                 key, "a training step")
     runtime.dtype, config["dtype"] = dtype, str(dtype).replace("torch.", "")
     log(dtype_line(dtype, asked, why))
 
 
-def time_precisions(net, config, runtime):
-    """(the faster dtype, the timings) of a few real training steps of this model in float32 and in
-    bf16 autocast. A matmul peak says little when the model is small enough for everything else to
-    dominate (on an EPYC with avx512_bf16, bf16's matmul peak was 2.4x fp32's, yet training ran at
-    0.88x), so the choice is measured on the actual model and batch. The trial gradients are dropped."""
+def step_time(net, config, runtime, dtype):
+    """Seconds of one real training step of this model and batch in `dtype`: the best of a few,
+    after a warm-up. A matmul peak says little when the model is small enough for everything else
+    to dominate (on an EPYC with avx512_bf16, bf16's matmul peak was 2.4x fp32's, yet training ran
+    at 0.88x), so the choice is measured on the actual model and batch. The gradients are dropped."""
     x = torch.randint(net.config.vocab_size, (config["batch_size"], config["seq_length"]), generator=seeded_generator(0))
     text = LanguageModel(None, None, config["seq_length"])
-    times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        trial = dataclasses.replace(runtime, dtype=dtype)
-        durations = []
-        for _ in range(1 + DTYPE_TRIAL_STEPS):
-            start = time.perf_counter()
-            forward_backward(net, (x, x, x[:, :2]), len(x), trial, torch.amp.GradScaler("cpu", enabled=False), text)
-            durations.append(time.perf_counter() - start)
-        times[dtype] = min(durations[1:])
+    trial, durations = dataclasses.replace(runtime, dtype=dtype), []
+    for _ in range(1 + DTYPE_TRIAL_STEPS):
+        start = time.perf_counter()
+        forward_backward(net, (x, x, x[:, :2]), len(x), trial, torch.amp.GradScaler("cpu", enabled=False), text)
+        durations.append(time.perf_counter() - start)
     net.zero_grad(set_to_none=True)
-    return min(times, key=times.get), "a training step took " + ", ".join(
-        f"{t * 1000:.0f} ms in {str(d).replace('torch.', '')}" for d, t in times.items())
+    return min(durations[1:])
 
 
 # Regularisation by how many times the run will see its data (Muennighoff et al. 2023, "Scaling

@@ -81,6 +81,13 @@ def run_script(script, *args, cwd=None, input=None, timeout=300, env=None):
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Timed trials cache what they chose (lumina.device): every test, and every stage it runs in a
+    subprocess, gets its own empty cache folder, never the real one in the home folder."""
+    monkeypatch.setenv("LUMINA_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def vocab():
     return Vocab.from_text("abcdefghijklmnopqrstuvwxyz !?.,\n\tñ")

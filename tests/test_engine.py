@@ -179,9 +179,9 @@ def test_seeds_repeat_and_unseeded_rows_draw_fresh_noise(vocab):
 
 
 # --- the engine's step ---------------------------------------------------------------------------------
-def run_together(net, rows, join_every, slots):
+def run_together(net, rows, join_every, slots, dtype=None, compile=False):
     """Rows join one by one, every `join_every` steps, and leave when done; returns each row's new ids."""
-    eng, running, step = Engine(net, slots), [], 0
+    eng, running, step = Engine(net, slots, dtype, compile), [], 0
     while step < join_every * len(rows) or any(not row.done for row in running):
         if step % join_every == 0 and step // join_every < len(rows):
             running.append(rows[step // join_every])
@@ -351,3 +351,38 @@ def test_a_tie_at_the_kth_place_is_broken_the_same_way_in_any_batch():
         return int(choose(torch.stack([logits, logits]), Sampling.of(rows, 5, "cpu"), torch.tensor([0, 0]))[0])
     assert [beside_a_row_without_top_k(seed) for seed in range(200)] == alone
     assert draw(logits, 3, top_p=0.0) == 0  # a nucleus of no mass still keeps the likeliest id
+
+
+@pytest.mark.parametrize("k", [1, 3, 40, 99])
+def test_top_ids_are_the_k_likeliest_by_logit_then_lower_id(k):
+    """top_ids takes a cheaper road than the topk of ranking_keys (the definition): it must give the
+    same ids in the same order, also when many logits tie, as bf16 logits do."""
+    logits = (torch.randn(64, 100, generator=seeded_generator(0)) * 2).round()  # about 15 distinct values a row
+    logits[:8] = 0.0  # every id tied
+    expected = engine.ranking_keys(logits).topk(k).indices
+    assert torch.equal(engine.top_ids(logits, k), expected)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_the_compiled_bucketed_decode_gives_the_eager_ids_alone_and_in_a_batch(vocab, dtype, monkeypatch):
+    """The compiled decode step (rows padded to a power of two, the whole window read under a mask)
+    gives the ids of the eager step for the same seeds, through window re-reads; and rows joining
+    and leaving a compiled batch (buckets 1, 2 and 4) each get the reply they get alone."""
+    net = model_on_device(vocab)
+    prompts = [random_ids(len(SPECIAL_TOKENS), len(vocab), n, n) for n in (3, 9, 30)]
+    settings = [dict(temperature=1.0), dict(temperature=0.8, top_k=5), dict(temperature=0)]
+    replies = lambda compile: [list(generate(net, p, 30, stop_ids=(), seed=i, dtype=dtype, compile=compile, **s))
+                               for i, (p, s) in enumerate(zip(prompts, settings))]
+    eager = replies(False)
+    buckets, plan_fixed = [], Engine.plan_fixed
+    monkeypatch.setattr(Engine, "plan_fixed", lambda self, rows: buckets.append(engine.bucket(len(rows))) or
+                        plan_fixed(self, rows))
+    assert replies(True) == eager
+    rows = [Row(list(p), 30, slot=slot, seed=i, stop_ids=(), **s)
+            for i, (p, s, slot) in enumerate(zip(prompts, settings, (2, 0, 1)))]
+    assert run_together(net, rows, 5, 3, dtype, compile=True) == eager
+    assert len({tuple(ids) for ids in eager}) == 3 and set(buckets) == {1, 2, 4}  # the compiled step ran
+
+
+def test_buckets_are_powers_of_two():
+    assert [engine.bucket(n) for n in (1, 2, 3, 4, 5, 17, 64, 65)] == [1, 2, 4, 4, 8, 32, 64, 128]

@@ -3,6 +3,7 @@ a GPU) picks bf16 by itself, so the bf16 and fp16 paths are paths users run: her
 them on any CPU, only slower. Each path keeps two or more rows in flight, where a KV cache of the
 wrong dtype used to fail (a single row's slice write converts silently)."""
 import glob
+import json
 import os
 import re
 
@@ -13,7 +14,8 @@ from lumina.checkpoint import load_checkpoint, load_for_chat
 from lumina.device import autocast
 from lumina.evaluate import end_of_turn_rate
 from lumina.vocab import render_chat
-from conftest import (CHATS, DEVICE, DTYPES, KEY, ROOT, SERVE_PACKAGES, need, Server, ask, endless_checkpoint, run_script,
+from conftest import (CHATS, tiny_model, DEVICE, DTYPES, KEY, ROOT, SERVE_PACKAGES, need, Server, ask, endless_checkpoint,
+                      run_script,
                       write_jsonl)
 
 TINY = ["--seq_length=32", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8", "--max_minutes=0",
@@ -104,12 +106,90 @@ def test_no_generator_is_made_outside_the_one_helper():
     assert list(made) == [os.path.relpath(helper, ROOT)] and len(made[os.path.relpath(helper, ROOT)]) == 1, made
 
 
-def test_auto_generation_precision_follows_the_measured_rule(monkeypatch):
+# --- the one precision policy: timed on this machine, cached per machine, model and torch ---
+def fake_trial(times, calls):
+    """A trial that takes no time: seconds per workload of each candidate, from `times`."""
+    def trial(name):
+        calls.append(name)
+        return times[name]
+    return trial
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
     from lumina import device
-    cpu = torch.device("cpu")
     monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)  # as on a CPU with AMX or AVX512-BF16
-    assert device.generation_dtype("auto", cpu, 1)[0] == torch.float32  # one reply: float32 was faster
-    assert device.generation_dtype("auto", cpu, device.BF16_MIN_ROWS)[0] == torch.bfloat16
-    assert device.generation_dtype("float16", cpu, 1) == (torch.float16, "")
-    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
-    assert device.generation_dtype("auto", cpu, 64)[0] == torch.float32
+    return device
+
+
+def test_the_trial_keeps_the_faster_and_caches_it(native_bf16):
+    device, cpu, calls = native_bf16, torch.device("cpu"), []
+    key = device.trial_key(cpu, {"hidden_size": 32}, "generate 1 row")
+    trial = fake_trial({"float32": [2e-3], "bfloat16": [1e-3]}, calls)
+    dtype, why = device.timed_dtype("auto", cpu, trial, key, "a character")
+    assert dtype == torch.bfloat16 and calls == ["float32", "bfloat16"]
+    assert why == "a character took 2 ms in float32, 1 ms in bfloat16"
+    dtype, why = device.timed_dtype("auto", cpu, lambda name: pytest.fail("the cache answers"), key, "a character")
+    assert dtype == torch.bfloat16 and why.endswith("1 ms in bfloat16 (cached)")
+    assert device.timed_dtype("float16", cpu, pytest.fail, key, "a character") == (torch.float16, "")
+
+
+def test_several_workloads_keep_the_choice_least_behind_the_best_at_any(native_bf16):
+    device, cpu, calls = native_bf16, torch.device("cpu"), []
+    key = device.trial_key(cpu, {"hidden_size": 32}, "generate 1 and 64 rows")
+    # float32 is 2x behind at 64 rows; bfloat16 only 1.5x behind at 1 row.
+    trial = fake_trial({"float32": [1e-3, 1e-4], "bfloat16": [1.5e-3, 5e-5]}, calls)
+    dtype, why = device.timed_dtype("auto", cpu, trial, key, "a character at 1/64 rows")
+    assert dtype == torch.bfloat16 and why == "a character at 1/64 rows took 1/0.1 ms in float32, 1.5/0.05 ms in bfloat16"
+
+
+def test_a_changed_model_shape_or_torch_version_times_again(native_bf16, monkeypatch):
+    device, cpu, calls = native_bf16, torch.device("cpu"), []
+    trial = fake_trial({"float32": [1.0], "bfloat16": [2.0]}, calls)
+    device.timed_dtype("auto", cpu, trial, device.trial_key(cpu, {"hidden_size": 32}, "train"), "a step")
+    device.timed_dtype("auto", cpu, trial, device.trial_key(cpu, {"hidden_size": 64}, "train"), "a step")
+    assert len(calls) == 4
+    device.timed_dtype("auto", cpu, trial, device.trial_key(cpu, {"hidden_size": 64}, "train"), "a step")
+    assert len(calls) == 4
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    device.timed_dtype("auto", cpu, trial, device.trial_key(cpu, {"hidden_size": 64}, "train"), "a step")
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"key": "not a record"}', ""])
+def test_a_corrupt_cache_file_is_ignored_and_rewritten(native_bf16, content):
+    device, cpu, calls = native_bf16, torch.device("cpu"), []
+    key = device.trial_key(cpu, {"hidden_size": 32}, "train")
+    path = device.cache_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(content.replace("key", key.replace('"', '\\"')))
+    dtype, _ = device.timed_dtype("auto", cpu, fake_trial({"float32": [1.0], "bfloat16": [2.0]}, calls), key, "a step")
+    assert dtype == torch.float32 and len(calls) == 2
+    with open(path) as f:
+        assert json.load(f)[key]["chosen"] == "float32"
+
+
+def test_the_cache_lives_in_the_users_cache_folder(monkeypatch, tmp_path):
+    from lumina import device
+    monkeypatch.delenv("LUMINA_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert device.cache_path() == os.path.join(str(tmp_path), "lumina", device.CACHE_FILE)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert device.cache_path() == os.path.join(os.path.expanduser("~"), ".cache", "lumina", device.CACHE_FILE)
+
+
+@pytest.mark.parametrize("flags_bf16", [True, False])
+def test_generation_precision_is_timed_on_the_model_itself(vocab, monkeypatch, flags_bf16):
+    from lumina import device, engine
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: flags_bf16)
+    net = tiny_model(vocab)
+    dtype, why = engine.generation_dtype(net, "auto", (1, 4))
+    if not flags_bf16:  # emulated bf16 is not worth a trial
+        assert dtype == torch.float32 and "emulated" in why
+        return
+    assert re.fullmatch(r"a character \(rows 1/4\) took [\d.e+-]+/[\d.e+-]+ ms in float32, "
+                        r"[\d.e+-]+/[\d.e+-]+ ms in bfloat16", why), why
+    assert next(net.parameters()).dtype == torch.float32  # the trial casts a copy
+    assert engine.generation_dtype(net, "auto", (1, 4)) == (dtype, why + " (cached)")
+    assert engine.generation_dtype(net, "bfloat16", (1, 4)) == (torch.bfloat16, "")

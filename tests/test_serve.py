@@ -152,6 +152,23 @@ def test_sixteen_concurrent_requests_get_exactly_their_solo_replies(sharp):
     assert len(set(solo)) > 8  # the replies really differ, so equality means something
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_compiled_server_sends_the_eager_servers_seeded_replies(sharp, dtype):
+    """--compile=True compiles the decode step for each bucket of rows at start (1 and 2 here);
+    seeded replies, served two at a time, are the eager server's."""
+    compiled = Server(sharp.checkpoint, f"--api_key={KEY}", "--max_batch=2", "--compile=True", f"--dtype={dtype}")
+    eager = sharp if dtype == "float32" else Server(sharp.checkpoint, f"--api_key={KEY}", "--dtype=bfloat16")
+    try:
+        replies = [[c.message.content for c in ask(server.client(), "hi there", max_tokens=40, temperature=1.0,
+                                                   seed=3, n=2).choices] for server in (eager, compiled)]
+    finally:
+        code, out, err = compiled.stop()
+        if eager is not sharp:
+            eager.stop()
+    assert replies[0] == replies[1] and len(set(replies[0])) == 2
+    assert code == 0 and "compiling the decode step" in out and "Traceback" not in err, err
+
+
 def test_beam_search_choices_are_model_pys_best_beams_even_beside_other_clients(sharp):
     net, vocab, _ = load_for_chat(sharp.checkpoint, DEVICE)
     ids, _ = render_chat([{"role": "user", "content": "hello there"}], vocab, add_generation_prompt=True)

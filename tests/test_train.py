@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from lumina import data
+from lumina import data, device
 import Train
 from lumina import training
 from lumina.checkpoint import build_model, load_checkpoint
@@ -400,11 +400,12 @@ def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path, chat_file):
 
 
 # --- precision by measurement ------------------------------------------------------------------------
-def test_dtype_auto_times_both_precisions_and_keeps_the_faster(monkeypatch):
+def test_dtype_auto_times_both_precisions_and_keeps_the_faster(monkeypatch, tmp_path):
     net = tiny_model(Vocab.from_text("abcdefgh"))
-    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)  # as on a CPU with AVX512-BF16 or AMX
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)  # as on a CPU with AVX512-BF16 or AMX
     real = forward_backward
     for slow, expected in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        monkeypatch.setenv("LUMINA_CACHE_DIR", str(tmp_path / str(slow)))  # the same model: not from the cache
         def timed(model, batch, micro_batch, runtime, scaler, objective):
             time.sleep(0.03 if runtime.dtype == slow else 0.0)
             return real(model, batch, micro_batch, runtime, scaler, objective)
@@ -414,7 +415,7 @@ def test_dtype_auto_times_both_precisions_and_keeps_the_faster(monkeypatch):
         choose_dtype(net, config, runtime, logs.append)
         name = str(expected)[6:]
         assert runtime.dtype == expected and config["dtype"] == name  # what the checkpoint stores
-        assert re.fullmatch(rf"dtype {name} \(asked auto: a training step took \d+ ms in float32, \d+ ms in bfloat16\)",
+        assert re.fullmatch(rf"dtype {name} \(asked auto: a training step took [\d.]+ ms in float32, [\d.]+ ms in bfloat16\)",
                             logs[0]) and len(logs) == 1
         assert all(p.grad is None for p in net.parameters())  # the trial steps leave nothing behind
 
@@ -426,7 +427,7 @@ def test_a_forced_dtype_is_obeyed_and_an_emulated_bf16_is_not_tried(monkeypatch)
         runtime, logs = Runtime(torch.device("cpu")), []
         choose_dtype(net, {**Train.CONFIG, "dtype": forced}, runtime, logs.append)
         assert str(runtime.dtype) == f"torch.{forced}" and logs == [f"dtype {forced} (asked {forced})"]
-    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
     runtime, logs = Runtime(torch.device("cpu")), []
     choose_dtype(net, {**Train.CONFIG, "dtype": "auto"}, runtime, logs.append)
     assert runtime.dtype == torch.float32 and "no AVX512-BF16 or AMX" in logs[0]
