@@ -14,7 +14,7 @@ import Dataset_download
 from lumina import data
 from lumina.corpus import load_data
 
-FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                       HealthCheck.too_slow])
 # Characters that broke a reader once: NUL (numpy's str arrays strip it), a lone surrogate (cannot be
 # written as UTF-8), the chat markers, a tab, and text of any other kind.
@@ -42,7 +42,7 @@ ROW = st.one_of(
 RAW_LINE = st.one_of(ROW.map(lambda row: json.dumps(row, ensure_ascii=True).encode()),  # \ud800 as an escape
                      st.binary(max_size=20).filter(lambda b: b"\n" not in b),           # invalid UTF-8, truncation
                      st.integers(1, 3000).map(lambda depth: b"[" * depth + b"]" * depth))  # deep nesting
-LINES = st.lists(RAW_LINE, min_size=5, max_size=10)  # 80 files of 5-10 rows: 400 or more rows per reader
+LINES = st.lists(RAW_LINE, min_size=5, max_size=10)  # 60 files of 5-10 rows: 300 or more rows per reader
 HAND_MADE = [  # the crashes of issue 27, each as it was reported
     b'{"messages": [{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "yo"}]}',
     b'{"message_id": "a", "parent_id": ["x"], "text": "hi", "role": "prompter"}',

@@ -199,23 +199,33 @@ def test_resume_restores_the_runs_config_and_refuses_another_base_data_or_output
 
 
 def test_the_readme_flow_from_the_bundled_sample_reaches_a_chat_twice(tmp_path):
-    """Offline, as the README says: the sample, Train.py (twice: the second keeps the first),
-    fine_tune.py on the threads, then DPO on the pairs (their characters are in the vocabulary,
-    though the threads hold only the best replies), then a chat with each model."""
+    """Offline, as the README says: the sample, Train.py twice (the second keeps the first, byte for
+    byte, and says where; --overwrite replaces), fine_tune.py on the threads, then DPO on the pairs
+    (their characters are in the vocabulary, though the threads hold only the best replies), then a
+    chat with the last model."""
     tiny = ["--seq_length=64", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=4", "--max_minutes=0",
-            "--probe_chars=0", f"--device={DEVICE}", "--dtype=float32", "--end_chars=50"]
-    tune = ["--epochs=0", "--max_iters=6", "--max_minutes=0", "--probe_chars=0", f"--device={DEVICE}", "--dtype=float32",
-            "--end_chars=50"]
-    steps = [("Dataset_download.py", "--source=sample"),
-             ("Train.py", "--max_iters=20", "--eval_interval=10", "--ngram_buckets=0", *tiny),
-             ("Train.py", "--max_iters=20", "--eval_interval=10", "--ngram_buckets=0", *tiny),
-             ("ChatAI.py", "--prompt=Hello!", "--max_new_chars=20"),
-             ("fine_tune.py", "--data=oasst1_data", *tune),
-             ("fine_tune.py", "--base_model=FineTuned_Model.pth", "--data=oasst1_data/pairs_train.jsonl", "--output=DPO.pth",
-              *tune),
-             ("ChatAI.py", "DPO.pth", "--prompt=Hello!", "--max_new_chars=20")]
-    for script, *args in steps:
+            "--probe_chars=0", f"--device={DEVICE}", "--dtype=float32", "--end_chars=50", "--max_iters=10",
+            "--eval_interval=10", "--ngram_buckets=0"]
+    tune = ["--epochs=0", "--max_iters=6", "--eval_interval=6", "--max_minutes=0", "--probe_chars=0", f"--device={DEVICE}",
+            "--dtype=float32", "--end_chars=50"]
+
+    def step(script, *args):
         out = run_script(script, *args, cwd=tmp_path)
         assert out.returncode == 0 and "Traceback" not in out.stderr, (script, args, out.stdout[-2000:], out.stderr[-2000:])
+        return out
+    step("Dataset_download.py", "--source=sample")
+    step("Train.py", *tiny)
+    first = {name: (tmp_path / name).read_bytes() for name in ("Model.pth", "train_state.pth", "train_metrics.jsonl")}
+    second = step("Train.py", *tiny, "--seed=7")
+    said = re.search(r"already holds a run \(step 10, val [\d.]+ bits/char, [\d-]+ [\d:]+\): moved it to (\S+)/",
+                     second.stdout)
+    assert said and all(flag in second.stdout for flag in ("--resume", "--overwrite", "--out_dir")), second.stdout
+    assert {name: (tmp_path / said.group(1) / name).read_bytes() for name in first} == first  # nothing lost or mixed
+    assert (tmp_path / "Model.pth").read_bytes() != first["Model.pth"]  # the second run wrote its own
+    assert "moved it" not in step("Train.py", *tiny, "--overwrite").stdout  # told to: replaces, moves nothing
+    assert len(os.listdir(tmp_path / "previous_runs")) == 1
+    step("fine_tune.py", "--data=oasst1_data", *tune)
+    out = step("fine_tune.py", "--base_model=FineTuned_Model.pth", "--data=oasst1_data/pairs_train.jsonl",
+               "--output=DPO.pth", *tune)
     assert "vocabulary" not in out.stdout and load_checkpoint(str(tmp_path / "DPO.pth"))["objective"] == "dpo"
-    assert len(os.listdir(tmp_path / "previous_runs")) == 1  # the first Train.py run, kept
+    step("ChatAI.py", "DPO.pth", "--prompt=Hello!", "--max_new_chars=20")  # a reply (an empty one is a reply too)

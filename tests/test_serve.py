@@ -459,7 +459,8 @@ def test_long_stop_strings_are_refused_and_the_longest_allowed_cost_one_pass(bus
     assert huge.status_code == 400 and huge.json()["error"]["param"] == "stop"
     longest = ["abcdefghij" * (serve.MAX_STOP_CHARS // 10)] * 4  # never completed: every character is checked
     slowest, response = health_while(busy, lambda: post(busy, {
-        "model": "Model", "messages": [{"role": "user", "content": "go"}], "n": 16, "stop": longest, "max_tokens": 3000}))
+        "model": "Model", "messages": [{"role": "user", "content": "go"}], "n": 16, "stop": longest, "max_tokens": 1500}),
+        seconds=1.5)
     assert response.status_code == 200 and len(response.json()["choices"]) == 16
     assert slowest < 1.0  # the goal is 100 ms (benchmarks/hostile_requests.py); here, room for a busy machine
 

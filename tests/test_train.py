@@ -499,22 +499,3 @@ def test_muon_takes_its_number_of_newton_schulz_iterations_and_keeps_it_in_its_s
         del group["ns_steps"]  # a state saved before the setting existed
     muon.load_state_dict(state)
     assert {g["ns_steps"] for g in muon.param_groups} == {5}
-
-
-# --- a second run keeps the first ----------------------------------------------------------------
-def test_a_second_run_moves_the_first_aside_and_says_where(tmp_path, chat_file):
-    args = [f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=4", "--log_interval=2",
-            *TINY_ARGS]
-    assert run_script("Train.py", *args, cwd=tmp_path).returncode == 0
-    first = {name: (tmp_path / name).read_bytes() for name in ("Model.pth", "train_state.pth", "train_metrics.jsonl")}
-    second = run_script("Train.py", *args, "--seed=7", cwd=tmp_path)
-    assert second.returncode == 0, second.stderr
-    said = re.search(r"already holds a run \(step 4, val [\d.]+ bits/char, [\d-]+ [\d:]+\): moved it to (\S+)/", second.stdout)
-    assert said, second.stdout
-    assert "--resume" in second.stdout and "--overwrite" in second.stdout and "--out_dir" in second.stdout
-    kept = tmp_path / said.group(1) if not os.path.isabs(said.group(1)) else said.group(1)
-    assert {name: open(os.path.join(kept, name), "rb").read() for name in first} == first  # nothing lost, nothing mixed
-    assert (tmp_path / "Model.pth").read_bytes() != first["Model.pth"]  # the new run wrote its own
-    third = run_script("Train.py", *args, "--overwrite", cwd=tmp_path)  # told to: replaces, moves nothing
-    assert third.returncode == 0 and "moved it" not in third.stdout
-    assert len(os.listdir(tmp_path / "previous_runs")) == 1
