@@ -110,8 +110,8 @@ async def one_client(url, chars, start):
     body = json.dumps({"model": "Model", "messages": [{"role": "user", "content": "Tell me a story."}],
                        "max_tokens": chars, "stream": True}).encode()
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(body), body))  # a loopback server checks Host
     await reader.readuntil(b"\r\n\r\n")  # status line and headers
     first, received, pending = None, 0, b""
     while (size := int((await reader.readline()).strip(), 16)) > 0:  # chunked transfer encoding
