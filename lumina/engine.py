@@ -398,20 +398,61 @@ class Row:
     repetition_penalty: float = 1.0
     seed: int = None
     stop_ids: tuple = (END,)
+    top_logprobs: int = None   # None: no log-probs; k >= 0: each new id's Entry, with the k likeliest alternatives
     new: int = 0               # ids generated so far
     window: int = None         # first id of the window the cache holds; None: nothing read yet
+    entries: list = None       # with top_logprobs: one Entry per new id
 
     def __post_init__(self):
         if self.seed is None:
             self.seed = secrets.randbits(63)
+        if self.top_logprobs is not None and self.entries is None:
+            self.entries = []
 
     @property
     def done(self):
         return self.new >= self.max_new_tokens or (self.new > 0 and self.ids[-1] in self.stop_ids)
 
-    def take(self, new_id):
+    def take(self, new_id, entry=None):
         self.ids.append(new_id)
         self.new += 1
+        if entry is not None:
+            self.entries.append(entry)
+
+
+class Entry(collections.namedtuple("Entry", "logprob top")):
+    """What the model thought of one id it wrote: its log-probability, and (id, log-probability)
+    of the likeliest ids, likeliest first. Both are the model's own distribution, before the
+    repetition penalty, temperature, top-k or top-p reshaped it for the draw (as OpenAI and vLLM
+    report them): how sure the model was, not how the dice were loaded."""
+
+
+def logprob_numbers(logits, chosen, k):
+    """The numbers behind each row's Entry, flat float32 on the device: the chosen ids' log-probs
+    (B,), then, when k > 0, the k likeliest ids' log-probs (B * k) and those ids (B * k; exact as
+    float32 below 2**24). The likeliest come first, of equal logits the lower id, as greedy takes."""
+    logits = logits.float()
+    logprobs = logits.log_softmax(-1)
+    numbers = [logprobs.gather(1, chosen[:, None])[:, 0]]
+    if k:
+        ids = top_ids(logits, k)
+        numbers += [logprobs.gather(1, ids).flatten(), ids.flatten().float()]
+    return torch.cat(numbers)
+
+
+def read_entries(numbers, rows_n, k, limits):
+    """The Entries of rows_n rows from logprob_numbers' numbers, now Python floats; row b keeps
+    limits[b] of the k alternatives. Returns (entries, numbers used)."""
+    tops = read_top(numbers[rows_n:], rows_n, k, limits)
+    return [Entry(lp, top) for lp, top in zip(numbers[:rows_n], tops)], rows_n * (1 + 2 * k)
+
+
+def read_top(numbers, rows_n, k, limits):
+    """Each row's first limits[b] (id, log-prob) alternatives from the k log-probs and then k ids
+    per row that logprob_numbers packs (numbers starting at the log-probs)."""
+    values, ids = numbers[:rows_n * k], numbers[rows_n * k:2 * rows_n * k]
+    ends = [b * k + min(limit, k) for b, limit in enumerate(limits)]  # a row may ask for more than the vocabulary
+    return [[(int(i), v) for i, v in zip(ids[b * k:end], values[b * k:end])] for b, end in enumerate(ends)]
 
 
 def predecessors(ids, first):
@@ -515,20 +556,33 @@ class Engine:
         if not rows and not beams:
             return []
         drawing = self.sampling(rows) if rows else None
+        asking = [b for b, row in enumerate(rows) if row.top_logprobs is not None]  # rows that want log-probs
+        k = min(max((rows[b].top_logprobs for b in asking), default=0), self.model.config.vocab_size)
+        picked = torch.tensor(asking, device=self.device) if asking and asking != list(range(len(rows))) else None
         scores = [search.scores_on(self.device) for search in searches]
         logits = self.logits(rows + beams)
         # Everything the host needs goes in one float32 tensor (ids and beam x vocab + id are exact
         # below 2**24; MPS has no float64): the step's one transfer to the host.
-        parts = [choose(logits[:len(rows)], *drawing).float()] if rows else []
+        parts = []
+        if rows:
+            chosen = choose(logits[:len(rows)], *drawing)
+            parts.append(chosen.float())
+            if asking:  # from the logits this step made anyway: log-probs cost no second forward
+                parts.append(logprob_numbers(*((logits[:len(rows)], chosen) if picked is None else
+                                               (logits[picked], chosen[picked])), k))
         offset = len(rows)
         for search, score in zip(searches, scores):
             parts.append(search.propose(logits[offset:offset + len(search.rows)], score))
             offset += len(search.rows)
         numbers = torch.cat(parts).tolist()
         new_ids = [int(n) for n in numbers[:len(rows)]]
-        for row, new_id in zip(rows, new_ids):
-            row.take(new_id)
         offset = len(rows)
+        entries = {}
+        if asking:
+            found, used = read_entries(numbers[offset:], len(asking), k, [rows[b].top_logprobs for b in asking])
+            entries, offset = dict(zip(asking, found)), offset + used
+        for b, (row, new_id) in enumerate(zip(rows, new_ids)):
+            row.take(new_id, entries.get(b))
         for search in searches:
             search.accept(numbers[offset:offset + search.proposal_size], self.cache)
             offset += search.proposal_size
@@ -586,8 +640,10 @@ def generation_dtype(net, asked, row_counts):
 # 5. One streamed reply, and beam search
 # ----------------------------------------------------------------------------------------------
 def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top_p=None,
-             repetition_penalty=1.0, seed=None, stop_ids=(END,), use_cache=True, dtype=None, compile=False):
-    """Yield new ids one at a time, stopping after a stop id or max_new_tokens.
+             repetition_penalty=1.0, seed=None, stop_ids=(END,), use_cache=True, dtype=None, compile=False,
+             top_logprobs=None):
+    """Yield new ids one at a time, stopping after a stop id or max_new_tokens; with top_logprobs
+    (0 or more alternatives), yield (id, its Entry).
 
     The prompt (or its most recent window, see window_start) goes through in one forward pass;
     each later id costs one cached step of one row. use_cache=False re-reads the whole window every
@@ -597,11 +653,12 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=None, top
         raise ValueError("generate needs at least one prompt id")
     engine = Engine(model, 1, dtype, compile)
     row = Row(list(prompt_ids), max_new_tokens, 0, temperature, top_k, top_p, repetition_penalty, seed,
-              tuple(stop_ids))
+              tuple(stop_ids), top_logprobs)
     while not row.done:
         if not use_cache:
             row.window = None  # forget the cache: the whole window is read again
-        yield engine.step([row])[0]
+        new_id = engine.step([row])[0]
+        yield new_id if top_logprobs is None else (new_id, row.entries[-1])
 
 
 class BeamSearch:
@@ -619,15 +676,17 @@ class BeamSearch:
     any other rows: propose() ranks the candidates on the device, accept() takes them on the host.
     """
 
-    def __init__(self, prompt_ids, max_new_tokens, slots, length_penalty=1.0, stop_ids=(END,)):
+    def __init__(self, prompt_ids, max_new_tokens, slots, length_penalty=1.0, stop_ids=(END,), top_logprobs=None):
         if not prompt_ids:
             raise ValueError("beam search needs at least one prompt id")
         self.slots, self.length_penalty, self.stop_ids = list(slots), length_penalty, tuple(stop_ids)
-        self.rows = [Row(list(prompt_ids), max_new_tokens, self.slots[0], temperature=0, stop_ids=self.stop_ids)]
+        self.rows = [Row(list(prompt_ids), max_new_tokens, self.slots[0], temperature=0, stop_ids=self.stop_ids,
+                         top_logprobs=top_logprobs)]
         self.scores = [0.0]    # total log probability of each live beam's new ids
-        self.finished = []     # (normalised score, new ids), best first, at most num_beams
+        self.finished = []     # (normalised score, new ids, their Entries or None), best first, at most num_beams
         self.prompt_length = len(prompt_ids)
-        self.vocab_size = self.proposal_size = 0
+        self.top_logprobs = top_logprobs  # None: no Entries; k: each id's Entry with k alternatives
+        self.vocab_size = self.proposal_size = self.candidates = self.k = 0
 
     @property
     def num_beams(self):
@@ -643,8 +702,8 @@ class BeamSearch:
         best_live = self.normalised(max(self.scores), self.rows[0].new)
         return len(self.finished) == self.num_beams and best_live <= self.finished[-1][0]
 
-    def finish(self, new_ids, score):
-        self.finished.append((self.normalised(score, len(new_ids)), new_ids))
+    def finish(self, new_ids, score, entries):
+        self.finished.append((self.normalised(score, len(new_ids)), new_ids, entries))
         self.finished = sorted(self.finished, key=lambda f: -f[0])[:self.num_beams]
 
     def scores_on(self, device):
@@ -653,39 +712,65 @@ class BeamSearch:
 
     def propose(self, logits, scores):
         """The best 2 x num_beams (score, beam x vocab + id) of the live beams' logits (beams, vocab)
-        and their scores, as one float32 tensor: the scores, then the flat indices (exact below 2**24)."""
+        and their scores, as one float32 tensor: the scores, then the flat indices (exact below
+        2**24); with top_logprobs, then each candidate's own log-prob and every beam's
+        alternatives (logprob_numbers' layout)."""
         self.vocab_size = logits.shape[1]
-        logprobs = logits.float().log_softmax(-1) + scores[:, None]
-        top = logprobs.flatten().topk(min(2 * self.num_beams, logprobs.numel()))
-        self.proposal_size = 2 * len(top.values)
-        return torch.cat([top.values, top.indices.float()])
+        logprobs = logits.float().log_softmax(-1)
+        top = (logprobs + scores[:, None]).flatten().topk(min(2 * self.num_beams, logprobs.numel()))
+        parts = [top.values, top.indices.float()]
+        self.candidates = len(top.values)
+        if self.top_logprobs is not None:
+            self.k = min(self.top_logprobs, self.vocab_size)
+            parts.append(logprobs.flatten()[top.indices])
+            if self.k:
+                ids = top_ids(logits.float(), self.k)
+                parts += [logprobs.gather(1, ids).flatten(), ids.flatten().float()]
+        self.proposal_size = sum(len(part) for part in parts)
+        return torch.cat(parts)
+
+    def candidate_entries(self, numbers):
+        """Per candidate, its Entry (or None without top_logprobs), from propose()'s numbers."""
+        n = self.candidates
+        if self.top_logprobs is None:
+            return [None] * n
+        beams = len(self.rows)
+        tops = read_top(numbers[3 * n:], beams, self.k, [self.k] * beams)
+        return [Entry(lp, tops[int(flat) // self.vocab_size]) for lp, flat in zip(numbers[2 * n:3 * n], numbers[n:2 * n])]
 
     def accept(self, numbers, cache):
-        """Choose the new beams from propose()'s numbers, now on the host. A parent's id list passes
-        to its last new beam, extended in place; only a parent with several children is copied, so
-        a step does not copy every beam's whole history (quadratic over a long reply)."""
-        half, kept = len(numbers) // 2, []  # kept: (score, parent, token) of the new beams
-        for rank, (score, flat) in enumerate(zip(numbers[:half], numbers[half:])):
+        """Choose the new beams from propose()'s numbers, now on the host. A parent's id list (and
+        Entries) passes to its last new beam, extended in place; only a parent with several children
+        is copied, so a step does not copy every beam's whole history (quadratic over a long reply)."""
+        n, kept = self.candidates, []  # kept: (score, parent, token, entry) of the new beams
+        for rank, (score, flat, entry) in enumerate(zip(numbers[:n], numbers[n:2 * n], self.candidate_entries(numbers))):
             parent, token = divmod(int(flat), self.vocab_size)
             if token in self.stop_ids:
                 if rank < self.num_beams:
-                    self.finish(self.rows[parent].ids[self.prompt_length:] + [token], score)
+                    old = self.rows[parent]
+                    self.finish(old.ids[self.prompt_length:] + [token], score,
+                                None if entry is None else old.entries + [entry])
                 continue
-            kept.append((score, parent, token))
+            kept.append((score, parent, token, entry))
             if len(kept) == self.num_beams:
                 break
-        uses, rows = collections.Counter(parent for _, parent, _ in kept), []
-        for score, parent, token in kept:
+        uses, rows = collections.Counter(parent for _, parent, _, _ in kept), []
+        for score, parent, token, entry in kept:
             old = self.rows[parent]
             uses[parent] -= 1
-            ids = old.ids if uses[parent] == 0 else list(old.ids)  # the parent's last child takes its list
+            ids, entries = old.ids, old.entries
+            if uses[parent]:  # a parent's last child takes its lists; the others copy them
+                ids = list(ids)
+                entries = None if entries is None else list(entries)
             ids.append(token)
-            rows.append(dataclasses.replace(old, ids=ids, new=old.new + 1, slot=self.slots[len(rows)]))
-        cache.copy_slots([self.rows[parent].slot for _, parent, _ in kept], [row.slot for row in rows])
-        self.rows, self.scores = rows, [score for score, _, _ in kept]
+            if entry is not None:
+                entries.append(entry)
+            rows.append(dataclasses.replace(old, ids=ids, entries=entries, new=old.new + 1, slot=self.slots[len(rows)]))
+        cache.copy_slots([self.rows[parent].slot for _, parent, _, _ in kept], [row.slot for row in rows])
+        self.rows, self.scores = rows, [score for score, _, _, _ in kept]
         if rows and rows[0].new >= rows[0].max_new_tokens:  # out of length: each beam is a reply as it stands
             for row, score in zip(rows, self.scores):
-                self.finish(row.ids[self.prompt_length:], score)
+                self.finish(row.ids[self.prompt_length:], score, row.entries)
             self.rows, self.scores = [], []
 
     def run(self, engine):
@@ -695,7 +780,9 @@ class BeamSearch:
 
 
 def beam_search(model, prompt_ids, max_new_tokens, num_beams=4, length_penalty=1.0, stop_ids=(END,), dtype=None,
-                compile=False):
-    """The new ids of the best reply beam search finds (ending in its stop id, if it reached one)."""
-    search = BeamSearch(prompt_ids, max_new_tokens, range(num_beams), length_penalty, stop_ids)
-    return search.run(Engine(model, num_beams, dtype, compile))[0][1]
+                compile=False, top_logprobs=None):
+    """The new ids of the best reply beam search finds (ending in its stop id, if it reached one);
+    with top_logprobs, (ids, their Entries)."""
+    search = BeamSearch(prompt_ids, max_new_tokens, range(num_beams), length_penalty, stop_ids, top_logprobs)
+    _, ids, entries = search.run(Engine(model, num_beams, dtype, compile))[0]
+    return ids if top_logprobs is None else (ids, entries)

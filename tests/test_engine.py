@@ -386,3 +386,83 @@ def test_the_compiled_bucketed_decode_gives_the_eager_ids_alone_and_in_a_batch(v
 
 def test_buckets_are_powers_of_two():
     assert [engine.bucket(n) for n in (1, 2, 3, 4, 5, 17, 64, 65)] == [1, 2, 4, 4, 8, 32, 64, 128]
+
+
+# --- log-probs --------------------------------------------------------------------------------------
+def uncached_logprobs(net, ids, start):
+    """log-softmax (new, vocab) of one uncached forward over the whole text, at the positions that
+    chose ids[start:] (the text must fit the window)."""
+    with torch.no_grad():
+        out, _ = net(torch.tensor([ids], device=DEVICE))
+    return out[0, start - 1:len(ids) - 1].float().log_softmax(-1)
+
+
+def check_entries(net, ids, start, entries, k, greedy=False):
+    expected = uncached_logprobs(net, ids, start)
+    assert len(entries) == len(ids) - start
+    for t, entry in enumerate(entries):
+        assert math.isclose(entry.logprob, expected[t, ids[start + t]].item(), abs_tol=1e-4)
+        assert len(entry.top) == k
+        top_lps = [lp for _, lp in entry.top]
+        assert top_lps == sorted(top_lps, reverse=True)
+        for i, lp in entry.top:
+            assert math.isclose(lp, expected[t, i].item(), abs_tol=1e-4)
+        if k:  # the alternatives are the k likeliest of the whole distribution
+            assert math.isclose(top_lps[0], expected[t].max().item(), abs_tol=1e-5)
+        if greedy and k:
+            assert entry.top[0][0] == ids[start + t]
+
+
+def test_logprobs_are_the_models_own_distribution_from_the_batched_step(vocab, monkeypatch):
+    """Rows asking for log-probs (with 0, 3 or 5 alternatives) step beside rows that do not, with
+    top-k, a repetition penalty and temperature reshaping their draws: each entry is still the
+    log-softmax of an uncached forward, the step still makes one transfer, and rows without are untouched."""
+    net = model_on_device(vocab, seq_length=48)
+    prompts = [[USER] + random_ids(len(SPECIAL_TOKENS), len(vocab), 4 + i, i) + [BOT] for i in range(5)]
+    asks = [5, None, 0, 3, None]
+    rows = [Row(list(p), 20, slot=i, seed=i, top_k=8, repetition_penalty=1.3, temperature=1.4, stop_ids=(),
+                top_logprobs=k) for i, (p, k) in enumerate(zip(prompts, asks))]
+    eng = Engine(net, 5)
+    eng.step(rows)
+    assert count_transfers(monkeypatch, lambda: eng.step(rows)) == ["tolist"]
+    while not all(row.done for row in rows):
+        eng.step([row for row in rows if not row.done])
+    for row, prompt, k in zip(rows, prompts, asks):
+        if k is None:
+            assert row.entries is None
+        else:
+            check_entries(net, row.ids, len(prompt), row.entries, k)
+    alone = list(generate(net, prompts[0], 20, seed=0, top_k=8, repetition_penalty=1.3, temperature=1.4, stop_ids=()))
+    assert rows[0].ids[len(prompts[0]):] == alone  # asking for log-probs never changes the draw
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_greedy_logprobs_put_the_chosen_character_first(vocab, dtype):
+    net = model_on_device(vocab, seq_length=48)
+    prompt = [USER, 7, 8, 9, BOT]
+    pairs = list(generate(net, prompt, 25, temperature=0, stop_ids=(), top_logprobs=4, dtype=dtype))
+    ids = [i for i, _ in pairs]
+    assert ids == list(generate(net, prompt, 25, temperature=0, stop_ids=(), dtype=dtype))
+    for i, entry in pairs:
+        assert entry.top[0][0] == i and len(entry.top) == 4
+    if dtype is None:
+        check_entries(net, prompt + ids, len(prompt), [e for _, e in pairs], 4, greedy=True)
+
+
+def test_more_alternatives_than_the_vocabulary_gives_them_all(vocab):
+    net = model_on_device(vocab)
+    ((_, entry),) = generate(net, [USER, 7, BOT], 1, temperature=0, top_logprobs=10 ** 3)
+    assert sorted(i for i, _ in entry.top) == list(range(len(vocab)))
+    assert math.isclose(sum(math.exp(lp) for _, lp in entry.top), 1.0, abs_tol=1e-4)
+
+
+def test_beam_search_entries_follow_each_beam_through_its_branches(vocab):
+    net = model_on_device(vocab, seq_length=48)
+    prompt = [USER, 7, 8, 9, BOT]
+    plain = beam_search(net, prompt, 14, num_beams=3, stop_ids=())
+    ids, entries = beam_search(net, prompt, 14, num_beams=3, stop_ids=(), top_logprobs=2)
+    assert ids == plain
+    check_entries(net, prompt + ids, len(prompt), entries, 2)
+    search = BeamSearch(prompt, 14, [0, 1, 2], stop_ids=(), top_logprobs=0)
+    for _, reply, found in search.run(Engine(net, 3)):  # every finished beam, not only the best
+        check_entries(net, prompt + reply, len(prompt), found, 0)
