@@ -91,6 +91,8 @@ RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "
 SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # per-request settings
 MAX_STOPS = 4  # as OpenAI's API allows
 MAX_STOP_CHARS = 256  # each stop string's length: matching costs nothing more, but a stop string is a few words
+MAX_TOP_LOGPROBS = 20  # alternatives per character, as OpenAI's API allows
+LOGPROB_FLOOR = -9999.0  # what OpenAI reports for "never": JSON has no -Infinity
 FAILING_STEPS = 3  # consecutive failed steps after which /health answers 503 (a sticky CUDA error, say)
 API_KEY_VARIABLE = "LUMINA_API_KEY"
 LOOPBACK = ("localhost", "::1")  # with 127.0.0.0/8: the names a loopback-bound server answers to
@@ -119,9 +121,9 @@ class APIError(Exception):
 # ----------------------------------------------------------------------------------------------
 SUPPORTED = {"model", "messages", "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens",
              "max_completion_tokens", "stop", "seed", "n", "stream", "stream_options", "user", "num_beams",
-             "length_penalty"}
-NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "tools": None, "tool_choice": None,
-           "response_format": None, "logit_bias": None, "parallel_tool_calls": None, "top_logprobs": None}
+             "length_penalty", "logprobs", "top_logprobs"}
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "tools": None, "tool_choice": None,
+           "response_format": None, "logit_bias": None, "parallel_tool_calls": None}
 # Fields a client may send at their neutral value (the openai client and UIs often do); any other
 # value, or any field not named here, is refused by name rather than silently ignored.
 
@@ -139,6 +141,7 @@ class ChatRequest:
     seed: int
     sampling: dict  # temperature, top_k, top_p, repetition_penalty
     user: str       # the client's name for its end user (OpenAI's field): only logged with a failure
+    top_logprobs: int = None  # None: no log-probs; k: each character's log-prob and its k likeliest alternatives
 
 
 def field(body, name, kind, low=None, high=None, default=None):
@@ -200,13 +203,18 @@ def parse_request(body, config, model_name):
     num_beams = field(body, "num_beams", int, 1, config["max_batch"], 1)
     if 1 < num_beams < n:
         raise APIError(400, f"'n' ({n}) cannot exceed 'num_beams' ({num_beams}): the choices are the best beams", "n")
+    top_logprobs = field(body, "top_logprobs", int, 0, MAX_TOP_LOGPROBS)
+    logprobs = field(body, "logprobs", bool, default=False)
+    if top_logprobs is not None and not logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return ChatRequest(
         messages=parse_messages(body.get("messages"), config["max_messages"]), stream=field(body, "stream", bool, default=False),
         include_usage=bool(options.get("include_usage")), n=n, num_beams=num_beams,
         length_penalty=field(body, "length_penalty", float, *RULES["length_penalty"], config["length_penalty"]),
         max_tokens=max_tokens or config["max_tokens"], stops=stops, seed=field(body, "seed", int, -2 ** 63, 2 ** 63 - 1),
         sampling={key: field(body, key, kind, *RULES[key], config[key])  # the ranges of the server's own defaults
-                  for key, kind in SAMPLING.items()}, user=field(body, "user", str))
+                  for key, kind in SAMPLING.items()}, user=field(body, "user", str),
+        top_logprobs=(top_logprobs or 0) if logprobs else None)
 
 
 def prompt_for(request, vocab, seq_length):
@@ -268,6 +276,13 @@ def fallbacks(pattern):
     return table
 
 
+def logprob_entry(vocab, char, entry):
+    """One character's entry in OpenAI's shape: token, logprob, bytes (UTF-8), top_logprobs."""
+    def token(text, logprob):
+        return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(text.encode("utf-8"))}
+    return {**token(char, entry.logprob), "top_logprobs": [token(vocab.itos[i], lp) for i, lp in entry.top]}
+
+
 # ----------------------------------------------------------------------------------------------
 # The scheduler: one thread owns the engine and steps every sequence in flight together
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +298,7 @@ class Job:
     rows: list = dataclasses.field(default_factory=list)      # one engine Row per sampled choice
     beam: BeamSearch = None                                   # num_beams > 1: its best beams are the choices
     texts: list = dataclasses.field(default_factory=list)     # one StopText per choice
+    entries: list = dataclasses.field(default_factory=list)   # per choice, with logprobs: an engine Entry per character
     finished: list = dataclasses.field(default_factory=list)  # per choice: its last event was sent
     cancelled: bool = False
     failed: bool = False                                      # an error event was sent; nothing more will be
@@ -295,12 +311,15 @@ class Job:
         """Set up the choices in the slots it was given: seeded rows (choice i uses seed + i), or a beam search."""
         request, slots = self.request, self.slots
         if request.num_beams > 1:
-            self.beam = BeamSearch(self.prompt_ids, request.max_tokens, slots, request.length_penalty, TURN_ENDS)
+            self.beam = BeamSearch(self.prompt_ids, request.max_tokens, slots, request.length_penalty, TURN_ENDS,
+                                   request.top_logprobs)
         else:
             self.rows = [Row(list(self.prompt_ids), request.max_tokens, slot, stop_ids=TURN_ENDS,
-                             seed=None if request.seed is None else request.seed + i, **request.sampling)
+                             seed=None if request.seed is None else request.seed + i, top_logprobs=request.top_logprobs,
+                             **request.sampling)
                          for i, slot in enumerate(slots)]
         self.texts = [StopText(request.stops) for _ in range(request.n)]
+        self.entries = [[] for _ in range(request.n)]
         self.finished = [False] * request.n
 
     def live_rows(self):
@@ -470,25 +489,37 @@ class Scheduler:
         if job.beam:
             if job.beam.done and not all(job.finished):
                 n = job.request.n
-                for i, (_, ids) in enumerate((job.beam.finished + [(0.0, [])] * n)[:n]):
-                    self.emit(job, i, ids, ended=True)
+                for i, (_, ids, entries) in enumerate((job.beam.finished + [(0.0, [], None)] * n)[:n]):
+                    self.emit(job, i, ids, ended=True, entries=entries)
             return
         for i, row in enumerate(job.rows):
-            if not job.finished[i] and self.emit(job, i, row.ids[-1:], row.done):
+            if not job.finished[i] and self.emit(job, i, row.ids[-1:], row.done, row.entries and row.entries[-1:]):
                 row.max_new_tokens = row.new  # a stop string ends the row too
 
-    def emit(self, job, i, ids, ended):
-        """Post choice i's text for its new `ids`; the choice ends when `ended` or at a stop string.
-        Returns whether it ended."""
-        text = job.texts[i]
-        out, hit = text.add("".join(self.vocab.itos[t] for t in ids if t >= len(SPECIAL_TOKENS)))
+    def emit(self, job, i, ids, ended, entries=None):
+        """Post choice i's text for its new `ids` (and their engine Entries, with logprobs); the
+        choice ends when `ended` or at a stop string. Returns whether it ended."""
+        text, sent = job.texts[i], job.texts[i].sent
+        shown = [b for b, t in enumerate(ids) if t >= len(SPECIAL_TOKENS)]  # special ids are not text
+        if entries:
+            job.entries[i] += [entries[b] for b in shown]
+        out, hit = text.add("".join(self.vocab.itos[ids[b]] for b in shown))
         if hit or ended:
             job.finished[i] = True
             reason = "stop" if hit or (ids and ids[-1] in TURN_ENDS) else "length"
-            self.post(job, "delta", i, out if hit else out + text.flush(), reason)
+            out = out if hit else out + text.flush()
+            self.post(job, "delta", i, out, reason, self.logprobs(job, i, sent, out))
         elif out:
-            self.post(job, "delta", i, out, None)
+            self.post(job, "delta", i, out, None, self.logprobs(job, i, sent, out))
         return hit or ended
+
+    def logprobs(self, job, i, sent, out):
+        """OpenAI's logprobs content of the text `out` that choice i releases from position `sent`:
+        the same characters, so the entries of a reply always spell its text (a stop string's
+        characters are never sent, nor their entries). None without logprobs."""
+        if job.request.top_logprobs is None:
+            return None
+        return [logprob_entry(self.vocab, char, entry) for char, entry in zip(out, job.entries[i][sent:sent + len(out)])]
 
     def retire(self, job):
         """True when the job can leave: cancelled, failed, or every choice finished. Frees its slots."""
@@ -520,20 +551,28 @@ def chunk(stream, choices, **extra):
                                   "model": model_name, "choices": choices, **extra}) + "\n\n"
 
 
+def choice_logprobs(entries):
+    """A choice's "logprobs" field: null without them, else {"content": [entry per character]}."""
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
 def events_to_sse(events, stream, include_usage):
-    """The scheduler's events as server-sent events. Consecutive text of one choice is merged into
-    one chunk, so a stream that fell behind catches up in fewer, larger chunks."""
-    out, texts = [], {}
+    """The scheduler's events as server-sent events. Consecutive text of one choice (and its
+    log-probs) is merged into one chunk, so a stream that fell behind catches up in fewer, larger chunks."""
+    out, texts, entries = [], {}, {}
     for event in events + [("end",)]:
         if event[0] == "delta" and event[3] is None:
             texts[event[1]] = texts.get(event[1], "") + event[2]
+            if event[4] is not None:
+                entries[event[1]] = entries.get(event[1], []) + event[4]
             continue
-        out += [chunk(stream, [{"index": i, "delta": {"content": t}, "finish_reason": None}], usage=None)
+        out += [chunk(stream, [{"index": i, "delta": {"content": t}, "logprobs": choice_logprobs(entries.get(i)),
+                                "finish_reason": None}], usage=None)
                 for i, t in texts.items()]
-        texts = {}
+        texts, entries = {}, {}
         if event[0] == "delta":  # a choice's last text, with its finish_reason
             out.append(chunk(stream, [{"index": event[1], "delta": {"content": event[2]} if event[2] else {},
-                                       "finish_reason": event[3]}], usage=None))
+                                       "logprobs": choice_logprobs(event[4]), "finish_reason": event[3]}], usage=None))
         elif event[0] == "error":  # the error, then the end of the stream, so a client stops waiting
             out.append("data: " + json.dumps({"error": {"message": event[1].message, "type": "server_error"}}) + "\n\n")
             out.append("data: [DONE]\n\n")
@@ -564,7 +603,9 @@ async def stream_events(job, scheduler, completion_id, model_name, dropped):
 async def collect(job, scheduler, request):
     """A whole reply: every choice's text and finish_reason, and the usage. A client that
     disconnects while waiting cancels its job."""
-    texts, reasons = [""] * job.request.n, [None] * job.request.n
+    n = job.request.n
+    texts, reasons = [""] * n, [None] * n
+    entries = [None if job.request.top_logprobs is None else [] for _ in range(n)]
     try:
         while True:
             try:
@@ -576,10 +617,12 @@ async def collect(job, scheduler, request):
             if event[0] == "error":
                 raise event[1]
             if event[0] == "done":
-                return texts, reasons, event[1]
-            _, index, text, reason = event
+                return texts, reasons, entries, event[1]
+            _, index, text, reason, found = event
             texts[index] += text
             reasons[index] = reason or reasons[index]
+            if found is not None:
+                entries[index] += found
     finally:
         scheduler.cancel(job)
 
@@ -722,10 +765,11 @@ async def complete(request, scheduler, config, model_name):
     result = await collect(job, scheduler, request)
     if result is None:
         return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
-    texts, reasons, usage = result
+    texts, reasons, entries, usage = result
     return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                        for i, (text, reason) in enumerate(zip(texts, reasons))],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "logprobs": choice_logprobs(found), "finish_reason": reason}
+                        for i, (text, reason, found) in enumerate(zip(texts, reasons, entries))],
             "usage": usage, "dropped_characters": dropped}
 
 

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 from lumina.checkpoint import load_checkpoint, load_for_chat
@@ -161,19 +162,91 @@ def test_a_compiled_server_sends_the_eager_servers_seeded_replies(sharp, dtype):
     try:
         replies = [[c.message.content for c in ask(server.client(), "hi there", max_tokens=40, temperature=1.0,
                                                    seed=3, n=2).choices] for server in (eager, compiled)]
+        logprob_replies = []
+        for server in (eager, compiled):  # log-probs under each precision, compiled or not
+            choices = ask(server.client(), "hi there", max_tokens=40, temperature=1.0, seed=3, n=2, logprobs=True,
+                          top_logprobs=3).choices
+            logprob_replies.append([c.message.content for c in choices])
+            for c in choices:
+                check_logprobs(c.logprobs.content, c.message.content, *uncached_logprobs(sharp.checkpoint, "hi there",
+                               c.message.content, dtype), k=3)
     finally:
         code, out, err = compiled.stop()
         if eager is not sharp:
             eager.stop()
     assert replies[0] == replies[1] and len(set(replies[0])) == 2
     assert code == 0 and "compiling the decode step" in out and "Traceback" not in err, err
+    assert logprob_replies[0] == logprob_replies[1] == replies[0]  # log-probs in the step change no draw
+
+
+def uncached_logprobs(checkpoint, text, reply, dtype="float32"):
+    """(log-softmax (len(reply), vocab) of one uncached forward of the prompt and reply, the reply's
+    ids, the tolerance for that precision): what every logprob of the reply must be."""
+    net, vocab, _ = load_for_chat(checkpoint, DEVICE)
+    prompt, _ = render_chat([{"role": "user", "content": text}], vocab, add_generation_prompt=True)
+    ids = prompt + vocab.encode(reply)
+    with torch.no_grad(), torch.autocast(DEVICE, getattr(torch, dtype), enabled=dtype != "float32"):
+        out, _ = net.to(getattr(torch, dtype))(torch.tensor([ids], device=DEVICE))
+    return out[0, len(prompt) - 1:len(ids) - 1].float().log_softmax(-1), ids[len(prompt):], 1e-4 if dtype == "float32" else 0.1
+
+
+def check_logprobs(content, reply, expected, ids, tolerance, k, greedy=False):
+    """OpenAI's logprobs content of a reply: one entry per character spelling the reply, each the
+    model's own log-prob, with k alternatives, likeliest first (greedy: the chosen one first)."""
+    assert "".join(entry.token for entry in content) == reply and len(content) == len(ids)
+    for t, entry in enumerate(content):
+        assert abs(entry.logprob - expected[t, ids[t]].item()) < tolerance, (t, entry.logprob, expected[t, ids[t]])
+        assert entry.bytes == list(entry.token.encode("utf-8")) and len(entry.top_logprobs) == k
+        alternatives = [a.logprob for a in entry.top_logprobs]
+        assert alternatives == sorted(alternatives, reverse=True)
+        if greedy and k:
+            assert entry.top_logprobs[0].token == entry.token
+
+
+def test_logprobs_in_openais_shape_streamed_or_not_for_n_stops_and_beams(sharp):
+    client = sharp.client()
+    text = "hello there"
+    sampled = ask(client, text, max_tokens=40, temperature=1.0, seed=5, n=2, logprobs=True, top_logprobs=3)
+    for choice in sampled.choices:
+        check_logprobs(choice.logprobs.content, choice.message.content,
+                       *uncached_logprobs(sharp.checkpoint, text, choice.message.content), k=3)
+    greedy = ask(client, text, max_tokens=40, temperature=0, logprobs=True, top_logprobs=5).choices[0]
+    check_logprobs(greedy.logprobs.content, greedy.message.content,
+                   *uncached_logprobs(sharp.checkpoint, text, greedy.message.content), k=5, greedy=True)
+    bare = ask(client, text, max_tokens=40, temperature=0, logprobs=True).choices[0]
+    assert [e.logprob for e in bare.logprobs.content] == [e.logprob for e in greedy.logprobs.content]
+    assert all(e.top_logprobs == [] for e in bare.logprobs.content)
+    assert ask(client, text, max_tokens=10).choices[0].logprobs is None  # off: none
+    # Streamed, with a stop string cutting the reply: the entries spell exactly the text sent.
+    full = sampled.choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    chunks = [c for c in ask(client, text, max_tokens=40, temperature=1.0, seed=5, stop=stop, stream=True,
+                             logprobs=True, top_logprobs=2) if c.choices]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    content = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == full[:full.index(stop)]
+    check_logprobs(content, streamed, *uncached_logprobs(sharp.checkpoint, text, streamed), k=2)
+    beams = ask(client, text, max_tokens=40, n=2, logprobs=True, top_logprobs=1, extra_body={"num_beams": 3})
+    for choice in beams.choices:
+        check_logprobs(choice.logprobs.content, choice.message.content,
+                       *uncached_logprobs(sharp.checkpoint, text, choice.message.content), k=1)
+
+
+@pytest.mark.parametrize("body,param", [({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                                        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+                                        ({"top_logprobs": 2}, "top_logprobs"),
+                                        ({"logprobs": "yes"}, "logprobs")])
+def test_bad_logprobs_fields_are_refused_by_name(sharp, body, param):
+    answer = httpx.post(sharp.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+        "model": "Model", "messages": [{"role": "user", "content": "hi"}], **body})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == param
 
 
 def test_beam_search_choices_are_model_pys_best_beams_even_beside_other_clients(sharp):
     net, vocab, _ = load_for_chat(sharp.checkpoint, DEVICE)
     ids, _ = render_chat([{"role": "user", "content": "hello there"}], vocab, add_generation_prompt=True)
     search = BeamSearch(ids, 40, range(4), 1.0, (END, USER, BOT, SYSTEM))
-    expected = [vocab.decode([t for t in new if t >= len(SPECIAL_TOKENS)]) for _, new in search.run(Engine(net, 4))]
+    expected = [vocab.decode([t for t in new if t >= len(SPECIAL_TOKENS)]) for _, new, _ in search.run(Engine(net, 4))]
     client = sharp.client()
     beams = lambda **kw: ask(client, "hello there", max_tokens=40, n=2, extra_body={"num_beams": 4}, **kw)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # sampled requests share its steps
