@@ -6,6 +6,8 @@ Serves http://127.0.0.1:8000 by default:
   GET  /v1/models             the loaded checkpoint
   GET  /health                200 while it can serve; 503 while steps fail, after a crash, or shutting down
   GET  /                      a chat page (no key needed; it asks for one when the server wants it)
+  POST /lumina/attention      what the model weighed when it wrote one character of a reply (see attention_answer)
+  POST /lumina/pairs          with --pairs_file: append a preference pair chosen on the page (see parse_pair)
 
 Only this machine's pages reach it: a request from another site's page (its Origin) is refused
 unless --allowed_origins names that site, and on a loopback address the Host must be this machine's
@@ -18,6 +20,7 @@ or disconnected one leaves at once and frees its KV-cache slot. A token here is 
 Run:
   python serve.py                                        # then open http://127.0.0.1:8000
   python serve.py path/to/Model.pth --port=8080 --api_key=secret
+  python serve.py --pairs_file=my_pairs.jsonl            # the page's "compare" saves your choices there
   LUMINA_API_KEY=secret python serve.py                  # the key from the environment (not in `ps`)
   python serve.py --help                                 # every key, with its comment and default
 Talk to it with any OpenAI client, e.g. in Python:
@@ -46,10 +49,12 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from lumina import data
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import CHAT_SAMPLING, parse_cli
 from lumina.device import DTYPE_CHOICES, dtype_line
-from lumina.engine import BeamSearch, Engine, Row, compile_buckets, generation_dtype
+from lumina.engine import BeamSearch, Engine, Entry, Row, compile_buckets, generation_dtype
+from lumina.evaluate import attention_view
 from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, chat_prompt
 
 CONFIG = {
@@ -60,6 +65,8 @@ CONFIG = {
     "allowed_origins": None,    # other sites whose pages may call the API, comma-separated (http://localhost:3000);
                                 #   None = only the page this server serves
     "model_name": None,         # the model id clients see and send; None = the checkpoint's file name
+    "pairs_file": None,         # a JSONL file the page's "compare" appends your choices to, in the pairs format of
+                                #   Dataset_download.py (fine_tune.py --data=FILE learns them with DPO); None = no compare
     # --- batching ---
     "max_batch": 16,            # sequences generated together (KV-cache slots); more wait in the queue
     "max_queue": 64,            # requests waiting for a slot; past it the answer is 429
@@ -83,7 +90,7 @@ CONFIG = {
     "compile": False,           # compile the decode step, rows padded to powers of two (one graph each, all
                                 # compiled at start); pays for few rows at once, not for many (benchmarks/README.md)
 }
-TYPES = {"api_key": str, "model_name": str, "allowed_origins": str}
+TYPES = {"api_key": str, "model_name": str, "allowed_origins": str, "pairs_file": str}
 RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "max_tokens_limit": (1, 10 ** 6),
          "max_body_bytes": (1000, 10 ** 9), "max_messages": (1, 10 ** 6), "shutdown_seconds": (0, 3600), "temperature": (0.0, 2.0),
          "top_k": (1, 10 ** 6), "top_p": (0.0, 1.0), "repetition_penalty": (1.0, 2.0), "max_tokens": (1, 10 ** 6),
@@ -93,6 +100,8 @@ MAX_STOPS = 4  # as OpenAI's API allows
 MAX_STOP_CHARS = 256  # each stop string's length: matching costs nothing more, but a stop string is a few words
 MAX_TOP_LOGPROBS = 20  # alternatives per character, as OpenAI's API allows
 LOGPROB_FLOOR = -9999.0  # what OpenAI reports for "never": JSON has no -Infinity
+ATTENTION_ALTERNATIVES = 10  # the likeliest characters the attention view lists beside the one written
+MAX_PAIR_CHARS = 100000  # characters of one pair (prompt and both replies): a pair from the page is a few hundred
 FAILING_STEPS = 3  # consecutive failed steps after which /health answers 503 (a sticky CUDA error, say)
 API_KEY_VARIABLE = "LUMINA_API_KEY"
 LOOPBACK = ("localhost", "::1")  # with 127.0.0.0/8: the names a loopback-bound server answers to
@@ -158,23 +167,23 @@ def field(body, name, kind, low=None, high=None, default=None):
     return value
 
 
-def parse_messages(value, limit):
+def parse_messages(value, limit, name="messages"):
     """[{"role", "content"}] with content a string or a list of text parts, as the OpenAI API allows."""
     if not isinstance(value, list) or not value:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+        raise APIError(400, f"'{name}' must be a non-empty list of {{role, content}} objects", name)
     if len(value) > limit:
-        raise APIError(400, f"'messages' holds {len(value):,} messages, more than this server's {limit:,} "
-                            f"(--max_messages); send the recent turns only", "messages")
+        raise APIError(400, f"'{name}' holds {len(value):,} messages, more than this server's {limit:,} "
+                            f"(--max_messages); send the recent turns only", name)
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role must be system, user or assistant", f"messages[{i}].role")
+            raise APIError(400, f"{name}[{i}].role must be system, user or assistant", f"{name}[{i}].role")
         content = message.get("content")
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
                                              isinstance(p.get("text"), str) for p in content):
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+            raise APIError(400, f"{name}[{i}].content must be a string or a list of text parts", f"{name}[{i}].content")
         messages.append({"role": message["role"], "content": content})
     return messages
 
@@ -222,6 +231,75 @@ def prompt_for(request, vocab, seq_length):
     prompt builder (vocab.chat_prompt), as ChatAI.py builds its prompts."""
     ids, _, unknown = chat_prompt(request.messages, vocab, seq_length)
     return ids, unknown
+
+
+# ----------------------------------------------------------------------------------------------
+# The lab: what the model weighed for one character, and preference pairs from the page
+# ----------------------------------------------------------------------------------------------
+def known_fields(body, names):
+    """Refuse a body that is not an object, or that holds a field not in `names`, by name."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    for name in body:
+        if name not in names:
+            raise APIError(400, f"'{name}' is not a field of this endpoint (it takes {', '.join(names)})", name)
+
+
+def attention_answer(body, net, vocab, config):
+    """POST /lumina/attention {"messages": [..., the assistant's reply last], "position": i}: what the
+    model read and weighed when it wrote character i of that reply, from one forward of the window it
+    read then (lumina.evaluate.attention_view). Answers
+      {"token": the character, "logprob", "top_logprobs": the likeliest characters there,
+       "tokens": the window's characters (special tokens by name), "reply_start": where the reply
+       begins among them (negative: before the window), "attention": [layer][head][position] weights
+       of the query that wrote it over `tokens` (each head's sum to 1)}."""
+    known_fields(body, ("messages", "position"))
+    messages = parse_messages(body.get("messages"), config["max_messages"])
+    reply = messages[-1]["content"]
+    if messages[-1]["role"] != "assistant" or not reply:
+        raise APIError(400, "the last message must be the assistant's reply whose character you look into", "messages")
+    if body.get("position") is None:
+        raise APIError(400, "'position' is required: which character of the reply (0 is the first)", "position")
+    position = field(body, "position", int, 0, len(reply) - 1)
+    unknown = vocab.unknown_chars(reply)
+    if unknown:
+        raise APIError(400, f"the reply holds characters the model never saw ({', '.join(map(repr, sorted(unknown)[:5]))}): "
+                            f"it cannot have written them", "messages")
+    prompt, _, _ = chat_prompt(messages[:-1], vocab, net.config.seq_length)
+    ids = prompt + vocab.encode(reply)
+    target = len(prompt) + position
+    first, logprobs, weights = attention_view(net, ids, target)
+    top = logprobs.topk(min(ATTENTION_ALTERNATIVES, len(logprobs)))
+    entry = logprob_entry(vocab, reply[position], Entry(float(logprobs[ids[target]]),
+                                                        list(zip(top.indices.tolist(), top.values.tolist()))))
+    return {"object": "lumina.attention", "position": position, **entry,
+            "tokens": [vocab.itos[i] for i in ids[first:target]], "reply_start": len(prompt) - first,
+            "attention": weights.tolist()}
+
+
+def parse_pair(body, config):
+    """A preference pair from POST /lumina/pairs {"prompt": [messages ending with the user's],
+    "chosen", "rejected"}, checked as fine_tune.py's reader checks a pair (lumina.data.checked_pair),
+    as the row Dataset_download.py writes (its own id and tree: one choice, one tree)."""
+    known_fields(body, ("prompt", "chosen", "rejected"))
+    try:
+        data.check_text(body)  # a NUL or a lone surrogate would make a line the reader skips
+    except ValueError as e:
+        raise APIError(400, f"the pair {e}") from None
+    prompt = parse_messages(body.get("prompt"), config["max_messages"], "prompt")
+    replies = [field(body, name, str, default="") for name in ("chosen", "rejected")]
+    size = sum(len(m["content"]) for m in prompt) + sum(map(len, replies))
+    if size > MAX_PAIR_CHARS:
+        raise APIError(413, f"the pair holds {size:,} characters, more than {MAX_PAIR_CHARS:,}: a pair is one "
+                            f"exchange, not a document")
+    try:
+        pair = data.checked_pair({"prompt": prompt, "chosen": replies[0], "rejected": replies[1]})
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    if pair["chosen"] == pair["rejected"]:
+        raise APIError(400, "'chosen' and 'rejected' are the same text: a pair needs two different replies", "rejected")
+    pair_id = "page-" + uuid.uuid4().hex[:12]
+    return {"id": pair_id, "tree": pair_id, **pair}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -662,6 +740,33 @@ def build_app(scheduler, config, model_name):
         authorize(request, config)
         return await complete(request, scheduler, config, model_name)
 
+    @app.post("/lumina/attention")
+    async def attention(request: Request):
+        authorize(request, config)
+        body = await read_body(request, config["max_body_bytes"])
+        # One forward of a window, off the event loop, beside the scheduler's steps (both only read the weights);
+        # answered as JSON at once: FastAPI's encoder would walk the thousands of weights one by one.
+        return JSONResponse(await asyncio.to_thread(attention_answer, body, scheduler.net, scheduler.vocab, config))
+
+    appending = threading.Lock()  # one pair written at a time: each append rewrites the file
+
+    @app.post("/lumina/pairs")
+    async def pairs(request: Request):
+        authorize(request, config)
+        if not config["pairs_file"]:
+            raise APIError(404, "this server keeps no preference pairs: start it with --pairs_file=PATH")
+        pair = parse_pair(await read_body(request, config["max_body_bytes"]), config)
+
+        def append():
+            with appending:
+                return data.append_jsonl(config["pairs_file"], pair)
+        try:
+            lines = await asyncio.to_thread(append)
+        except OSError as e:  # a full disk or a folder it may not write: the file is as it was
+            raise APIError(500, f"could not save the pair to {config['pairs_file']} ({e.strerror or e}); "
+                                f"the file is unchanged") from None
+        return {"object": "lumina.pair", "id": pair["id"], "file": config["pairs_file"], "pairs": lines}
+
     origins = allowed_origins(config)
     app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                        allow_headers=["Authorization", "Content-Type"])
@@ -675,7 +780,7 @@ PAGE_DEFAULTS = ("temperature", "top_p", "top_k", "max_tokens")  # the page's co
 def chat_page(config, model_name):
     with open(PAGE, encoding="utf-8") as f:
         html = f.read()
-    defaults = {key: config[key] for key in PAGE_DEFAULTS}
+    defaults = {**{key: config[key] for key in PAGE_DEFAULTS}, "pairs": bool(config["pairs_file"])}
     return html.replace("__MODEL__", json.dumps(model_name)).replace("__DEFAULTS__", json.dumps(defaults))
 
 

@@ -7,11 +7,13 @@ round, to bursts of concurrent streaming clients:
   - 1 client (the same server settings);
   - `clients` clients, --max_batch=1 (one sequence at a time);
   - with --peer=RELEASE: `clients` clients and 1 client on that release's serve.py (read from
-    git), same weights (in the file format it reads) and settings.
+    git), same weights (in the file format it reads) and settings;
+  - with --logprobs=K: `clients` clients asking for logprobs with top_logprobs K.
 Reported: aggregate characters/s over each burst, and each client's time to its first character
 (p50 and p95). Clients and server share the machine.
 
 Run:  python benchmarks/serve_speed.py [--rounds=2] [--clients=16] [--chars=200] [--peer=d26845d] [--serial=False]
+                                       [--logprobs=5]
 """
 import asyncio
 import dataclasses
@@ -42,6 +44,7 @@ CONFIG = {
     "peer": "",       # a release (e.g. d26845d) whose serve.py also serves the burst; "" = none
     "dtype": "auto",  # this release's serve.py --dtype (the peer has no such key)
     "serial": True,   # also serve the burst with --max_batch=1 (one sequence at a time: the slowest way)
+    "logprobs": -1,   # K >= 0: also serve the burst asking for logprobs with top_logprobs K; -1 = not measured
 }
 PEER_FORMAT = 2  # d26845d reads format 2; the benchmark's model has no n-gram tables, all that format 3 added
 
@@ -102,13 +105,13 @@ def release_tree(release):
     return folder
 
 
-async def one_client(url, chars, start):
+async def one_client(url, chars, start, fields):
     """(seconds from the burst's start to the first character, characters received). A lean
     client: raw HTTP/1.1 over asyncio, the chunked SSE body parsed by hand, so that the clients,
     which share the machine with the server, cost it as little as they can."""
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"model": "Model", "messages": [{"role": "user", "content": "Tell me a story."}],
-                       "max_tokens": chars, "stream": True}).encode()
+                       "max_tokens": chars, "stream": True, **fields}).encode()
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(body), body))  # a loopback server checks Host
@@ -126,10 +129,10 @@ async def one_client(url, chars, start):
     return first, received
 
 
-def burst(url, clients, chars):
-    """Every client at once; (aggregate characters/s, first-character times)."""
+def burst(url, clients, chars, fields=None):
+    """Every client at once, each request with `fields` added; (aggregate characters/s, first-character times)."""
     async def together():
-        return await asyncio.gather(*(one_client(url, chars, start) for _ in range(clients)))
+        return await asyncio.gather(*(one_client(url, chars, start, fields or {}) for _ in range(clients)))
 
     start = time.perf_counter()
     results = asyncio.run(together())
@@ -139,12 +142,12 @@ def burst(url, clients, chars):
     return clients * chars / seconds, sorted(first for first, _ in results)
 
 
-def measure(root, checkpoint, max_batch, clients, options, extra=()):
+def measure(root, checkpoint, max_batch, clients, options, extra=(), fields=None):
     """(chars/s, first-character times) of one burst on a fresh server."""
     proc, url = start_server(root, checkpoint, max_batch, options["threads"], extra)
     try:
-        burst(url, 2, 20)  # warm up the server's first steps
-        return burst(url, clients, options["chars"])
+        burst(url, 2, 20, fields)  # warm up the server's first steps
+        return burst(url, clients, options["chars"], fields)
     finally:
         proc.terminate()
         proc.wait()
@@ -159,6 +162,9 @@ def main(argv):
           f"server threads {options['threads'] or 'default'} | torch {torch.__version__} | {os.cpu_count()} CPUs")
     ways = {f"{n} clients, max_batch {n}": (common.ROOT, checkpoint, n, n, ours),
             f"1 client, max_batch {n}": (common.ROOT, checkpoint, n, 1, ours)}
+    if options["logprobs"] >= 0:
+        ways[f"{n} clients, max_batch {n}, logprobs top {options['logprobs']}"] = (
+            common.ROOT, checkpoint, n, n, ours, {"logprobs": True, "top_logprobs": options["logprobs"]})
     if options["serial"]:
         ways[f"{n} clients, max_batch 1"] = (common.ROOT, checkpoint, 1, n, ours)
     if options["peer"]:
@@ -167,8 +173,8 @@ def main(argv):
         ways[f"1 client, max_batch {n}, {options['peer']}"] = (peer, old_file, n, 1, [])
     results = {way: [] for way in ways}
     for round_ in range(options["rounds"]):
-        for way, (root, model_file, max_batch, clients, extra) in ways.items():  # taking turns
-            rate, firsts = measure(root, model_file, max_batch, clients, options, extra)
+        for way, (root, model_file, max_batch, clients, extra, *fields) in ways.items():  # taking turns
+            rate, firsts = measure(root, model_file, max_batch, clients, options, extra, *fields)
             results[way].append(rate)
             p95 = firsts[min(len(firsts) - 1, round(0.95 * (len(firsts) - 1)))]
             print(f"round {round_ + 1} {way}: {rate:,.0f} chars/s | first character p50 "

@@ -597,15 +597,46 @@ def read_pairs(path, problems):
     malformed line goes to `problems` as "file:line: reason" and is skipped."""
     pairs = []
     for number, row in read_jsonl(path, problems):
-        prompt = clean_chat(row["prompt"]) if isinstance(row.get("prompt"), list) else []
-        replies = [row.get(key) for key in ("chosen", "rejected")]
-        if not prompt or prompt[-1]["role"] != "user" or not all(isinstance(r, str) and r.strip() for r in replies):
-            problems.append(f"{path}:{number}: a pair needs 'prompt' (messages ending with a user turn) and "
-                            f"non-empty 'chosen' and 'rejected' texts")
+        try:
+            pair = checked_pair(row)
+        except ValueError as e:
+            problems.append(f"{path}:{number}: {e}")
             continue
-        pairs.append({"tree": str(row.get("tree") or f"{path}:{number}"), "prompt": prompt,
-                      "chosen": replies[0], "rejected": replies[1]})
+        pairs.append({"tree": str(row.get("tree") or f"{path}:{number}"), **pair})
     return pairs
+
+
+def checked_pair(row):
+    """{"prompt", "chosen", "rejected"} of a pair row, its messages cleaned; ValueError if it is not
+    one a reader keeps (read_pairs, and serve.py before it appends a pair from the page)."""
+    prompt = clean_chat(row["prompt"]) if isinstance(row.get("prompt"), list) else []
+    replies = [row.get(key) for key in ("chosen", "rejected")]
+    if not prompt or prompt[-1]["role"] != "user" or not all(isinstance(r, str) and r.strip() for r in replies):
+        raise ValueError("a pair needs 'prompt' (messages ending with a user turn) and non-empty 'chosen' and "
+                         "'rejected' texts")
+    return {"prompt": prompt, "chosen": replies[0], "rejected": replies[1]}
+
+
+def append_jsonl(path, row):
+    """Append one JSON line to path, atomically: the file is rewritten whole beside itself and
+    renamed over the old one (atomic_write), so a crash leaves the file as it was or with the whole
+    new line, never half of it, and nothing already there is ever lost. A file that does not end
+    in a newline (edited by hand) gets one first. Costs the file's size per line: for files a
+    person adds to one line at a time, not for a dataset. Returns the number of lines now in it."""
+    line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        with open(path, "rb") as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(old + line)
+    atomic_write(path, write)
+    return old.count(b"\n") + 1
 
 
 def pair_files(path):

@@ -65,6 +65,24 @@ def probe_replies(net, vocab, max_chars, dtype=None, seed=0):
     return found
 
 
+@torch.inference_mode()
+def attention_view(net, ids, target):
+    """What the model read and weighed when it wrote ids[target]: one forward of the window it read
+    then (engine.window_start, the rule generation follows), each layer's attention weights made
+    explicit for this pass only. Returns (first id of the window, the log-probs (vocab,) it gave
+    ids[target], weights (layers, nhead, target - first)): how much the query at ids[target - 1],
+    the last one read, looked at each of ids[first:target] in each head; each head's weights sum to 1."""
+    if not 0 < target < len(ids):
+        raise ValueError(f"target must be between 1 and {len(ids) - 1}, got {target}")
+    first = engine.window_start(target, net.config.seq_length)
+    device = net.tok_emb.weight.device
+    x = torch.tensor([ids[first:target]], device=device)
+    before = torch.tensor([engine.predecessors(ids, first)], device=device)
+    attention = []
+    logits, _ = net(x, before=before, attention=attention)
+    return first, logits[0, -1].float().log_softmax(-1), torch.stack([layer[0] for layer in attention])
+
+
 @torch.no_grad()
 def reply_logprob(net, ids, start, dtype=None):
     """The mean log-probability the model gave ids[start:], read in one forward of the window that

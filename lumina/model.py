@@ -58,18 +58,28 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, x, rotary, cache=None, layer=0):
+    def forward(self, x, rotary, cache=None, layer=0, attention=None):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.nhead, C // self.nhead)
         # Rotate queries and keys together, then (B, T, nhead, head_dim) -> (B, nhead, T, head_dim).
         q, k = apply_rotary(qkv[:, :, :2], *rotary).transpose(1, 3).unbind(dim=2)
         v = qkv[:, :, 2].transpose(1, 2)
+        if attention is not None:  # a pass that shows its attention: the last query's weights, made explicit
+            attention.append(last_query_weights(q, k))
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             k, v, mask = cache.attend(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def last_query_weights(q, k):
+    """The attention weights (B, nhead, T) of the last query of a window over every key, in float32:
+    the softmax of its scaled dot products (the last query sees every key, so no mask). What
+    scaled_dot_product_attention computes inside and never hands out, for the one query a view of
+    the next character needs: a T-fold smaller sum than the whole (T, T) map."""
+    return (q[:, :, -1:].float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)[:, :, 0]
 
 
 class NgramEmbedding(nn.Module):
@@ -124,8 +134,8 @@ class Block(nn.Module):
         self.attn, self.mlp = CausalSelfAttention(config), MLP(config)
         self.drop = dropout(config.dropout)
 
-    def forward(self, x, rotary, cache=None, layer=0):
-        x = x + self.drop(self.attn(self.norm1(x), rotary, cache, layer))
+    def forward(self, x, rotary, cache=None, layer=0, attention=None):
+        x = x + self.drop(self.attn(self.norm1(x), rotary, cache, layer, attention))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -162,11 +172,13 @@ class CharTransformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, before=None, target_weights=None):
+    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, before=None, target_weights=None,
+                attention=None):
         """idx (B, T) ids -> logits (B, T, vocab). With targets, also the mean loss over targets
         that are not -1 (masked), each target id weighted by target_weights (vocab,) if given.
         `before` (B, 2) holds the two ids that precede each row's first
         id in its text (-1 where there are none; None: none at all); only n-grams read them.
+        `attention`, a list (without a cache): each layer appends its last query's weights (B, nhead, T).
 
         With a cache (a view from engine.py for this one pass), row b's ids continue the positions
         the cache holds for it: the view says where they sit (`start`, the same for every row, or
@@ -186,7 +198,7 @@ class CharTransformer(nn.Module):
             x = x + self.ngram(idx, torch.full_like(idx[:, :2], -1) if before is None else before)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rotary, cache, layer)
+            x = block(x, rotary, cache, layer, attention)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None

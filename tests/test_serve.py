@@ -1,6 +1,7 @@
 """serve.py, as its clients use it: the real server in a subprocess on a loopback port, the
 official openai client, raw HTTP for bad input, concurrency for batching, and a real browser."""
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -15,10 +16,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lumina.checkpoint import load_checkpoint, load_for_chat
+from lumina import data
+from lumina.checkpoint import load_checkpoint, load_for_chat, model_state, save_checkpoint
 from lumina.engine import BeamSearch, Engine
 from lumina.vocab import BOT, END, SPECIAL_TOKENS, SYSTEM, USER, Vocab, render_chat
-from conftest import CHATS, DEVICE, KEY, ROOT, SERVE_PACKAGES, Server, need, ask, endless_checkpoint, free_port, run_script, write_jsonl
+from conftest import CHATS, DEVICE, KEY, tiny_model, ROOT, SERVE_PACKAGES, Server, need, ask, endless_checkpoint, free_port, run_script, write_jsonl
 
 need(*SERVE_PACKAGES, allow_module_level=True)
 import httpx  # noqa: E402
@@ -314,7 +316,8 @@ def test_missing_checkpoint_and_bad_keys_exit_with_a_message(tmp_path):
 
 
 def test_ctrl_c_finishes_the_reply_in_flight_then_exits_0(tmp_path):
-    server = Server(endless_checkpoint(tmp_path / "Model.pth"))
+    # A minute to finish: 2,000 characters took over the default 10 s on a 2-core machine running other tests.
+    server = Server(endless_checkpoint(tmp_path / "Model.pth"), "--shutdown_seconds=60")
     result = {}
     worker = threading.Thread(target=lambda: result.update(r=ask(server.client(), "go", max_tokens=2000)))
     worker.start()
@@ -338,10 +341,10 @@ def test_the_page_streams_a_reply_stops_it_and_clears(tmp_path):
     server = Server(endless_checkpoint(tmp_path / "Model.pth"), "--max_tokens_limit=1000000")
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            browser = launch(p)
             page = browser.new_page()
             page.goto(server.url + "/")
+            assert page.locator("#compare").is_hidden()  # no --pairs_file: no compare
             page.fill("#max_tokens", "1000000")
             page.fill("#input", "hello there")
             page.click("#send")
@@ -365,6 +368,193 @@ def test_the_page_streams_a_reply_stops_it_and_clears(tmp_path):
             browser.close()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def lab(sharp, tmp_path_factory):
+    """The trained model served with --pairs_file: (server, the pairs file)."""
+    pairs_file = tmp_path_factory.mktemp("lab") / "pairs.jsonl"
+    server = Server(sharp.checkpoint, f"--pairs_file={pairs_file}")
+    yield server, pairs_file
+    server.stop()
+
+
+def one_layer_checkpoint(path):
+    net, vocab = tiny_model_and_vocab(num_layers=1, seq_length=64)
+    save_checkpoint(path, {"stage": "train", "vocab": vocab.chars, "model_config": dataclasses.asdict(net.config),
+                           "model": model_state(net), "config": {}, "metrics": {}})
+    return str(path)
+
+
+def tiny_model_and_vocab(**shape):
+    vocab = Vocab.from_text("abcdefghijklmnopqrstuvwxyz !?.,\n")
+    return tiny_model(vocab, seed=3, **shape), vocab
+
+
+def rotate(x, t, base=10000.0):
+    """Rotary positions by hand: pair i = (x[i], x[i + half]) of position t turns by t * base^(-i/half)."""
+    half = x.shape[-1] // 2
+    angle = t * base ** (-torch.arange(half, dtype=torch.float32) / half)
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()], dim=-1)
+
+
+def test_the_attention_view_is_a_hand_computed_one_layer_models(tmp_path):
+    """POST /lumina/attention on a one-layer model: each head's weights are softmax(q.k / sqrt(d))
+    of the query that wrote the character over every character before it, worked out here from
+    the weights by hand; they sum to 1; the log-probs are an uncached forward's."""
+    path = one_layer_checkpoint(tmp_path / "Model.pth")
+    net, vocab, _ = load_for_chat(path, "cpu")
+    server = Server(path)
+    messages = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello, how are you?"}]
+    try:
+        answer = httpx.post(server.url + "/lumina/attention", json={"messages": messages, "position": 7}).json()
+    finally:
+        server.stop()
+    prompt, _ = render_chat(messages[:1], vocab, add_generation_prompt=True)
+    ids = prompt + vocab.encode(messages[1]["content"])
+    target = len(prompt) + 7
+    assert answer["token"] == "h" and answer["tokens"] == [vocab.itos[i] for i in ids[:target]]
+    assert answer["reply_start"] == len(prompt)
+    with torch.no_grad():
+        block, x = net.blocks[0], net.tok_emb(torch.tensor(ids[:target]))
+        q, k, _ = block.attn.qkv(block.norm1(x)).view(target, 3, 2, 16).unbind(1)  # (T, nhead, head_dim) each
+        for head in range(2):
+            keys = torch.stack([rotate(k[t, head], t) for t in range(target)])
+            expected = (keys @ rotate(q[target - 1, head], target - 1) / 4.0).softmax(-1)  # sqrt(16) = 4
+            assert torch.allclose(torch.tensor(answer["attention"][0][head]), expected, atol=1e-5)
+            assert abs(sum(answer["attention"][0][head]) - 1) < 1e-5
+        logprobs = net(torch.tensor([ids]))[0][0, target - 1].log_softmax(-1)
+    assert abs(answer["logprob"] - logprobs[ids[target]].item()) < 1e-5
+    assert [a["logprob"] for a in answer["top_logprobs"]] == pytest.approx(logprobs.topk(10).values.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}], "position": 3}, 400, "position"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}], "position": -1}, 400, "position"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]}, 400, "position"),
+    ({"messages": [{"role": "user", "content": "hi"}], "position": 0}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "h\u00e9"}], "position": 0}, 400, "messages"),
+    ({"messages": [{"role": "assistant", "content": "hey"}], "position": 0, "layer": 2}, 400, "layer")])
+def test_bad_attention_requests_are_refused_by_name(lab, body, status, param):
+    answer = httpx.post(lab[0].url + "/lumina/attention", content=json.dumps(body).replace("\\\\u", "\\u"),
+                        headers={"Content-Type": "application/json"})
+    assert answer.status_code == status and answer.json()["error"]["param"] == param, answer.text
+
+
+PAIR = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello!", "rejected": "hello"}
+
+
+@pytest.mark.parametrize("body,status", [
+    ({**PAIR, "prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400),  # no user turn last
+    ({**PAIR, "rejected": "hello!"}, 400),         # the same text twice
+    ({**PAIR, "chosen": "  "}, 400),               # an empty reply
+    ({"prompt": PAIR["prompt"], "chosen": "a"}, 400),  # no rejected
+    ({**PAIR, "chosen": 5}, 400),
+    ({**PAIR, "chosen": "a\u0000b"}, 400),        # a NUL: a line the reader would skip
+    ({**PAIR, "ranks": [0, 1]}, 400),              # a field the endpoint does not take
+    ({**PAIR, "chosen": "x" * 100001}, 413),       # past MAX_PAIR_CHARS
+    ([PAIR], 400)])
+def test_bad_pairs_are_refused_and_the_file_keeps_only_whole_valid_lines(lab, body, status):
+    server, pairs_file = lab
+    before = pairs_file.read_bytes() if pairs_file.exists() else b""
+    answer = httpx.post(server.url + "/lumina/pairs", content=json.dumps(body).replace("\\\\u", "\\u"),
+                        headers={"Content-Type": "application/json"})
+    assert answer.status_code == status and "error" in answer.json(), answer.text
+    assert (pairs_file.read_bytes() if pairs_file.exists() else b"") == before
+
+
+@settings(max_examples=25, deadline=None)
+@given(body=st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                             st.sampled_from(["prompt", "chosen", "rejected", "role", "content", "x"]), inner, max_size=4),
+                         max_leaves=12))
+def test_any_json_posted_as_a_pair_is_saved_whole_or_refused_by_name(lab, body):
+    """Hypothesis: whatever JSON comes, the answer is 200 or a 400/413 that names the problem, and
+    every line in the file is one that fine_tune.py's reader keeps."""
+    server, pairs_file = lab
+    answer = httpx.post(server.url + "/lumina/pairs", json=body)
+    assert answer.status_code in (200, 400, 413), answer.text
+    assert answer.status_code == 200 or answer.json()["error"]["message"]
+    if pairs_file.exists():
+        problems = []
+        assert len(data.read_pairs(str(pairs_file), problems)) == len(pairs_file.read_text().splitlines()) and not problems
+
+
+def test_pairs_without_a_pairs_file_answer_404_and_good_ones_append_a_line(sharp, lab):
+    answer = httpx.post(sharp.url + "/lumina/pairs", json=PAIR, headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 404 and "--pairs_file" in answer.json()["error"]["message"]
+    server, pairs_file = lab
+    before = pairs_file.read_text().splitlines() if pairs_file.exists() else []
+    saved = [httpx.post(server.url + "/lumina/pairs", json=PAIR).json() for _ in range(2)]
+    after = pairs_file.read_text().splitlines()
+    assert after[:len(before)] == before and len(after) == len(before) + 2 and saved[1]["pairs"] == len(after)
+    assert json.loads(after[-1]) == {"id": saved[1]["id"], "tree": saved[1]["id"], **PAIR}
+
+
+def launch(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium here (.ci/run installs it)")
+def test_the_lab_shades_explains_a_character_and_saves_the_pair_picked(sharp, tmp_path):
+    """The page with --pairs_file: replies shaded by probability; a click shows the character's
+    alternatives and each layer's and head's attention; Compare shows two replies, a pick appends one
+    valid pair line, and fine_tune.py learns from that file with DPO."""
+    from playwright.sync_api import expect, sync_playwright
+    pairs_file = tmp_path / "pairs.jsonl"
+    server = Server(sharp.checkpoint, f"--pairs_file={pairs_file}")
+    try:
+        with sync_playwright() as p:
+            browser = launch(p)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            page.check("#shade")
+            page.fill("#temperature", "0")
+            page.fill("#input", "hello there")
+            page.click("#send")
+            expect(page.locator("#stop")).to_be_disabled(timeout=20000)
+            chars = page.locator(".shade .msg.assistant .ch")
+            reply = page.locator(".msg.assistant").inner_text()
+            assert chars.count() == len(reply) > 3
+            shades = {chars.nth(i).evaluate("s => getComputedStyle(s).backgroundColor") for i in range(chars.count())}
+            assert len(shades) > 1  # characters the model was surer of look different
+            chars.nth(2).click()
+            expect(page.locator("#inspector")).to_be_visible()
+            expect(page.locator("#alternatives .bar")).to_have_count(5)
+            expect(page.locator("#attention-note")).to_contain_text("Most:", timeout=10000)
+            assert page.locator("#written").inner_text().startswith(f"Wrote '{reply[2]}'")
+            heads = page.evaluate("view.attention")  # [layer][head][position], drawn over view.tokens
+            assert len(heads) == 2 and len(heads[0]) == 2 and page.locator("#window span").count() == len(heads[0][0]) + 1
+            assert all(abs(sum(w) - 1) < 1e-4 for layer in heads for w in layer)
+            page.select_option("#head", "0")  # one head instead of the mean: the shading follows it
+            page.screenshot(path=os.environ.get("LUMINA_LAB_SCREENSHOT", str(tmp_path / "lab.png")))
+            page.click("#close")
+            page.fill("#temperature", "1")
+            page.fill("#input", "what is 2+2?")
+            page.click("#compare")
+            expect(page.locator(".compare .choice")).to_have_count(2, timeout=20000)
+            texts = [t.inner_text() for t in page.locator(".compare .msg.assistant").all()]
+            page.locator(".compare .pick").nth(1).click()  # "B is better"
+            expect(page.locator("#status")).to_contain_text("holds 1 pairs")
+            expect(page.locator(".compare")).to_have_count(0)
+            assert errors == []
+            browser.close()
+    finally:
+        server.stop()
+    lines = pairs_file.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    assert row["prompt"] == [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": reply},
+                             {"role": "user", "content": "what is 2+2?"}]
+    assert (row["chosen"], row["rejected"]) == (texts[1], texts[0]) and row["tree"].startswith("page-")
+    out = run_script("fine_tune.py", f"--base_model={sharp.checkpoint}", f"--data={pairs_file}", "--epochs=0",
+                     "--max_iters=2", "--eval_interval=2", "--max_minutes=0", "--probe_chars=0", f"--device={DEVICE}",
+                     f"--output={tmp_path / 'DPO.pth'}", cwd=tmp_path)
+    assert out.returncode == 0 and "objective auto: dpo" in out.stdout and "1 preference pairs" in out.stdout, out.stdout + out.stderr
 
 
 # --- failures are contained: one request, one step, or the whole scheduler -------------------------------
