@@ -7,10 +7,13 @@ Run:
   python ChatAI.py                              # interactive; type `help` for the commands
   python ChatAI.py Model.pth --temperature=0.5  # a chosen checkpoint and setting
   python ChatAI.py --prompt "Hello!"            # one reply, for scripts
+  python ChatAI.py --probs=3                    # or type `probs 3`: replies shaded by how likely each character
+                                                # was (colours on a terminal), the least likely listed under them
   printf 'temp 0.5\\nhello\\nquit\\n' | python ChatAI.py   # piped input, line by line
 """
 import contextlib
 import dataclasses
+import math
 import signal
 import sys
 
@@ -36,6 +39,9 @@ CONFIG = {
     "num_beams": 1,             # 1 samples as above; 2+ searches that many beams for the likeliest reply (not streamed)
     "length_penalty": 1.0,      # beam search: a reply's log probability is divided by length**this; >0 favours longer
     "seed": None,               # an int makes replies reproducible; None for fresh ones
+    # --- display ---
+    "probs": 0,                 # 0-20; K > 0: each reply character shaded by the model's probability for it (colours
+                                # on a terminal only), then its 5 least likely listed, each with the K likeliest there
     # --- conversation ---
     "system_prompt": "",        # optional first turn that frames every conversation
     "prompt": None,             # a message: print one reply to it and exit
@@ -51,6 +57,44 @@ TYPES = {"seed": int, "prompt": str}
 RULES = {"mode": ("topk", "nucleus", "greedy"), "threads": (1, 1024), "top_k": (1, 10 ** 6), "dtype": DTYPE_CHOICES,
          "length_penalty": (-5.0, 5.0)}
 MAX_BEAMS = 16
+MAX_PROBS = 20       # probs K: alternatives per character, as serve.py's top_logprobs allows
+LEAST_LIKELY = 5     # probs K: how many of a reply's least likely characters are listed under it
+CONTEXT_CHARS = 12   # probs K: how much of the reply before a listed character is quoted
+# probs K on a terminal: a character's colour by the model's probability for it, from the top band
+# down: (lowest probability of the band, ANSI SGR code or "" for plain text, the colour's name).
+SHADES = ((0.5, "", "plain"), (0.2, "33", "yellow"), (0.05, "35", "magenta"), (0.0, "41", "red background"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Shading:
+    """How `probs K` draws a reply's characters: each in its band's colour, or with no bands plain
+    text. Chosen once at start (shading_for), so the loop that streams a reply never asks where
+    its output goes."""
+    bands: tuple = ()  # SHADES, or () for plain text
+
+    def paint(self, char, entry):
+        """char as written: as it is without an Entry (probs 0), else in its band's colour."""
+        # A newline in a background colour would paint the whole next line on many terminals.
+        if entry is None or char == "\n":
+            return char
+        probability = math.exp(entry.logprob)
+        code = next((code for low, code, _ in self.bands if probability >= low), "")
+        if not code:
+            return char
+        return f"\x1b[{code}m{char}\x1b[0m"  # then back to the terminal's own colours
+
+    def legend(self):
+        """'50-100% plain, 20-50% yellow, ...': each band's probabilities and colour; '' for plain text."""
+        spans, high = [], 100
+        for low, _, name in self.bands:
+            spans.append(f"{low * 100:g}-{high:g}% {name}")
+            high = low * 100
+        return ", ".join(spans)
+
+
+def shading_for(stream):
+    """Colours where a person reads the reply on a terminal; plain text into a file or a pipe."""
+    return Shading(SHADES if stream.isatty() else ())
 
 
 @dataclasses.dataclass
@@ -60,6 +104,7 @@ class Session:
     config: dict  # CONFIG with the command line and the chat commands applied
     history: list = dataclasses.field(default_factory=list)  # every message, for `save`
     start: int = 0  # the model sees history[start:]: older turns no longer fit its window
+    shading: Shading = Shading()  # how probs K draws replies on stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,6 +195,8 @@ COMMANDS = [
     (("beam",), "N", f"beam search with N beams, 2-{MAX_BEAMS} (the reply appears whole); 1 turns it off",
      number_setter("num_beams", int, 1, MAX_BEAMS)),
     (("seed",), "X", "reproducible replies; 'seed off' to vary again", set_seed),
+    (("probs",), "K", f"how likely each character was: shaded on a terminal, then the {LEAST_LIKELY} least likely, "
+     f"each with the K likeliest there; 0-{MAX_PROBS}, 0 turns it off", number_setter("probs", int, 0, MAX_PROBS)),
     (("settings",), "", "show every current setting", show_settings),
     (("save",), "FILE", "write the conversation as chat JSONL", save_transcript),
     (("help",), "", "this list", show_help),
@@ -198,18 +245,27 @@ def sampling_args(config):
 
 
 def reply_ids(session, prompt_ids):
-    """The reply's ids as they come: sampled one at a time, or with beam search all at the end
-    (a beam's text can change until the search ends, so there is nothing to stream before)."""
+    """(id, Entry) of each id of the reply as it comes: sampled one at a time, or with beam search
+    all at the end (a beam's text can change until the search ends, so there is nothing to stream
+    before). The Entry is how likely the model found the id (lumina.engine.Entry); with probs 0 it
+    is None, and the engine works out no log-probabilities at all."""
     config, stops = session.config, TURN_ENDS
+    k = config["probs"] or None
     if config["num_beams"] > 1:
-        return beam_search(session.model, prompt_ids, config["max_new_chars"], config["num_beams"],
-                           config["length_penalty"], stops, compile=config["compile"])
-    return generate(session.model, prompt_ids, config["max_new_chars"], seed=config["seed"], stop_ids=stops,
-                    compile=config["compile"], **sampling_args(config))
+        found = beam_search(session.model, prompt_ids, config["max_new_chars"], config["num_beams"],
+                            config["length_penalty"], stops, compile=config["compile"], top_logprobs=k)
+        steps = zip(*found) if k else found  # with k, found is (ids, their Entries)
+    else:  # with k, generate yields (id, Entry) pairs
+        steps = generate(session.model, prompt_ids, config["max_new_chars"], seed=config["seed"], stop_ids=stops,
+                         compile=config["compile"], top_logprobs=k, **sampling_args(config))
+    if k:
+        return steps
+    return ((i, None) for i in steps)
 
 
 def respond(session, text, write, notice, prefix=""):
-    """Add the user's message, stream the reply through write(), and keep it in the history.
+    """Add the user's message, stream the reply through write() (shaded, with probs on) and end its
+    line, and keep it in the history; with probs on, list its least likely characters under it.
     Ctrl-C stops the reply early; what was written stays as the assistant's turn."""
     text, unknown = unknown_chars_dropped(text, session.vocab)
     if unknown:
@@ -221,23 +277,66 @@ def respond(session, text, write, notice, prefix=""):
     if dropped:
         notice(f"note: dropped the {dropped} oldest messages to fit the {session.model.config.seq_length}-character context")
     write(prefix)
-    reply = []
+    drawn = []  # (id, Entry or None) of each new id
     # While characters stream, Ctrl-C is noted and acted on between two of them (a KeyboardInterrupt
     # raised inside a write to stdout can lose that write); a beam search, which writes nothing
     # until it ends, takes it at once.
     streaming = session.config["num_beams"] == 1
     try:
         with stop_on_signals((signal.SIGINT,)) if streaming else contextlib.nullcontext(()) as asked:
-            for i in reply_ids(session, ids):
+            for i, entry in reply_ids(session, ids):
                 if asked:
                     raise KeyboardInterrupt
+                drawn.append((i, entry))
                 if i >= len(SPECIAL_TOKENS):
-                    reply.append(session.vocab.itos[i])
-                    write(reply[-1])
+                    write(session.shading.paint(session.vocab.itos[i], entry))
     except KeyboardInterrupt:
         write(" [stopped]")
-    session.history.append({"role": "assistant", "content": "".join(reply)})
-    return "".join(reply)
+    write("\n")
+    if session.config["probs"] and drawn:
+        write(least_likely(session.vocab, drawn, session.config["probs"], session.shading.legend()))
+    reply = session.vocab.decode([i for i, _ in drawn if i >= len(SPECIAL_TOKENS)])
+    session.history.append({"role": "assistant", "content": reply})
+    return reply
+
+
+# ----------------------------------------------------------------------------------------------
+# probs K: how likely the model found each character of a reply
+# ----------------------------------------------------------------------------------------------
+def shown(vocab, i):
+    """An id as the probs lines show it: a special token by name (<|end|>), a character quoted as
+    repr() quotes it, so that a space, a newline or a quote is visible."""
+    if i < len(SPECIAL_TOKENS):
+        return vocab.itos[i]
+    return repr(vocab.itos[i])
+
+
+def percent(logprob):
+    """A log-probability as a percentage: one decimal, or two significant digits below 0.1%."""
+    p = 100 * math.exp(logprob)
+    if p < 0.1:
+        return f"{p:.2g}%"
+    return f"{p:.1f}%"
+
+
+def least_likely(vocab, drawn, k, legend=""):
+    """The lines under a reply with probs K, from its (id, Entry) pairs: the LEAST_LIKELY least
+    likely ids, least likely first, each with its place in the reply (from 0), the reply before it
+    and the k likeliest ids there. The probabilities are the model's own, before the temperature,
+    top-k, top-p and repetition penalty reshaped them for the draw."""
+    places = sorted(range(len(drawn)), key=lambda n: drawn[n][1].logprob)[:LEAST_LIKELY]
+    lines = [f"least likely {len(places)} of {len(drawn)} characters, each with the {k} likeliest in its place "
+             "(the model's probabilities, before sampling)"]
+    if legend:
+        lines[0] += f"; colours: {legend}"
+    width = max(map(len, SPECIAL_TOKENS))  # the longest name shown, <|system|>: the columns stay aligned
+    for n in places:
+        i, entry = drawn[n]
+        before = repr(vocab.decode([j for j, _ in drawn[max(0, n - CONTEXT_CHARS):n]]))
+        alternatives = "  ".join(f"{shown(vocab, j)} {percent(lp)}" for j, lp in entry.top)
+        lines.append(f"  at {n:>3} {shown(vocab, i):<{width}} {percent(entry.logprob):>6}  after "
+                     f"{before:<{CONTEXT_CHARS + 2}} | {alternatives}")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +346,7 @@ def check_config(config):
     """Command-line values get the same range checks as the commands that change them later."""
     scratch = Session(None, Vocab([]), dict(config))
     for command, key in (("temp", "temperature"), ("topp", "top_p"), ("rep", "repetition_penalty"),
-                         ("max", "max_new_chars"), ("beam", "num_beams")):
+                         ("max", "max_new_chars"), ("beam", "num_beams"), ("probs", "probs")):
         try:
             DISPATCH[command][1](scratch, str(config[key]))
         except ValueError as e:
@@ -255,7 +354,8 @@ def check_config(config):
 
 
 def load_session(path, config):
-    """(Session, the lines that describe it): the model on its device, and its precision."""
+    """(Session, the lines that describe it): the model on its device, and its precision; replies
+    shaded in colour (probs K) only when stdout is a terminal."""
     try:
         net, vocab, checkpoint = load_for_chat(path, config["device"])
     except (ValueError, CheckpointError) as e:
@@ -270,7 +370,7 @@ def load_session(path, config):
         print("compiling the decode step (a one-off wait; later runs reuse torch's compile cache)...", file=sys.stderr)
         for _ in generate(net, [USER, BOT], 2, temperature=0, stop_ids=(), compile=True):
             pass  # compiled now rather than in the middle of the first reply
-    return Session(net, vocab, config), "\n".join(info)
+    return Session(net, vocab, config, shading=shading_for(sys.stdout)), "\n".join(info)
 
 
 def read_lines(interactive):
@@ -295,7 +395,6 @@ def repl(session, interactive):
             print(message)
             continue
         respond(session, line, write, lambda note: print(note, file=sys.stderr), prefix="AI: ")
-        write("\n")
 
 
 def main(argv):
@@ -307,7 +406,6 @@ def main(argv):
     if config["prompt"] is not None:
         respond(session, config["prompt"], lambda t: (sys.stdout.write(t), sys.stdout.flush()),
                 lambda note: print(note, file=sys.stderr))
-        print()
         return
     interactive = sys.stdin.isatty()
     if interactive:

@@ -158,14 +158,19 @@ def ask(client, text, **kwargs):
 ENDLESS_TEXT = "abcdefghijklmnopqrstuvwxyz !?.,\n<|>"
 
 
-def endless_checkpoint(path, seq_length=64):
-    """A tiny model that never ends a turn: its final hidden state is always v, and the rows of
-    <|end|>, the other special ids and newline point against v, so their logits are hugely negative."""
+def endless_checkpoint(path, seq_length=64, context=0.0, spread=1.0):
+    """A tiny model that never ends a turn: its final hidden state is v + context * n (n the
+    normalised state, about as long as v), and the rows of <|end|>, the other special ids and
+    newline are -10 v, so their logits are hugely negative for any context up to 0.5. context=0
+    gives every position the same distribution; context=0.5 with spread=7 (every row scaled up
+    before the special ones are set) gives one that depends on the text and spans likely and
+    unlikely characters."""
     vocab = Vocab.from_text(ENDLESS_TEXT)
     net = tiny_model(vocab, seq_length=seq_length)
     with torch.no_grad():
-        net.norm.weight.zero_()
+        net.norm.weight.fill_(context)
         net.norm.bias.copy_(torch.randn(net.config.hidden_size))
+        net.tok_emb.weight.mul_(spread)
         for never in [*range(len(SPECIAL_TOKENS)), vocab.stoi["\n"]]:  # one reply, one output line
             net.tok_emb.weight[never] = -10 * net.norm.bias
     save_checkpoint(str(path), {"stage": "train", "vocab": vocab.chars, "model": model_state(net),
