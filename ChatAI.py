@@ -23,7 +23,7 @@ from lumina import data
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import CHAT_SAMPLING, parse_cli
 from lumina.device import DTYPE_CHOICES, dtype_line
-from lumina.engine import beam_search, generate, generation_dtype
+from lumina.engine import MAX_TOP_LOGPROBS, beam_search, generate, generation_dtype
 from lumina.model import CharTransformer
 from lumina.training import stop_on_signals
 from lumina.vocab import BOT, SPECIAL_TOKENS, TURN_ENDS, USER, Vocab, chat_prompt, unknown_chars_dropped
@@ -57,7 +57,6 @@ TYPES = {"seed": int, "prompt": str}
 RULES = {"mode": ("topk", "nucleus", "greedy"), "threads": (1, 1024), "top_k": (1, 10 ** 6), "dtype": DTYPE_CHOICES,
          "length_penalty": (-5.0, 5.0)}
 MAX_BEAMS = 16
-MAX_PROBS = 20       # probs K: alternatives per character, as serve.py's top_logprobs allows
 LEAST_LIKELY = 5     # probs K: how many of a reply's least likely characters are listed under it
 CONTEXT_CHARS = 12   # probs K: how much of the reply before a listed character is quoted
 # probs K on a terminal: a character's colour by the model's probability for it, from the top band
@@ -196,7 +195,8 @@ COMMANDS = [
      number_setter("num_beams", int, 1, MAX_BEAMS)),
     (("seed",), "X", "reproducible replies; 'seed off' to vary again", set_seed),
     (("probs",), "K", f"how likely each character was: shaded on a terminal, then the {LEAST_LIKELY} least likely, "
-     f"each with the K likeliest there; 0-{MAX_PROBS}, 0 turns it off", number_setter("probs", int, 0, MAX_PROBS)),
+     f"each with the K likeliest there; 0-{MAX_TOP_LOGPROBS}, 0 turns it off",
+     number_setter("probs", int, 0, MAX_TOP_LOGPROBS)),
     (("settings",), "", "show every current setting", show_settings),
     (("save",), "FILE", "write the conversation as chat JSONL", save_transcript),
     (("help",), "", "this list", show_help),

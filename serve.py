@@ -53,7 +53,7 @@ from lumina import data
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import CHAT_SAMPLING, parse_cli
 from lumina.device import DTYPE_CHOICES, dtype_line
-from lumina.engine import BeamSearch, Engine, Entry, Row, compile_buckets, generation_dtype
+from lumina.engine import MAX_TOP_LOGPROBS, BeamSearch, Engine, Entry, Row, compile_buckets, generation_dtype
 from lumina.evaluate import attention_view
 from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, chat_prompt
 
@@ -98,7 +98,6 @@ RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "
 SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # per-request settings
 MAX_STOPS = 4  # as OpenAI's API allows
 MAX_STOP_CHARS = 256  # each stop string's length: matching costs nothing more, but a stop string is a few words
-MAX_TOP_LOGPROBS = 20  # alternatives per character, as OpenAI's API allows
 LOGPROB_FLOOR = -9999.0  # what OpenAI reports for "never": JSON has no -Infinity
 ATTENTION_ALTERNATIVES = 10  # the likeliest characters the attention view lists beside the one written
 MAX_PAIR_CHARS = 100000  # characters of one pair (prompt and both replies): a pair from the page is a few hundred

@@ -420,6 +420,9 @@ class Row:
             self.entries.append(entry)
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives a caller may ask for per id (OpenAI's API allows 20): serve.py's and ChatAI's limit
+
+
 class Entry(collections.namedtuple("Entry", "logprob top")):
     """What the model thought of one id it wrote: its log-probability, and (id, log-probability)
     of the likeliest ids, likeliest first. Both are the model's own distribution, before the
