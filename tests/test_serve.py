@@ -473,7 +473,7 @@ def test_any_json_posted_as_a_pair_is_saved_whole_or_refused_by_name(lab, body):
     """Hypothesis: whatever JSON comes, the answer is 200 or a 400/413 that names the problem, and
     every line in the file is one that fine_tune.py's reader keeps."""
     server, pairs_file = lab
-    answer = httpx.post(server.url + "/lumina/pairs", json=body)
+    answer = httpx.post(server.url + "/lumina/pairs", content=json.dumps(body), headers={"Content-Type": "application/json"})
     assert answer.status_code in (200, 400, 413), answer.text
     assert answer.status_code == 200 or answer.json()["error"]["message"]
     if pairs_file.exists():
