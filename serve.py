@@ -53,7 +53,7 @@ from lumina import data
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import CHAT_SAMPLING, parse_cli
 from lumina.device import DTYPE_CHOICES, dtype_line
-from lumina.engine import MAX_TOP_LOGPROBS, BeamSearch, Engine, Entry, Row, compile_buckets, generation_dtype
+from lumina.engine import LOGPROB_FLOOR, MAX_TOP_LOGPROBS, BeamSearch, Engine, Entry, Row, compile_buckets, generation_dtype
 from lumina.evaluate import attention_view
 from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, chat_prompt
 
@@ -98,7 +98,6 @@ RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "
 SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # per-request settings
 MAX_STOPS = 4  # as OpenAI's API allows
 MAX_STOP_CHARS = 256  # each stop string's length: matching costs nothing more, but a stop string is a few words
-LOGPROB_FLOOR = -9999.0  # what OpenAI reports for "never": JSON has no -Infinity
 ATTENTION_ALTERNATIVES = 10  # the likeliest characters the attention view lists beside the one written
 MAX_PAIR_CHARS = 100000  # characters of one pair (prompt and both replies): a pair from the page is a few hundred
 FAILING_STEPS = 3  # consecutive failed steps after which /health answers 503 (a sticky CUDA error, say)
@@ -268,9 +267,10 @@ def attention_answer(body, net, vocab, config):
     ids = prompt + vocab.encode(reply)
     target = len(prompt) + position
     first, logprobs, weights = attention_view(net, ids, target)
+    logprobs = logprobs.clamp(min=LOGPROB_FLOOR)  # JSON has no -Infinity
     top = logprobs.topk(min(ATTENTION_ALTERNATIVES, len(logprobs)))
-    entry = logprob_entry(vocab, reply[position], Entry(float(logprobs[ids[target]]),
-                                                        list(zip(top.indices.tolist(), top.values.tolist()))))
+    entry = logprob_entry(token_table(vocab), ids[target], Entry(float(logprobs[ids[target]]),
+                                                                 list(zip(top.indices.tolist(), top.values.tolist()))))
     return {"object": "lumina.attention", "position": position, **entry,
             "tokens": [vocab.itos[i] for i in ids[first:target]], "reply_start": len(prompt) - first,
             "attention": weights.tolist()}
@@ -353,11 +353,18 @@ def fallbacks(pattern):
     return table
 
 
-def logprob_entry(vocab, char, entry):
-    """One character's entry in OpenAI's shape: token, logprob, bytes (UTF-8), top_logprobs."""
-    def token(text, logprob):
-        return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(text.encode("utf-8"))}
-    return {**token(char, entry.logprob), "top_logprobs": [token(vocab.itos[i], lp) for i, lp in entry.top]}
+def token_table(vocab):
+    """Per id, (its text, its UTF-8 bytes as a list): what every log-prob entry names, made once."""
+    return [(text, list(text.encode("utf-8"))) for text in vocab.itos]
+
+
+def logprob_entry(tokens, token_id, entry):
+    """One character's entry in OpenAI's shape: token, logprob, bytes (UTF-8), top_logprobs. It
+    runs for every character of every reply that asks (64 streams at once): plain dicts from the
+    token table, no work it can skip."""
+    text, raw = tokens[token_id]
+    return {"token": text, "logprob": entry.logprob, "bytes": raw,
+            "top_logprobs": [{"token": tokens[i][0], "logprob": lp, "bytes": tokens[i][1]} for i, lp in entry.top]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,7 +382,7 @@ class Job:
     rows: list = dataclasses.field(default_factory=list)      # one engine Row per sampled choice
     beam: BeamSearch = None                                   # num_beams > 1: its best beams are the choices
     texts: list = dataclasses.field(default_factory=list)     # one StopText per choice
-    entries: list = dataclasses.field(default_factory=list)   # per choice, with logprobs: an engine Entry per character
+    entries: list = dataclasses.field(default_factory=list)   # per choice, with logprobs: (id, engine Entry) per character
     finished: list = dataclasses.field(default_factory=list)  # per choice: its last event was sent
     cancelled: bool = False
     failed: bool = False                                      # an error event was sent; nothing more will be
@@ -426,6 +433,7 @@ class Scheduler:
 
     def __init__(self, net, vocab, config):
         self.net, self.vocab, self.config = net, vocab, config
+        self.tokens = token_table(vocab)  # each id's text and bytes, for log-prob entries
         self.dtype = next(net.parameters()).dtype  # serve.py casts the weights to the precision it chose
         self.engine = Engine(net, config["max_batch"], compile=config["compile"])
         self.free = list(range(config["max_batch"]))  # a heap: the lowest slots first, so rows stay neighbours
@@ -579,7 +587,7 @@ class Scheduler:
         text, sent = job.texts[i], job.texts[i].sent
         shown = [b for b, t in enumerate(ids) if t >= len(SPECIAL_TOKENS)]  # special ids are not text
         if entries:
-            job.entries[i] += [entries[b] for b in shown]
+            job.entries[i] += [(ids[b], entries[b]) for b in shown]
         out, hit = text.add("".join(self.vocab.itos[ids[b]] for b in shown))
         if hit or ended:
             job.finished[i] = True
@@ -596,7 +604,7 @@ class Scheduler:
         characters are never sent, nor their entries). None without logprobs."""
         if job.request.top_logprobs is None:
             return None
-        return [logprob_entry(self.vocab, char, entry) for char, entry in zip(out, job.entries[i][sent:sent + len(out)])]
+        return [logprob_entry(self.tokens, token_id, entry) for token_id, entry in job.entries[i][sent:sent + len(out)]]
 
     def retire(self, job):
         """True when the job can leave: cancelled, failed, or every choice finished. Frees its slots."""
@@ -870,11 +878,12 @@ async def complete(request, scheduler, config, model_name):
     if result is None:
         return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
     texts, reasons, entries, usage = result
-    return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+    body = {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text},
                          "logprobs": choice_logprobs(found), "finish_reason": reason}
                         for i, (text, reason, found) in enumerate(zip(texts, reasons, entries))],
             "usage": usage, "dropped_characters": dropped}
+    return JSONResponse(body)  # at once: FastAPI's encoder would walk every log-prob entry one by one
 
 
 class Server(uvicorn.Server):

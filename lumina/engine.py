@@ -421,13 +421,14 @@ class Row:
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives a caller may ask for per id (OpenAI's API allows 20): serve.py's and ChatAI's limit
+LOGPROB_FLOOR = -9999.0  # log-probs below it are reported as it: OpenAI's "never" (JSON has no -Infinity)
 
 
 class Entry(collections.namedtuple("Entry", "logprob top")):
     """What the model thought of one id it wrote: its log-probability, and (id, log-probability)
     of the likeliest ids, likeliest first. Both are the model's own distribution, before the
     repetition penalty, temperature, top-k or top-p reshaped it for the draw (as OpenAI and vLLM
-    report them): how sure the model was, not how the dice were loaded."""
+    report them): how sure the model was, not how the dice were loaded. Below LOGPROB_FLOOR, the floor."""
 
 
 def logprob_numbers(logits, chosen, k):
@@ -435,7 +436,7 @@ def logprob_numbers(logits, chosen, k):
     (B,), then, when k > 0, the k likeliest ids' log-probs (B * k) and those ids (B * k; exact as
     float32 below 2**24). The likeliest come first, of equal logits the lower id, as greedy takes."""
     logits = logits.float()
-    logprobs = logits.log_softmax(-1)
+    logprobs = logits.log_softmax(-1).clamp(min=LOGPROB_FLOOR)
     numbers = [logprobs.gather(1, chosen[:, None])[:, 0]]
     if k:
         ids = top_ids(logits, k)
@@ -725,10 +726,11 @@ class BeamSearch:
         self.candidates = len(top.values)
         if self.top_logprobs is not None:
             self.k = min(self.top_logprobs, self.vocab_size)
-            parts.append(logprobs.flatten()[top.indices])
+            reported = logprobs.clamp(min=LOGPROB_FLOOR)
+            parts.append(reported.flatten()[top.indices])
             if self.k:
                 ids = top_ids(logits.float(), self.k)
-                parts += [logprobs.gather(1, ids).flatten(), ids.flatten().float()]
+                parts += [reported.gather(1, ids).flatten(), ids.flatten().float()]
         self.proposal_size = sum(len(part) for part in parts)
         return torch.cat(parts)
 
