@@ -177,6 +177,8 @@ def main(argv):
     net, vocab, _ = load_for_chat(options["model"], "cpu")
     pairs = held_out_pairs(sample_replies(net, vocab, held, options["samples"], options["max_chars"], options["seed"]))
     print(f"held out: {len(pairs)} pairs from {len(held)} prompts ({options['samples']} replies each)", flush=True)
+    if not pairs:
+        raise SystemExit("no held-out prompt got both kinds of reply: raise --samples or --held_out")
     # --- 3. DPO on the page's pairs ---
     taught = os.path.join(out, "Taught.pth")
     tune = subprocess.run([sys.executable, os.path.join(common.ROOT, "fine_tune.py"), f"--base_model={options['model']}",
