@@ -629,11 +629,14 @@ class Scheduler:
 # ----------------------------------------------------------------------------------------------
 # HTTP
 # ----------------------------------------------------------------------------------------------
+COMPACT = (",", ":")  # no spaces in streamed JSON: with log-probs a character's chunk is mostly punctuation
+
+
 def chunk(stream, choices, **extra):
     """One server-sent event: a chat.completion.chunk. `stream` is (id, created, model name)."""
     completion_id, created, model_name = stream
     return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                  "model": model_name, "choices": choices, **extra}) + "\n\n"
+                                  "model": model_name, "choices": choices, **extra}, separators=COMPACT) + "\n\n"
 
 
 def choice_logprobs(entries):

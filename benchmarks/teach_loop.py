@@ -2,7 +2,8 @@
 DPO, checked on prompts the page never showed.
 
   1. serve.py --pairs_file serves the chat model; headless Chromium drives its page like a learner:
-     for each prompt, "Compare", and pick the reply that follows the rule (it ends with "!") when
+     for each prompt, "Compare", and pick the reply that follows the rule (it ends with `ending`,
+     "!" unless told) when
      exactly one of the two does; otherwise "Neither" and compare again. Until `pairs` are saved.
   2. Held-out pairs: for other prompts, the chat model's own sampled replies, one that follows the
      rule (chosen) and one that does not (rejected), per prompt that has both.
@@ -15,7 +16,7 @@ DPO, checked on prompts the page never showed.
 Prompts: the first user messages of ../shared/data/oasst1's validation sample trees, shuffled
 with `seed`; the page's come first, the held-out ones from the other end.
 
-Run:  python benchmarks/teach_loop.py --model=Chat.pth [--pairs=20] [--held_out=40] [--tune_args="--beta=5"]
+Run:  python benchmarks/teach_loop.py --model=Chat.pth [--ending=.] [--pairs=20] [--held_out=40] [--tune_args="--beta=5"]
 """
 import json
 import os
@@ -45,16 +46,17 @@ CONFIG = {
     "max_tries": 12,      # compares per page prompt before moving to the next
     "max_chars": 400,     # reply length, as the page's default
     "seed": 0,
+    "ending": "!",        # the rule: the better reply ends with this (a weak model may never write "!": try ".")
     "out_dir": None,      # where the pairs file and the taught model go; None = a new temporary folder
     "tune_args": "",      # more fine_tune.py arguments, e.g. "--beta=5 --max_minutes=2"
 }
-TYPES = {"model": str, "out_dir": str, "tune_args": str}
+TYPES = {"model": str, "out_dir": str, "tune_args": str, "ending": str}
 SAMPLE = os.path.join(common.ROOT, "..", "shared", "data", "oasst1", "oasst1_validation_en_sample.messages.jsonl")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 
 
-def follows_rule(text):
-    return text.rstrip().endswith("!")
+def follows_rule(text, ending):
+    return text.rstrip().endswith(ending)
 
 
 def prompts(seed):
@@ -67,7 +69,7 @@ def prompts(seed):
 
 
 # --- 1. pairs chosen in the page ------------------------------------------------------------------------
-def choose_in_page(url, page_prompts, wanted, max_tries):
+def choose_in_page(url, page_prompts, wanted, max_tries, ending):
     """Drive the page: (pairs saved, compares made, prompts used)."""
     from playwright.sync_api import expect, sync_playwright
     saved = compares = used = 0
@@ -85,7 +87,7 @@ def choose_in_page(url, page_prompts, wanted, max_tries):
                 page.click("#compare")
                 expect(page.locator(".compare .choice")).to_have_count(2, timeout=300000)
                 compares += 1
-                ruled = [follows_rule(t.inner_text()) for t in page.locator(".compare .msg.assistant").all()]
+                ruled = [follows_rule(t.inner_text(), ending) for t in page.locator(".compare .msg.assistant").all()]
                 if sum(ruled) == 1:
                     page.locator(".compare .pick").nth(ruled.index(True)).click()
                     saved += 1
@@ -122,10 +124,11 @@ def sample_replies(net, vocab, texts, samples, max_chars, seed):
     return replies
 
 
-def held_out_pairs(replies):
+def held_out_pairs(replies, ending):
     pairs = []
     for text, found in replies.items():
-        good, bad = [r for r in found if follows_rule(r)], [r for r in found if not follows_rule(r) and r.strip()]
+        good = [r for r in found if follows_rule(r, ending)]
+        bad = [r for r in found if not follows_rule(r, ending) and r.strip()]
         if good and bad:
             pairs.append({"prompt": [{"role": "user", "content": text}], "chosen": good[0], "rejected": bad[0]})
     return pairs
@@ -145,7 +148,7 @@ def checks(net, vocab, held, pairs, options, reference=None):
     """The row of the table for one model."""
     logp = per_char_logprobs(net, vocab, pairs)
     replies = sample_replies(net, vocab, held, options["samples"], options["max_chars"], options["seed"] + 1)
-    ruled = [follows_rule(r) for found in replies.values() for r in found]
+    ruled = [follows_rule(r, options["ending"]) for found in replies.values() for r in found]
     rendered = [chat_prompt([{"role": "user", "content": t}], vocab, net.config.seq_length)[0] for t in held]
     row = {"likelihood_accuracy": float((logp[:, 0] > logp[:, 1]).float().mean()),
            "rule_share": sum(ruled) / len(ruled), "ends_turn": end_of_turn_rate(net.eval(), rendered)}
@@ -168,14 +171,15 @@ def main(argv):
     # --- 1. the page ---
     proc, url = start_server(common.ROOT, options["model"], 2, 0, [f"--pairs_file={pairs_file}"])
     try:
-        saved, compares, used = choose_in_page(url, page_prompts, options["pairs"], options["max_tries"])
+        saved, compares, used = choose_in_page(url, page_prompts, options["pairs"], options["max_tries"], options["ending"])
     finally:
         proc.terminate()
         proc.wait()
     print(f"page: {saved} pairs chosen by the rule in {compares} compares over {used} prompts -> {pairs_file}", flush=True)
     # --- 2. held-out pairs from the chat model's own replies ---
     net, vocab, _ = load_for_chat(options["model"], "cpu")
-    pairs = held_out_pairs(sample_replies(net, vocab, held, options["samples"], options["max_chars"], options["seed"]))
+    pairs = held_out_pairs(sample_replies(net, vocab, held, options["samples"], options["max_chars"], options["seed"]),
+                           options["ending"])
     print(f"held out: {len(pairs)} pairs from {len(held)} prompts ({options['samples']} replies each)", flush=True)
     if not pairs:
         raise SystemExit("no held-out prompt got both kinds of reply: raise --samples or --held_out")
@@ -190,7 +194,8 @@ def main(argv):
     # --- 4. before and after ---
     before, reference = checks(net, vocab, held, pairs, options)
     after, _ = checks(*load_for_chat(taught, "cpu")[:2], held, pairs, options, reference)
-    print("| model | held-out pair accuracy (log-prob per char) | implicit reward accuracy | replies ending with '!' | ends its turn |")
+    print(f"| model | held-out pair accuracy (log-prob per char) | implicit reward accuracy | replies ending with "
+          f"{options['ending']!r} | ends its turn |")
     print("|---|---|---|---|---|")
     for name, row in (("chat model", before), ("taught (DPO on the page's pairs)", after)):
         implicit = f"{row['implicit_accuracy']:.1%}" if "implicit_accuracy" in row else "50% (the reference)"
