@@ -18,6 +18,7 @@ with `seed`; the page's come first, the held-out ones from the other end.
 
 Run:  python benchmarks/teach_loop.py --model=Chat.pth [--ending=.] [--pairs=20] [--held_out=40] [--tune_args="--beta=5"]
 """
+import itertools
 import json
 import os
 import random
@@ -41,8 +42,8 @@ from serve_speed import start_server
 CONFIG = {
     "model": None,        # the chat model (a fine-tune that ends its turns)
     "pairs": 20,          # pairs to choose in the page
-    "held_out": 40,       # held-out prompts for the checks
-    "samples": 16,        # replies sampled per held-out prompt (pairs, and the rule's share)
+    "held_out": 30,       # held-out prompts for the checks (the page gets the sample's other prompts)
+    "samples": 12,        # replies sampled per held-out prompt (pairs, and the rule's share)
     "max_tries": 12,      # compares per page prompt before moving to the next
     "max_chars": 400,     # reply length, as the page's default
     "seed": 0,
@@ -69,16 +70,17 @@ def prompts(seed):
 
 
 # --- 1. pairs chosen in the page ------------------------------------------------------------------------
-def choose_in_page(url, page_prompts, wanted, max_tries, ending):
-    """Drive the page: (pairs saved, compares made, prompts used)."""
+def choose_in_page(url, page_prompts, wanted, max_tries, ending, saved=0):
+    """Drive the page until the pairs file holds `wanted` pairs (`saved` already): (pairs saved,
+    compares made, prompts asked). Past the last prompt it asks them again (new seeds, new replies)."""
     from playwright.sync_api import expect, sync_playwright
-    saved = compares = used = 0
+    compares = used = 0
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(url + "/")
-        for prompt in page_prompts:
-            if saved == wanted:
+        for prompt in itertools.cycle(page_prompts):
+            if saved >= wanted:
                 break
             used += 1
             page.click("#clear")
@@ -164,18 +166,21 @@ def main(argv):
     out = options["out_dir"] or tempfile.mkdtemp(prefix="lumina-teach-")
     os.makedirs(out, exist_ok=True)
     pairs_file = os.path.join(out, "page_pairs.jsonl")
-    if os.path.exists(pairs_file):
-        os.remove(pairs_file)
+    kept = 0
+    if os.path.exists(pairs_file):  # a run stopped before: its pairs count
+        with open(pairs_file, encoding="utf-8") as f:
+            kept = len(f.read().splitlines())
     found = prompts(options["seed"])
     page_prompts, held = found[:-options["held_out"]], found[-options["held_out"]:]
     # --- 1. the page ---
     proc, url = start_server(common.ROOT, options["model"], 2, 0, [f"--pairs_file={pairs_file}"])
     try:
-        saved, compares, used = choose_in_page(url, page_prompts, options["pairs"], options["max_tries"], options["ending"])
+        saved, compares, used = choose_in_page(url, page_prompts, options["pairs"], options["max_tries"], options["ending"], kept)
     finally:
         proc.terminate()
         proc.wait()
-    print(f"page: {saved} pairs chosen by the rule in {compares} compares over {used} prompts -> {pairs_file}", flush=True)
+    print(f"page: {saved} pairs chosen by the rule ({kept} of them by an earlier run) in {compares} compares, "
+          f"{used} prompts asked -> {pairs_file}", flush=True)
     # --- 2. held-out pairs from the chat model's own replies ---
     net, vocab, _ = load_for_chat(options["model"], "cpu")
     pairs = held_out_pairs(sample_replies(net, vocab, held, options["samples"], options["max_chars"], options["seed"]),
