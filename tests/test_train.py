@@ -311,43 +311,65 @@ def test_a_shape_rotary_cannot_use_is_refused_without_a_traceback(tmp_path, chat
 
 
 # --- faults: SIGKILL at chosen moments, then resume ----------------------------------------------
-# Runs Train.main in a process that kills itself with SIGKILL at the n-th optimizer step (after the
-# backward pass, before the update), evaluation, or write of a named checkpoint (half written).
+# Each run is a process that kills itself with SIGKILL at the n-th optimizer step (after the backward
+# pass, before the update), evaluation, or write of a named checkpoint (half written). The runs are
+# forked from one process that has loaded torch and Train.py, so each starts at Train.main: a fresh
+# interpreter spent most of its time importing torch. The forking process reads one run a line,
+# [moment, n, argv], and answers the run's exit status; the runs' own output goes to a log file.
 KILLER = r"""
-import os, signal, sys
+import json, os, signal, sys, traceback
 sys.path.insert(0, sys.argv[1])
-import torch, Train
+import torch, torch._dynamo, Train  # torch._dynamo: what building an optimizer imports
 from lumina import training
-kind, n, argv = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-calls = []
 
-def kill_on_nth(name):
-    calls.append(name)
-    if calls.count(name) == n:
-        os.kill(os.getpid(), signal.SIGKILL)
+def run(kind, n, argv):
+    calls = []
 
-real_step, real_eval, real_save = training.forward_backward, training.evaluate, torch.save
+    def kill_on_nth(name):
+        calls.append(name)
+        if calls.count(name) == n:
+            os.kill(os.getpid(), signal.SIGKILL)
 
-def step(*a, **k):
-    loss = real_step(*a, **k)
-    kill_on_nth("step")
-    return loss
+    real_step, real_eval, real_save = training.forward_backward, training.evaluate, torch.save
 
-def evaluate(*a, **k):
-    loss = real_eval(*a, **k)
-    kill_on_nth("eval")
-    return loss
+    def step(*a, **k):
+        loss = real_step(*a, **k)
+        kill_on_nth("step")
+        return loss
 
-def save(obj, f, *a, **k):
-    for name in ("train_state", "Model.pth"):
-        if name in os.path.basename(f) and kind == "write:" + name:
-            with open(f, "wb") as half:
-                half.write(b"PK\x03\x04 half of a checkpoint")
-            kill_on_nth(kind)
-    return real_save(obj, f, *a, **k)
+    def evaluate(*a, **k):
+        loss = real_eval(*a, **k)
+        kill_on_nth("eval")
+        return loss
 
-training.forward_backward, training.evaluate, torch.save = step, evaluate, save
-Train.main(argv)
+    def save(obj, f, *a, **k):
+        for name in ("train_state", "Model.pth"):
+            if name in os.path.basename(f) and kind == "write:" + name:
+                with open(f, "wb") as half:
+                    half.write(b"PK\x03\x04 half of a checkpoint")
+                kill_on_nth(kind)
+        return real_save(obj, f, *a, **k)
+
+    training.forward_backward, training.evaluate, torch.save = step, evaluate, save
+    Train.main(argv)
+
+log = open(sys.argv[2], "a")
+for line in sys.stdin:
+    kind, n, argv = json.loads(line)
+    child = os.fork()
+    if child == 0:  # the run: it ends here, never back in this loop
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        signal.alarm(300)  # a run that hangs ends by SIGALRM, which the test reports
+        try:
+            run(kind, n, argv)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)  # only a run that was not killed gets here
+    print(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), flush=True)
 """
 # (moment, n) in order; each run resumes from the last train_state.pth (saved every 5 steps).
 KILLS = [("step", 8), ("write:Model.pth", 1), ("eval", 1), ("write:train_state", 1), ("write:train_state", 2),
@@ -367,19 +389,25 @@ def metric_records(out_dir):
 def test_sigkill_at_ten_moments_then_resume_continues_the_same_run(tmp_path, chat_file):
     args = [f"--data={chat_file}", "--max_iters=40", "--log_interval=1", "--eval_interval=10",
             "--checkpoint_interval=5", "--dropout=0.1", "--threads=1", *TINY_ARGS, "--probe_chars=0"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    straight, broken, log = tmp_path / "straight", tmp_path / "broken", tmp_path / "killed_runs.log"
     out = run_script("Train.py", *args, f"--out_dir={straight}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    for i, (moment, n) in enumerate(KILLS):
-        resume = ["--resume"] if i else []
-        proc = subprocess.run([sys.executable, "-c", KILLER, ROOT, moment, str(n), *args, f"--out_dir={broken}", *resume],
-                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
-        assert proc.returncode == -signal.SIGKILL, (moment, n, proc.stderr[-2000:])
-        state = load_checkpoint(str(broken / "train_state.pth"))  # never torn, whatever the moment
-        assert state["step"] % 5 == 0
-        if (broken / "Model.pth").exists():
-            build_model(load_checkpoint(str(broken / "Model.pth")))
-        metric_records(broken)
+    killer = subprocess.Popen([sys.executable, "-c", KILLER, ROOT, str(log)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        for i, (moment, n) in enumerate(KILLS):
+            resume = ["--resume"] if i else []
+            killer.stdin.write(json.dumps([moment, n, [*args, f"--out_dir={broken}", *resume]]) + "\n")
+            killer.stdin.flush()
+            assert int(killer.stdout.readline()) == -signal.SIGKILL, (moment, n, log.read_text()[-2000:])
+            state = load_checkpoint(str(broken / "train_state.pth"))  # never torn, whatever the moment
+            assert state["step"] % 5 == 0
+            if (broken / "Model.pth").exists():
+                build_model(load_checkpoint(str(broken / "Model.pth")))
+            metric_records(broken)
+    finally:
+        killer.stdin.close()
+        killer.wait(timeout=60)
     out = run_script("Train.py", *args, f"--out_dir={broken}", "--resume", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     records = metric_records(broken)
