@@ -81,6 +81,15 @@ def interrupt_after(step):
         training.log_metrics = real_log
 
 
+def refusal(main, argv, capsys):
+    """A stage's main(argv) in this process, which must refuse: what the user reads (stderr and the
+    message sys.exit prints). Any other exception, a traceback for the user, fails the test."""
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code not in (0, None)
+    return capsys.readouterr().err + str(refused.value.code)
+
+
 def run_script(script, *args, cwd=None, input=None, timeout=300, env=None):
     """Run a stage the way a person does, returning the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -21,7 +21,7 @@ from lumina.training import INTERRUPTED, Runtime, choose_compile, choose_dtype, 
 from lumina.vocab import END, USER, Vocab
 from lumina.config import apply_overrides
 from lumina.device import seeded_generator
-from conftest import DEVICE, CHATS, ROOT, interrupt_after, run_script, tiny_model, write_jsonl
+from conftest import DEVICE, CHATS, ROOT, interrupt_after, refusal, run_script, tiny_model, write_jsonl
 
 TINY_ARGS = ["--seq_length=16", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8",
              "--max_minutes=0", "--probe_chars=10", f"--device={DEVICE}", "--dtype=float32", "--end_chars=200",
@@ -66,17 +66,17 @@ def test_missing_dataset_says_to_run_the_download(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_bad_config_keys_and_values_are_refused(tmp_path):
-    out = run_script("Train.py", "--hiden_size=64", cwd=tmp_path)
+def test_bad_config_keys_and_values_are_refused(tmp_path, capsys):
+    out = run_script("Train.py", "--hiden_size=64", cwd=tmp_path)  # one as a process: the exit code a shell sees
     assert out.returncode != 0 and "unknown config key 'hiden_size'" in out.stderr and "hidden_size" in out.stderr
-    out = run_script("Train.py", "--max_iters=many", cwd=tmp_path)
-    assert "--max_iters expects int, got 'many'" in out.stderr
-    out = run_script("Train.py", "--warmup_ratio=0.9", cwd=tmp_path)
-    assert "warmup_ratio must be between 0.0 and 0.5, got 0.9" in out.stderr
-    out = run_script("Train.py", "--device=tpu", cwd=tmp_path)
-    assert "device must be auto, cuda, cuda:N, mps or cpu" in out.stderr
-    out = run_script("Train.py", "--help", cwd=tmp_path)
-    assert out.returncode == 0 and '"max_minutes": 15.0,' in out.stdout and "wall-clock budget" in out.stdout
+    # The rest in this process: a fresh interpreter each cost more than the checks.
+    assert "--max_iters expects int, got 'many'" in refusal(Train.main, ["--max_iters=many"], capsys)
+    assert "warmup_ratio must be between 0.0 and 0.5, got 0.9" in refusal(Train.main, ["--warmup_ratio=0.9"], capsys)
+    assert "device must be auto, cuda, cuda:N, mps or cpu" in refusal(Train.main, ["--device=tpu"], capsys)
+    with pytest.raises(SystemExit) as helped:
+        Train.main(["--help"])
+    out = capsys.readouterr().out
+    assert helped.value.code == 0 and '"max_minutes": 15.0,' in out and "wall-clock budget" in out
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -304,10 +304,10 @@ def test_two_gloo_processes_train_and_rank0_saves(tmp_path, chat_file):
     assert len(ranks) == 2 and all(set(r) == {"cpu", "device", "sampler"} for r in ranks)
 
 
-def test_a_shape_rotary_cannot_use_is_refused_without_a_traceback(tmp_path, chat_file):
-    out = run_script("Train.py", f"--data={chat_file}", f"--out_dir={tmp_path}", *TINY_ARGS,
-                     "--hidden_size=36", "--nhead=4", cwd=tmp_path)
-    assert out.returncode != 0 and "even head size" in out.stderr and "Traceback" not in out.stderr
+def test_a_shape_rotary_cannot_use_is_refused_without_a_traceback(tmp_path, chat_file, capsys):
+    said = refusal(Train.main, [f"--data={chat_file}", f"--out_dir={tmp_path}", *TINY_ARGS, "--hidden_size=36",
+                                "--nhead=4"], capsys)
+    assert "even head size" in said
 
 
 # --- faults: SIGKILL at chosen moments, then resume ----------------------------------------------
@@ -421,9 +421,8 @@ def test_sigkill_at_ten_moments_then_resume_continues_the_same_run(tmp_path, cha
 
 def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path, chat_file):
     (tmp_path / "train_metrics.jsonl").write_text('{"step": 999, "loss": 1.0}\n{"step": 3, "lo')
-    out = run_script("Train.py", f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=4", "--log_interval=2",
-                     "--eval_interval=4", *TINY_ARGS, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    Train.main([f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=4", "--log_interval=2", "--eval_interval=4",
+                *TINY_ARGS])
     assert [r["step"] for r in metric_records(tmp_path)] == [2, 4, 4]
 
 
