@@ -42,17 +42,17 @@ def reply_windows(prompt_ids, reply_ids, seq_length):
     each in the window the engine reads when it generates that id (window_start), and the two ids
     preceding each window (W, 2). Targets are -1 where nothing is scored. Row w holds
     ids[start:start + seq_length] and predicts the next id at each position."""
-    ids, scored = prompt_ids + reply_ids, {}
-    for i in range(len(prompt_ids), len(ids)):  # ids[i] is predicted from ids[window_start(i):i]
-        scored.setdefault(window_start(i, seq_length), []).append(i)
-    inputs = torch.full((len(scored), seq_length), PAD, dtype=torch.int32)
-    targets = torch.full((len(scored), seq_length), -1, dtype=torch.int32)
-    for w, (start, positions) in enumerate(scored.items()):
-        chunk = ids[start:start + seq_length]
-        inputs[w, :len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
-        for i in positions:
-            targets[w, i - 1 - start] = ids[i]
-    before = torch.tensor([predecessors(ids, start) for start in scored], dtype=torch.int32).view(-1, 2)
+    ids = prompt_ids + reply_ids
+    text = torch.tensor(ids, dtype=torch.int32)
+    scored = torch.arange(len(prompt_ids), len(ids))  # ids[i] is predicted from ids[window_start(i):i]
+    starts = torch.tensor([window_start(i, seq_length) for i in scored.tolist()], dtype=torch.long)
+    # One row per window. Starts never decrease along the text, so sorted is their order of appearance.
+    firsts, row = torch.unique(starts, sorted=True, return_inverse=True)
+    columns = firsts[:, None] + torch.arange(seq_length)  # (W, seq_length): where each window's ids sit in ids
+    inputs = torch.where(columns < len(ids), text[columns.clamp(max=len(ids) - 1)], PAD)
+    targets = torch.full(columns.shape, -1, dtype=torch.int32)
+    targets[row, scored - 1 - starts] = text[scored]  # one write: id by id, the sample's 283 pairs took 15 s
+    before = torch.tensor([predecessors(ids, start) for start in firsts.tolist()], dtype=torch.int32).view(-1, 2)
     return inputs, targets, before
 
 

@@ -20,6 +20,13 @@ from lumina.checkpoint import model_state, save_checkpoint  # noqa: E402
 from lumina.model import CharTransformer, ModelConfig  # noqa: E402
 from lumina.vocab import SPECIAL_TOKENS, Vocab  # noqa: E402
 
+# One torch thread for this process and, through the environment, for every stage a test starts:
+# the suite runs two files at once on two cores, and tiny models gain nothing from a second thread,
+# which only waits for a core. Measured: two tiny Train.py runs side by side took 23 s each with two
+# threads, 7 s with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data", "oasst1")
 # The device every stage and model of the suite runs on: LUMINA_TEST_DEVICE=cuda runs the same tests on a GPU.
 DEVICE = os.environ.get("LUMINA_TEST_DEVICE", "cpu")
@@ -72,6 +79,15 @@ def interrupt_after(step):
         yield
     finally:
         training.log_metrics = real_log
+
+
+def refusal(main, argv, capsys):
+    """A stage's main(argv) in this process, which must refuse: what the user reads (stderr and the
+    message sys.exit prints). Any other exception, a traceback for the user, fails the test."""
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code not in (0, None)
+    return capsys.readouterr().err + str(refused.value.code)
 
 
 def run_script(script, *args, cwd=None, input=None, timeout=300, env=None):

@@ -11,7 +11,7 @@ import fine_tune
 from lumina.checkpoint import build_model, load_checkpoint
 from lumina.corpus import load_data
 from lumina.vocab import Vocab
-from conftest import DEVICE, CHATS, interrupt_after, run_script, write_jsonl
+from conftest import DEVICE, CHATS, interrupt_after, refusal, run_script, write_jsonl
 from test_train import TINY_ARGS
 
 SPANISH = [[{"role": "user", "content": "hola"}, {"role": "assistant", "content": "el niño y la niña, mañana señor"}],
@@ -84,24 +84,24 @@ def test_spanish_fine_tune_learns_new_letters_and_chat_uses_them(base, spanish, 
     assert load_checkpoint(str(tmp_path / "Round2.pth"))["old_vocab_size"] == ckpt["new_vocab_size"]
 
 
-def test_bad_inputs_get_their_messages(base, spanish, tmp_path):
-    out = run_script("fine_tune.py", f"--data={spanish}", cwd=tmp_path)
+def test_bad_inputs_get_their_messages(base, spanish, tmp_path, capsys, monkeypatch):
+    out = run_script("fine_tune.py", f"--data={spanish}", cwd=tmp_path)  # one as a process: the exit code a shell sees
     assert out.returncode != 0 and "Model.pth not found: run `python Train.py` first" in out.stderr
+    assert "Traceback" not in out.stderr
+    monkeypatch.chdir(tmp_path)  # the rest in this process: a fresh interpreter each cost more than the checks
+
+    def said(*argv):
+        return refusal(fine_tune.main, list(argv), capsys)
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(base.read_bytes()[:1000])
-    out = run_script("fine_tune.py", f"--base_model={corrupt}", f"--data={spanish}", cwd=tmp_path)
-    assert out.returncode != 0 and "truncated or corrupt" in out.stderr
+    assert "truncated or corrupt" in said(f"--base_model={corrupt}", f"--data={spanish}")
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
-    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={empty}", cwd=tmp_path)
-    assert out.returncode != 0 and "no usable text" in out.stderr
+    assert "no usable text" in said(f"--base_model={base}", f"--data={empty}")
     broken = write_jsonl(tmp_path / "broken.jsonl", ["{oops", {"messages": "not a list"}])
-    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={broken}", cwd=tmp_path)
-    assert out.returncode != 0 and "broken.jsonl:1: not valid JSON" in out.stderr
-    out = run_script("fine_tune.py", f"--base_model={base}", f"--output={base}", f"--data={spanish}", cwd=tmp_path)
-    assert out.returncode != 0 and "is the base model itself" in out.stderr and "--overwrite" in out.stderr
-    out = run_script("fine_tune.py", "--learning_rate=fast", cwd=tmp_path)
-    assert "--learning_rate expects float, got 'fast'" in out.stderr
-    assert all("Traceback" not in o for o in (out.stderr,))
+    assert "broken.jsonl:1: not valid JSON" in said(f"--base_model={base}", f"--data={broken}")
+    same = said(f"--base_model={base}", f"--output={base}", f"--data={spanish}")
+    assert "is the base model itself" in same and "--overwrite" in same
+    assert "--learning_rate expects float, got 'fast'" in said("--learning_rate=fast")
 
 
 def test_assistant_only_loss_masks_user_turns(base, spanish, tmp_path):
@@ -165,19 +165,20 @@ def test_fine_tuning_on_chats_teaches_a_prose_model_to_end_its_turn(tmp_path):
 
 
 # --- runs keep their own files, and resume the run they were -------------------------------------
-def test_each_fine_tune_names_its_files_after_its_output_and_a_second_keeps_the_first(base, spanish, tmp_path):
+def test_each_fine_tune_names_its_files_after_its_output_and_a_second_keeps_the_first(base, spanish, tmp_path, capsys,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the outputs are named as a user names them, in the current folder
+
     def tune(*args):
-        out = run_script("fine_tune.py", f"--data={spanish}", *FT_ARGS, "--max_iters=4", "--eval_interval=4",
-                         "--probe_chars=0", *args, cwd=tmp_path)
-        assert out.returncode == 0, out.stderr
-        return out
+        fine_tune.main([f"--data={spanish}", *FT_ARGS, "--max_iters=4", "--eval_interval=4", "--probe_chars=0", *args])
+        return capsys.readouterr().out
     tune(f"--base_model={base}", "--output=R1.pth")
     round1 = {name: (tmp_path / name).read_bytes() for name in ("R1.pth", "R1_state.pth", "R1_metrics.jsonl")}
     tune("--base_model=R1.pth", "--output=R2.pth")  # the docstring's "fine-tune again"
     assert {name: (tmp_path / name).read_bytes() for name in round1} == round1
     assert (tmp_path / "R2_state.pth").exists() and (tmp_path / "R2_metrics.jsonl").exists()
     again = tune(f"--base_model={base}", "--output=R1.pth", "--seed=5")  # the same output again: the first is kept
-    kept = re.search(r"moved it to (\S+)/", again.stdout).group(1)
+    kept = re.search(r"moved it to (\S+)/", again).group(1)
     assert {name: (tmp_path / kept / name).read_bytes() for name in round1} == round1
 
 

@@ -10,13 +10,15 @@ import re
 import pytest
 import torch
 
+import export
+import fine_tune
+import Train
 from lumina.checkpoint import load_checkpoint, load_for_chat
 from lumina.device import autocast
 from lumina.evaluate import end_of_turn_rate
 from lumina.vocab import render_chat
 from conftest import (CHATS, tiny_model, DEVICE, DTYPES, KEY, ROOT, SERVE_PACKAGES, need, Server, ask, endless_checkpoint,
-                      run_script,
-                      write_jsonl)
+                      run_script, write_jsonl)
 
 TINY = ["--seq_length=32", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8", "--max_minutes=0",
         "--end_chars=200", f"--device={DEVICE}"]
@@ -35,21 +37,37 @@ def test_the_end_of_turn_rate_steps_many_rows_at_every_precision(tmp_path, dtype
         assert end_of_turn_rate(net, prompts, max_chars=100) == 0.0  # 100 batched steps of 3 rows: none ends
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # float32: every stage's own tests
-def test_every_stage_generates_at_every_precision(tmp_path, dtype):
-    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in CHATS * 30])
-    # Train.py on chat data: probes at each evaluation, the end-of-turn rate of the saved model at the end.
-    out = run_script("Train.py", f"--data={chats}", f"--out_dir={tmp_path}", "--max_iters=100", "--eval_interval=50",
-                     "--probe_chars=20", f"--dtype={dtype}", *TINY, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Train.py with --dtype=auto on the test chats, long enough that its replies depend on the
+    prompt: (its folder, its output). The stages below start from this model at each precision."""
+    folder = tmp_path_factory.mktemp("trained")
+    chats = write_jsonl(folder / "chats.jsonl", [{"messages": c} for c in CHATS * 30])
+    out = run_script("Train.py", f"--data={chats}", f"--out_dir={folder}", "--max_iters=100", "--eval_interval=100",
+                     "--probe_chars=0", "--dtype=auto", *TINY, cwd=folder)
     assert out.returncode == 0, out.stderr
-    assert "held-out replies" in out.stdout.splitlines()[-1] and "probe |" in out.stdout
-    assert dtype_lines(out.stdout) == [f"dtype {dtype} (asked {dtype})"]
+    return folder, out.stdout
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # float32: every stage's own tests
+def test_every_stage_generates_at_every_precision(trained, tmp_path, dtype, capsys):
+    """Train.py and fine_tune.py run here, as main(command line), and export.py's int8 writer: a
+    fresh interpreter for each cost more than their short runs. ChatAI.py (stdin) and serve.py (a
+    port) run as processes."""
+    base, chats, tuned = trained[0] / "Model.pth", trained[0] / "chats.jsonl", tmp_path / "FineTuned_Model.pth"
+    # Train.py on chat data: probes at its evaluation, the end-of-turn rate of the saved model at the
+    # end. A few steps: the stages after it start from the trained model.
+    Train.main([f"--data={chats}", f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=4", "--probe_chars=20",
+                f"--dtype={dtype}", *TINY])
+    out = capsys.readouterr().out
+    assert "held-out replies" in out.splitlines()[-1] and "probe |" in out
+    assert dtype_lines(out) == [f"dtype {dtype} (asked {dtype})"]
     assert load_checkpoint(str(tmp_path / "Model.pth"))["config"]["dtype"] == dtype
     # fine_tune.py: its "before" report samples the held-out prompts before the first step.
-    out = run_script("fine_tune.py", f"--data={chats}", "--epochs=0", "--max_iters=20", "--probe_chars=20",
-                     "--end_chars=200", f"--dtype={dtype}", f"--device={DEVICE}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert re.search(r"val bits/char [\d.]+ -> [\d.]+ \| ends its turn \d+% -> \d+% of \d+ held-out", out.stdout)
+    fine_tune.main([f"--base_model={base}", f"--data={chats}", f"--output={tuned}", "--epochs=0", "--max_iters=4",
+                    "--eval_interval=4", "--probe_chars=20", "--end_chars=200", f"--dtype={dtype}", f"--device={DEVICE}"])
+    out = capsys.readouterr().out
+    assert re.search(r"val bits/char [\d.]+ -> [\d.]+ \| ends its turn \d+% -> \d+% of \d+ held-out", out)
     # ChatAI: seeded replies repeat, beam search, and the int8 file.
     lines = ["seed 7", "hello there", "clear", "seed 7", "hello there", "beam 3", "hello there", "quit"]
     out = run_script("ChatAI.py", "FineTuned_Model.pth", f"--dtype={dtype}", "--max_new_chars=30",
@@ -58,14 +76,14 @@ def test_every_stage_generates_at_every_precision(tmp_path, dtype):
     replies = [line for line in out.stdout.splitlines() if line.startswith("AI:")]
     assert len(replies) == 3 and replies[0] == replies[1] and len(replies[0]) > 5
     assert dtype_lines(out.stderr) == [f"dtype {dtype} (asked {dtype})"]
-    assert run_script("export.py", "FineTuned_Model.pth", "--int8", cwd=tmp_path).returncode == 0
+    export.export_int8(str(tuned), str(tmp_path / "FineTuned_Model.int8.pth"))  # what export.py --int8 runs
     out = run_script("ChatAI.py", "FineTuned_Model.int8.pth", f"--dtype={dtype}", "--max_new_chars=30", "--seed=3",
                      "--prompt", "hello there", cwd=tmp_path)
     assert out.returncode == 0 and len(out.stdout.strip()) > 0, out.stderr
     # serve.py: seeded, n=2 and beam search, in batched steps.
     need(*SERVE_PACKAGES)  # every stage but serve.py has passed
     import httpx
-    server = Server(str(tmp_path / "FineTuned_Model.pth"), f"--api_key={KEY}", f"--dtype={dtype}", "--model_name=Model")
+    server = Server(str(tuned), f"--api_key={KEY}", f"--dtype={dtype}", "--model_name=Model")
     try:
         client = server.client()
         seeded = [[c.message.content for c in ask(client, "hello there", max_tokens=30, temperature=1.0, seed=5,
@@ -80,15 +98,12 @@ def test_every_stage_generates_at_every_precision(tmp_path, dtype):
     assert dtype_lines(stdout) == [f"dtype {dtype} (asked {dtype})"]
 
 
-def test_auto_is_resolved_logged_once_and_stored(tmp_path):
-    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in CHATS * 10])
-    out = run_script("Train.py", f"--data={chats}", f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=4",
-                     "--probe_chars=0", "--dtype=auto", *TINY, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    (line,) = dtype_lines(out.stdout)
-    chosen = load_checkpoint(str(tmp_path / "Model.pth"))["config"]["dtype"]
+def test_auto_is_resolved_logged_once_and_stored(trained):
+    folder, stdout = trained
+    (line,) = dtype_lines(stdout)
+    chosen = load_checkpoint(str(folder / "Model.pth"))["config"]["dtype"]
     assert chosen in ("float32", "bfloat16", "float16") and line.startswith(f"dtype {chosen} (asked auto: ")
-    out = run_script("ChatAI.py", "Model.pth", "--prompt", "hi", "--max_new_chars=5", cwd=tmp_path)
+    out = run_script("ChatAI.py", "Model.pth", "--prompt", "hi", "--max_new_chars=5", cwd=folder)
     (line,) = dtype_lines(out.stderr)
     assert out.returncode == 0 and re.fullmatch(r"dtype (float32|bfloat16|float16) \(asked auto: .+\)", line)
 

@@ -21,7 +21,7 @@ from lumina.training import INTERRUPTED, Runtime, choose_compile, choose_dtype, 
 from lumina.vocab import END, USER, Vocab
 from lumina.config import apply_overrides
 from lumina.device import seeded_generator
-from conftest import DEVICE, CHATS, ROOT, interrupt_after, run_script, tiny_model, write_jsonl
+from conftest import DEVICE, CHATS, ROOT, interrupt_after, refusal, run_script, tiny_model, write_jsonl
 
 TINY_ARGS = ["--seq_length=16", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8",
              "--max_minutes=0", "--probe_chars=10", f"--device={DEVICE}", "--dtype=float32", "--end_chars=200",
@@ -66,17 +66,17 @@ def test_missing_dataset_says_to_run_the_download(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_bad_config_keys_and_values_are_refused(tmp_path):
-    out = run_script("Train.py", "--hiden_size=64", cwd=tmp_path)
+def test_bad_config_keys_and_values_are_refused(tmp_path, capsys):
+    out = run_script("Train.py", "--hiden_size=64", cwd=tmp_path)  # one as a process: the exit code a shell sees
     assert out.returncode != 0 and "unknown config key 'hiden_size'" in out.stderr and "hidden_size" in out.stderr
-    out = run_script("Train.py", "--max_iters=many", cwd=tmp_path)
-    assert "--max_iters expects int, got 'many'" in out.stderr
-    out = run_script("Train.py", "--warmup_ratio=0.9", cwd=tmp_path)
-    assert "warmup_ratio must be between 0.0 and 0.5, got 0.9" in out.stderr
-    out = run_script("Train.py", "--device=tpu", cwd=tmp_path)
-    assert "device must be auto, cuda, cuda:N, mps or cpu" in out.stderr
-    out = run_script("Train.py", "--help", cwd=tmp_path)
-    assert out.returncode == 0 and '"max_minutes": 15.0,' in out.stdout and "wall-clock budget" in out.stdout
+    # The rest in this process: a fresh interpreter each cost more than the checks.
+    assert "--max_iters expects int, got 'many'" in refusal(Train.main, ["--max_iters=many"], capsys)
+    assert "warmup_ratio must be between 0.0 and 0.5, got 0.9" in refusal(Train.main, ["--warmup_ratio=0.9"], capsys)
+    assert "device must be auto, cuda, cuda:N, mps or cpu" in refusal(Train.main, ["--device=tpu"], capsys)
+    with pytest.raises(SystemExit) as helped:
+        Train.main(["--help"])
+    out = capsys.readouterr().out
+    assert helped.value.code == 0 and '"max_minutes": 15.0,' in out and "wall-clock budget" in out
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -304,50 +304,72 @@ def test_two_gloo_processes_train_and_rank0_saves(tmp_path, chat_file):
     assert len(ranks) == 2 and all(set(r) == {"cpu", "device", "sampler"} for r in ranks)
 
 
-def test_a_shape_rotary_cannot_use_is_refused_without_a_traceback(tmp_path, chat_file):
-    out = run_script("Train.py", f"--data={chat_file}", f"--out_dir={tmp_path}", *TINY_ARGS,
-                     "--hidden_size=36", "--nhead=4", cwd=tmp_path)
-    assert out.returncode != 0 and "even head size" in out.stderr and "Traceback" not in out.stderr
+def test_a_shape_rotary_cannot_use_is_refused_without_a_traceback(tmp_path, chat_file, capsys):
+    said = refusal(Train.main, [f"--data={chat_file}", f"--out_dir={tmp_path}", *TINY_ARGS, "--hidden_size=36",
+                                "--nhead=4"], capsys)
+    assert "even head size" in said
 
 
 # --- faults: SIGKILL at chosen moments, then resume ----------------------------------------------
-# Runs Train.main in a process that kills itself with SIGKILL at the n-th optimizer step (after the
-# backward pass, before the update), evaluation, or write of a named checkpoint (half written).
+# Each run is a process that kills itself with SIGKILL at the n-th optimizer step (after the backward
+# pass, before the update), evaluation, or write of a named checkpoint (half written). The runs are
+# forked from one process that has loaded torch and Train.py, so each starts at Train.main: a fresh
+# interpreter spent most of its time importing torch. The forking process reads one run a line,
+# [moment, n, argv], and answers the run's exit status; the runs' own output goes to a log file.
 KILLER = r"""
-import os, signal, sys
+import json, os, signal, sys, traceback
 sys.path.insert(0, sys.argv[1])
-import torch, Train
+import torch, torch._dynamo, Train  # torch._dynamo: what building an optimizer imports
 from lumina import training
-kind, n, argv = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-calls = []
 
-def kill_on_nth(name):
-    calls.append(name)
-    if calls.count(name) == n:
-        os.kill(os.getpid(), signal.SIGKILL)
+def run(kind, n, argv):
+    calls = []
 
-real_step, real_eval, real_save = training.forward_backward, training.evaluate, torch.save
+    def kill_on_nth(name):
+        calls.append(name)
+        if calls.count(name) == n:
+            os.kill(os.getpid(), signal.SIGKILL)
 
-def step(*a, **k):
-    loss = real_step(*a, **k)
-    kill_on_nth("step")
-    return loss
+    real_step, real_eval, real_save = training.forward_backward, training.evaluate, torch.save
 
-def evaluate(*a, **k):
-    loss = real_eval(*a, **k)
-    kill_on_nth("eval")
-    return loss
+    def step(*a, **k):
+        loss = real_step(*a, **k)
+        kill_on_nth("step")
+        return loss
 
-def save(obj, f, *a, **k):
-    for name in ("train_state", "Model.pth"):
-        if name in os.path.basename(f) and kind == "write:" + name:
-            with open(f, "wb") as half:
-                half.write(b"PK\x03\x04 half of a checkpoint")
-            kill_on_nth(kind)
-    return real_save(obj, f, *a, **k)
+    def evaluate(*a, **k):
+        loss = real_eval(*a, **k)
+        kill_on_nth("eval")
+        return loss
 
-training.forward_backward, training.evaluate, torch.save = step, evaluate, save
-Train.main(argv)
+    def save(obj, f, *a, **k):
+        for name in ("train_state", "Model.pth"):
+            if name in os.path.basename(f) and kind == "write:" + name:
+                with open(f, "wb") as half:
+                    half.write(b"PK\x03\x04 half of a checkpoint")
+                kill_on_nth(kind)
+        return real_save(obj, f, *a, **k)
+
+    training.forward_backward, training.evaluate, torch.save = step, evaluate, save
+    Train.main(argv)
+
+log = open(sys.argv[2], "a")
+for line in sys.stdin:
+    kind, n, argv = json.loads(line)
+    child = os.fork()
+    if child == 0:  # the run: it ends here, never back in this loop
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        signal.alarm(300)  # a run that hangs ends by SIGALRM, which the test reports
+        try:
+            run(kind, n, argv)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)  # only a run that was not killed gets here
+    print(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), flush=True)
 """
 # (moment, n) in order; each run resumes from the last train_state.pth (saved every 5 steps).
 KILLS = [("step", 8), ("write:Model.pth", 1), ("eval", 1), ("write:train_state", 1), ("write:train_state", 2),
@@ -367,19 +389,25 @@ def metric_records(out_dir):
 def test_sigkill_at_ten_moments_then_resume_continues_the_same_run(tmp_path, chat_file):
     args = [f"--data={chat_file}", "--max_iters=40", "--log_interval=1", "--eval_interval=10",
             "--checkpoint_interval=5", "--dropout=0.1", "--threads=1", *TINY_ARGS, "--probe_chars=0"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    straight, broken, log = tmp_path / "straight", tmp_path / "broken", tmp_path / "killed_runs.log"
     out = run_script("Train.py", *args, f"--out_dir={straight}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    for i, (moment, n) in enumerate(KILLS):
-        resume = ["--resume"] if i else []
-        proc = subprocess.run([sys.executable, "-c", KILLER, ROOT, moment, str(n), *args, f"--out_dir={broken}", *resume],
-                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
-        assert proc.returncode == -signal.SIGKILL, (moment, n, proc.stderr[-2000:])
-        state = load_checkpoint(str(broken / "train_state.pth"))  # never torn, whatever the moment
-        assert state["step"] % 5 == 0
-        if (broken / "Model.pth").exists():
-            build_model(load_checkpoint(str(broken / "Model.pth")))
-        metric_records(broken)
+    killer = subprocess.Popen([sys.executable, "-c", KILLER, ROOT, str(log)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        for i, (moment, n) in enumerate(KILLS):
+            resume = ["--resume"] if i else []
+            killer.stdin.write(json.dumps([moment, n, [*args, f"--out_dir={broken}", *resume]]) + "\n")
+            killer.stdin.flush()
+            assert int(killer.stdout.readline()) == -signal.SIGKILL, (moment, n, log.read_text()[-2000:])
+            state = load_checkpoint(str(broken / "train_state.pth"))  # never torn, whatever the moment
+            assert state["step"] % 5 == 0
+            if (broken / "Model.pth").exists():
+                build_model(load_checkpoint(str(broken / "Model.pth")))
+            metric_records(broken)
+    finally:
+        killer.stdin.close()
+        killer.wait(timeout=60)
     out = run_script("Train.py", *args, f"--out_dir={broken}", "--resume", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     records = metric_records(broken)
@@ -393,9 +421,8 @@ def test_sigkill_at_ten_moments_then_resume_continues_the_same_run(tmp_path, cha
 
 def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path, chat_file):
     (tmp_path / "train_metrics.jsonl").write_text('{"step": 999, "loss": 1.0}\n{"step": 3, "lo')
-    out = run_script("Train.py", f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=4", "--log_interval=2",
-                     "--eval_interval=4", *TINY_ARGS, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    Train.main([f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=4", "--log_interval=2", "--eval_interval=4",
+                *TINY_ARGS])
     assert [r["step"] for r in metric_records(tmp_path)] == [2, 4, 4]
 
 
