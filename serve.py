@@ -750,6 +750,15 @@ def build_app(scheduler, config, model_name):
         authorize(request, config)
         return await complete(request, scheduler, config, model_name)
 
+    add_lab(app, scheduler, config)
+    origins = allowed_origins(config)
+    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "Content-Type"])
+    return SameSite(app, config["host"], origins)
+
+
+def add_lab(app, scheduler, config):
+    """The lab's endpoints: what the model weighed for one character, and pairs saved from the page."""
     @app.post("/lumina/attention")
     async def attention(request: Request):
         authorize(request, config)
@@ -776,11 +785,6 @@ def build_app(scheduler, config, model_name):
             raise APIError(500, f"could not save the pair to {config['pairs_file']} ({e.strerror or e}); "
                                 f"the file is unchanged") from None
         return {"object": "lumina.pair", "id": pair["id"], "file": config["pairs_file"], "pairs": lines}
-
-    origins = allowed_origins(config)
-    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                       allow_headers=["Authorization", "Content-Type"])
-    return SameSite(app, config["host"], origins)
 
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_page.html")  # the chat page, beside this file
