@@ -66,10 +66,10 @@ def test_missing_dataset_says_to_run_the_download(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_bad_config_keys_and_values_are_refused(tmp_path, capsys):
+def test_bad_config_keys_and_values_are_refused(tmp_path, capsys, monkeypatch):
     out = run_script("Train.py", "--hiden_size=64", cwd=tmp_path)  # one as a process: the exit code a shell sees
     assert out.returncode != 0 and "unknown config key 'hiden_size'" in out.stderr and "hidden_size" in out.stderr
-    # The rest in this process: a fresh interpreter each cost more than the checks.
+    monkeypatch.chdir(tmp_path)  # the rest in this process: a fresh interpreter each cost more than the checks
     assert "--max_iters expects int, got 'many'" in refusal(Train.main, ["--max_iters=many"], capsys)
     assert "warmup_ratio must be between 0.0 and 0.5, got 0.9" in refusal(Train.main, ["--warmup_ratio=0.9"], capsys)
     assert "device must be auto, cuda, cuda:N, mps or cpu" in refusal(Train.main, ["--device=tpu"], capsys)
