@@ -232,12 +232,12 @@ def test_a_full_queue_answers_429_and_accepted_requests_complete(endless):
 
 
 # --- start-up errors and shutdown ----------------------------------------------------------------------
-def test_missing_checkpoint_and_bad_keys_exit_with_a_message(tmp_path):
+def test_missing_checkpoint_and_bad_keys_exit_with_a_message(tmp_path, capsys):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py")], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode != 0 and "Model.pth not found: run `python Train.py` first" in out.stderr
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--max_batch=0"], cwd=tmp_path,
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "max_batch must be between 1 and 1024" in out.stderr
+    with pytest.raises(SystemExit) as refused:  # here: a fresh interpreter cost more than the check
+        serve_module().main(["--max_batch=0"])
+    assert refused.value.code == 2 and "max_batch must be between 1 and 1024" in capsys.readouterr().err
 
 
 def test_ctrl_c_finishes_the_reply_in_flight_then_exits_0(tmp_path):
@@ -260,38 +260,35 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium here (.ci/run installs it)")
-def test_the_page_streams_a_reply_stops_it_and_clears(tmp_path):
+def test_the_page_streams_a_reply_stops_it_and_clears(busy, tmp_path):
     from playwright.sync_api import expect, sync_playwright
-    server = Server(endless_checkpoint(tmp_path / "Model.pth"), "--max_tokens_limit=1000000")
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-            page = browser.new_page()
-            page.goto(server.url + "/")
-            page.fill("#max_tokens", "1000000")
-            page.fill("#input", "hello there")
-            page.click("#send")
-            reply = page.locator(".msg.assistant")
-            expect(reply).not_to_have_text("", timeout=20000)
-            first = len(reply.inner_text())
-            page.wait_for_function("n => document.querySelector('.msg.assistant').textContent.length > n + 50", arg=first)
-            assert server.health()["running"] == 1  # still writing, on the server
-            page.click("#stop")
-            expect(page.locator("#stop")).to_be_disabled()
-            deadline = time.time() + 10
-            while server.health()["running"] and time.time() < deadline:
-                time.sleep(0.1)
-            assert server.health()["running"] == 0  # Stop cancelled the generation on the server
-            stopped = reply.inner_text()
-            time.sleep(0.5)
-            assert reply.inner_text() == stopped and len(stopped) > 50
-            page.screenshot(path=str(tmp_path / "page.png"))
-            page.click("#clear")
-            expect(page.locator(".msg")).to_have_count(0)
-            browser.close()
-    finally:
-        server.stop()
+    server = busy  # nothing else runs beside it: the tests run one at a time
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.fill("#max_tokens", "100000")  # busy's --max_tokens_limit
+        page.fill("#input", "hello there")
+        page.click("#send")
+        reply = page.locator(".msg.assistant")
+        expect(reply).not_to_have_text("", timeout=20000)
+        first = len(reply.inner_text())
+        page.wait_for_function("n => document.querySelector('.msg.assistant').textContent.length > n + 50", arg=first)
+        assert server.health()["running"] == 1  # still writing, on the server
+        page.click("#stop")
+        expect(page.locator("#stop")).to_be_disabled()
+        deadline = time.time() + 10
+        while server.health()["running"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert server.health()["running"] == 0  # Stop cancelled the generation on the server
+        stopped = reply.inner_text()
+        time.sleep(0.5)
+        assert reply.inner_text() == stopped and len(stopped) > 50
+        page.screenshot(path=str(tmp_path / "page.png"))
+        page.click("#clear")
+        expect(page.locator(".msg")).to_have_count(0)
+        browser.close()
 
 
 # --- failures are contained: one request, one step, or the whole scheduler -------------------------------
