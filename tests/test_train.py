@@ -495,11 +495,10 @@ def test_the_regularisation_rule_picks_by_budget_data_and_speed():
     assert steps == 3000 and math.isclose(epochs, 3000 * 8 * 256 / 20_000_000)
 
 
-def test_auto_regularisation_is_logged_stored_and_switches_dropout_on(tmp_path, chat_file):
-    out = run_script("Train.py", f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=60", "--eval_interval=60",
-                     *[a for a in TINY_ARGS if a != "--max_minutes=0"], "--max_minutes=5", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    line = next(l for l in out.stdout.splitlines() if l.startswith("regularisation auto:"))
+def test_auto_regularisation_is_logged_stored_and_switches_dropout_on(tmp_path, chat_file, capsys):
+    Train.main([f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=60", "--eval_interval=60",
+                *[a for a in TINY_ARGS if a != "--max_minutes=0"], "--max_minutes=5"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("regularisation auto:"))
     assert re.search(r"characters/s measured, 60 steps of 128 characters over [\d,]+ = [\d.]+ epochs -> dropout 0\.1, "
                      r"weight decay [\d.e-]+$", line)  # 60 steps over tiny data: a few epochs
     saved = load_checkpoint(str(tmp_path / "Model.pth"))
