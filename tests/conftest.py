@@ -134,16 +134,16 @@ def free_port():
 
 
 class Server:
-    """serve.py in a subprocess, ready when /health answers."""
+    """serve.py in a subprocess, ready when /health answers (within start_seconds)."""
 
-    def __init__(self, checkpoint, *args, env=None):
+    def __init__(self, checkpoint, *args, env=None, start_seconds=60):
         import httpx
         self.checkpoint, self.port = checkpoint, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), checkpoint, f"--port={self.port}",
                                       "--threads=1", f"--device={DEVICE}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
-        deadline = time.time() + 60
+        deadline = time.time() + start_seconds
         while time.time() < deadline:
             try:
                 if httpx.get(self.url + "/health").status_code == 200:

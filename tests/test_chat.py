@@ -17,7 +17,7 @@ from lumina.checkpoint import load_for_chat
 from lumina.device import DTYPES
 from lumina.engine import predecessors, window_start
 from lumina.vocab import BOT, USER, Vocab, chat_prompt
-from conftest import ENDLESS_TEXT, ROOT, endless_checkpoint, run_script, tiny_checkpoint, tiny_model
+from conftest import ENDLESS_TEXT, ROOT, refusal, endless_checkpoint, run_script, tiny_checkpoint, tiny_model
 
 TEXT = ENDLESS_TEXT
 VOCAB_SIZE = len(Vocab.from_text(TEXT))
@@ -113,10 +113,10 @@ def test_history_is_trimmed_to_whole_turns(tmp_path):
     assert ids[0] in (USER, BOT)  # the first visible id opens a turn: nothing was cut mid-turn
 
 
-def test_prompt_flag_prints_one_reply(ckpt):
-    out = run_script("ChatAI.py", ckpt, "--prompt", "hello there", "--max_new_chars=9", "--seed=1")
-    assert out.returncode == 0, out.stderr
-    assert len(out.stdout.rstrip("\n")) == 9 and "stage train" in out.stderr
+def test_prompt_flag_prints_one_reply(ckpt, capsys):
+    ChatAI.main([ckpt, "--prompt", "hello there", "--max_new_chars=9", "--seed=1"])  # here: no interpreter to start
+    out, err = capsys.readouterr()
+    assert len(out.rstrip("\n")) == 9 and "stage train" in err
 
 
 def test_unknown_characters_are_named_and_dropped(ckpt):
@@ -158,22 +158,22 @@ def test_ctrl_c_at_the_prompt_exits_cleanly(ckpt):
     assert proc.returncode == 0 and "Traceback" not in err and "bye" in err
 
 
-def test_missing_and_corrupt_checkpoints(tmp_path):
-    out = run_script("ChatAI.py", cwd=tmp_path)
+def test_missing_and_corrupt_checkpoints(tmp_path, capsys, monkeypatch):
+    out = run_script("ChatAI.py", cwd=tmp_path)  # one as a process: the exit code a shell sees
     assert out.returncode != 0 and "Model.pth not found: run `python Train.py` first" in out.stderr
+    monkeypatch.chdir(tmp_path)  # the rest in this process: a fresh interpreter each cost more than the checks
     bad = tmp_path / "Model.pth"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
-    out = run_script("ChatAI.py", cwd=tmp_path)
-    assert out.returncode != 0 and "truncated or corrupt" in out.stderr and "Traceback" not in out.stderr
-    out = run_script("ChatAI.py", "--temperature=7", cwd=tmp_path)
-    assert "--temperature needs a number from 0.1 to 2.0, got '7.0'" in out.stderr
+    assert "truncated or corrupt" in refusal(ChatAI.main, [], capsys)
+    assert "--temperature needs a number from 0.1 to 2.0, got '7.0'" in refusal(ChatAI.main, ["--temperature=7"], capsys)
 
 
-def test_default_prefers_the_fine_tuned_model(tmp_path):
+def test_default_prefers_the_fine_tuned_model(tmp_path, capsys, monkeypatch):
     tiny_checkpoint(str(tmp_path / "Model.pth"))
     tiny_checkpoint(str(tmp_path / "FineTuned_Model.pth"), stage="fine_tune")
-    out = run_script("ChatAI.py", "--prompt=hi", "--max_new_chars=3", cwd=tmp_path)
-    assert out.returncode == 0 and "FineTuned_Model.pth | stage fine_tune" in out.stderr
+    monkeypatch.chdir(tmp_path)
+    ChatAI.main(["--prompt=hi", "--max_new_chars=3"])
+    assert "FineTuned_Model.pth | stage fine_tune" in capsys.readouterr().err
 
 
 def test_chat_and_serve_build_the_same_prompt_through_one_function(tmp_path):

@@ -363,25 +363,45 @@ def test_top_ids_are_the_k_likeliest_by_logit_then_lower_id(k):
     assert torch.equal(engine.top_ids(logits, k), expected)
 
 
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_the_compiled_bucketed_decode_gives_the_eager_ids_alone_and_in_a_batch(vocab, dtype, monkeypatch):
+COMPILED_PROMPTS = [(3, dict(temperature=1.0)), (9, dict(temperature=0.8, top_k=5)), (30, dict(temperature=0))]
+
+
+def replies_alone(net, rows_n, dtype, compile):
+    """The first rows_n prompts of COMPILED_PROMPTS, each generated alone (30 ids, seeded)."""
+    return [list(generate(net, random_ids(len(SPECIAL_TOKENS), net.config.vocab_size, n, n), 30, stop_ids=(), seed=i,
+                          dtype=dtype, compile=compile, **s)) for i, (n, s) in enumerate(COMPILED_PROMPTS[:rows_n])]
+
+
+def replies_compiled_together(net, rows_n, dtype, monkeypatch):
+    """The same rows joining a compiled batch every 5 steps, in slots out of order, and leaving when
+    done: (their ids, the buckets of the compiled passes)."""
+    buckets, plan_fixed = [], Engine.plan_fixed
+    monkeypatch.setattr(Engine, "plan_fixed", lambda self, rows: buckets.append(engine.bucket(len(rows))) or
+                        plan_fixed(self, rows))
+    rows = [Row(random_ids(len(SPECIAL_TOKENS), net.config.vocab_size, n, n), 30, slot=(i + rows_n - 1) % rows_n, seed=i,
+                stop_ids=(), **s) for i, (n, s) in enumerate(COMPILED_PROMPTS[:rows_n])]
+    return run_together(net, rows, 5, rows_n, dtype, compile=True), set(buckets)
+
+
+def test_the_compiled_bucketed_decode_gives_the_eager_ids_alone_and_in_a_batch(vocab, monkeypatch):
     """The compiled decode step (rows padded to a power of two, the whole window read under a mask)
     gives the ids of the eager step for the same seeds, through window re-reads; and rows joining
     and leaving a compiled batch (buckets 1, 2 and 4) each get the reply they get alone."""
     net = model_on_device(vocab)
-    prompts = [random_ids(len(SPECIAL_TOKENS), len(vocab), n, n) for n in (3, 9, 30)]
-    settings = [dict(temperature=1.0), dict(temperature=0.8, top_k=5), dict(temperature=0)]
-    replies = lambda compile: [list(generate(net, p, 30, stop_ids=(), seed=i, dtype=dtype, compile=compile, **s))
-                               for i, (p, s) in enumerate(zip(prompts, settings))]
-    eager = replies(False)
-    buckets, plan_fixed = [], Engine.plan_fixed
-    monkeypatch.setattr(Engine, "plan_fixed", lambda self, rows: buckets.append(engine.bucket(len(rows))) or
-                        plan_fixed(self, rows))
-    assert replies(True) == eager
-    rows = [Row(list(p), 30, slot=slot, seed=i, stop_ids=(), **s)
-            for i, (p, s, slot) in enumerate(zip(prompts, settings, (2, 0, 1)))]
-    assert run_together(net, rows, 5, 3, dtype, compile=True) == eager
-    assert len({tuple(ids) for ids in eager}) == 3 and set(buckets) == {1, 2, 4}  # the compiled step ran
+    eager = replies_alone(net, 3, None, compile=False)
+    assert replies_alone(net, 3, None, compile=True) == eager
+    together, buckets = replies_compiled_together(net, 3, None, monkeypatch)
+    assert together == eager and len({tuple(ids) for ids in eager}) == 3 and buckets == {1, 2, 4}  # the compiled step ran
+
+
+def test_the_compiled_decode_under_bf16_autocast_gives_the_eager_ids_with_two_rows_in_flight(vocab, monkeypatch):
+    """The same under bf16 autocast, with two rows in flight, where a KV cache of the wrong dtype
+    used to fail. Two rows compile two graphs (buckets 1 and 2), three compile four, at seconds each;
+    the buckets' padding is the float32 test's."""
+    net = model_on_device(vocab)
+    eager = replies_alone(net, 2, torch.bfloat16, compile=False)
+    together, buckets = replies_compiled_together(net, 2, torch.bfloat16, monkeypatch)
+    assert together == eager and eager[0] != eager[1] and buckets == {1, 2}
 
 
 def test_buckets_are_powers_of_two():

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import export
+import fine_tune
 from lumina.checkpoint import CheckpointError, build_model, load_checkpoint, model_state, save_checkpoint
 from lumina.engine import Engine, Row, generate, window_start
 from lumina.vocab import BOT, END, SPECIAL_TOKENS, SYSTEM, USER, Vocab, render_chat
-from conftest import ROOT, need, run_script, tiny_model, write_jsonl
+from conftest import ROOT, need, refusal, run_script, tiny_model, write_jsonl
 
 TEXT = "abcdefghijklmnopqrstuvwxyz !?.,\n"
 STOPS = (END, USER, BOT, SYSTEM)
@@ -34,14 +35,16 @@ def lively_model(vocab, seq_length):
 
 
 # --- int8 ------------------------------------------------------------------------------------------
-@pytest.fixture
-def float_and_int8(tmp_path):
+@pytest.fixture(scope="module")
+def float_and_int8(tmp_path_factory):
+    """A model, export.py --int8 of it and what it printed; the tests read the files and never change them."""
+    folder = tmp_path_factory.mktemp("int8")
     vocab = Vocab.from_text(TEXT)
     net = tiny_model(vocab, seq_length=32, hidden_size=96, num_layers=3)
-    path = save(net, vocab, tmp_path / "Model.pth")
+    path = save(net, vocab, folder / "Model.pth")
     out = run_script("export.py", path, "--int8")
     assert out.returncode == 0, out.stderr
-    return path, str(tmp_path / "Model.int8.pth"), out.stdout
+    return path, str(folder / "Model.int8.pth"), out.stdout
 
 
 def test_int8_file_is_a_quarter_and_gives_nearly_the_same_logits(float_and_int8):
@@ -58,16 +61,16 @@ def test_int8_file_is_a_quarter_and_gives_nearly_the_same_logits(float_and_int8)
     assert (a - b).abs().max() < 0.05 and not torch.equal(a, b)
 
 
-def test_chat_reads_int8_and_fine_tune_and_export_refuse_it(float_and_int8, tmp_path):
+def test_chat_reads_int8_and_fine_tune_and_export_refuse_it(float_and_int8, tmp_path, capsys):
     _, int8, _ = float_and_int8
     chat = run_script("ChatAI.py", int8, "--prompt", "hello", "--max_new_chars=10", "--seed=1")
     assert chat.returncode == 0 and "int8" in chat.stderr, chat.stderr  # the stage line names it
     data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                                 {"role": "assistant", "content": "hello"}]}] * 4)
-    tune = run_script("fine_tune.py", f"--base_model={int8}", f"--data={data}", f"--output={tmp_path / 'FT.pth'}")
-    assert tune.returncode != 0 and "int8 weights" in tune.stderr and "fine-tune the checkpoint" in tune.stderr
-    again = run_script("export.py", int8, "--int8", f"--out={tmp_path / 'x.pth'}")
-    assert again.returncode != 0 and "already holds int8" in again.stderr
+    # The refusals in this process: a fresh interpreter each cost more than the checks.
+    tune = refusal(fine_tune.main, [f"--base_model={int8}", f"--data={data}", f"--output={tmp_path / 'FT.pth'}"], capsys)
+    assert "int8 weights" in tune and "fine-tune the checkpoint" in tune
+    assert "already holds int8" in refusal(export.main, [int8, "--int8", f"--out={tmp_path / 'x.pth'}"], capsys)
 
 
 def test_a_damaged_int8_file_fails_by_name(float_and_int8, tmp_path):
@@ -138,16 +141,16 @@ def test_the_window_rule_is_model_pys():
         assert all(export.window_start(n, seq_length) == window_start(n, seq_length) for n in range(1, 1200))
 
 
-def test_bad_requests_get_one_line_each(tmp_path):
+def test_bad_requests_get_one_line_each(tmp_path, capsys):
     vocab = Vocab.from_text(TEXT)
     path = save(tiny_model(vocab), vocab, tmp_path / "Model.pth")
-    cases = [([path], "say what to write"), ([path, "--int8", "--onnx"], "one at a time"),
-             ([], "give the checkpoint"), ([str(tmp_path / "nope.pth"), "--int8"], "not found"),
-             ([str(tmp_path / "Model.onnx")], "say what to ask"), ([path, "--int8", f"--out={path}"], "overwrite the input"),
-             ([str(tmp_path / "nope.onnx"), "--prompt=hi"], "cannot run")]
-    for args, words in cases:
-        out = run_script("export.py", *args)
-        assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+    out = run_script("export.py", path)  # one as a process: the exit code a shell sees
+    assert out.returncode != 0 and "say what to write" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    cases = [([path, "--int8", "--onnx"], "one at a time"), ([], "give the checkpoint"),
+             ([str(tmp_path / "nope.pth"), "--int8"], "not found"), ([str(tmp_path / "Model.onnx")], "say what to ask"),
+             ([path, "--int8", f"--out={path}"], "overwrite the input"), ([str(tmp_path / "nope.onnx"), "--prompt=hi"], "cannot run")]
+    for args, words in cases:  # the rest in this process
+        assert words in refusal(export.main, args, capsys), args
 
 
 def test_onnx_greedy_equals_the_engines_for_a_model_with_ngrams(tmp_path):
@@ -160,9 +163,7 @@ def test_onnx_greedy_equals_the_engines_for_a_model_with_ngrams(tmp_path):
         torch.nn.init.normal_(net.ngram.triple.weight)
         for p in net.parameters():
             p.mul_(4)
-    path = save(net.eval(), vocab, tmp_path / "Model.pth")
-    out = run_script("export.py", path, "--onnx")
-    assert out.returncode == 0, out.stderr
+    export.export_onnx(save(net.eval(), vocab, tmp_path / "Model.pth"), str(tmp_path / "Model.onnx"))  # export.py --onnx
     prompt = render_chat([{"role": "user", "content": "what is this?"}], vocab, True)[0]
     expected = list(generate(net, prompt, 100, temperature=0, stop_ids=()))
     chat = export.OnnxChat(str(tmp_path / "Model.onnx"))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fine_tune
+import Train
 from lumina.checkpoint import build_model, load_checkpoint
 from lumina.corpus import load_data
 from lumina.vocab import Vocab
@@ -22,12 +23,10 @@ FT_ARGS = ["--epochs=0", "--max_iters=150", "--eval_interval=50", "--log_interva
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A tiny English model trained by Train.py, shared by this file's tests."""
+    """A tiny English model trained by Train.py (its main(), here), shared by this file's tests."""
     folder = tmp_path_factory.mktemp("base")
     data = write_jsonl(folder / "english.jsonl", [{"messages": c} for c in CHATS * 30])
-    out = run_script("Train.py", f"--data={data}", f"--out_dir={folder}", "--max_iters=120", "--eval_interval=60",
-                     *TINY_ARGS, cwd=folder)
-    assert out.returncode == 0, out.stderr
+    Train.main([f"--data={data}", f"--out_dir={folder}", "--max_iters=120", "--eval_interval=60", *TINY_ARGS])
     return folder / "Model.pth"
 
 
@@ -77,10 +76,9 @@ def test_spanish_fine_tune_learns_new_letters_and_chat_uses_them(base, spanish, 
     chat = run_script("ChatAI.py", str(out_path), "--prompt=hola", "--max_new_chars=60", "--seed=0", cwd=tmp_path)
     assert chat.returncode == 0 and "stage fine_tune" in chat.stderr
     assert "ñ" in chat.stdout, chat.stdout
-    # Fine-tuning the fine-tuned model again works.
-    again = run_script("fine_tune.py", f"--base_model={out_path}", f"--data={spanish}",
-                       f"--output={tmp_path / 'Round2.pth'}", *FT_ARGS, "--max_iters=20", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
+    # Fine-tuning the fine-tuned model again works (here: a fresh interpreter cost more than the run).
+    fine_tune.main([f"--base_model={out_path}", f"--data={spanish}", f"--output={tmp_path / 'Round2.pth'}", *FT_ARGS,
+                    "--max_iters=20"])
     assert load_checkpoint(str(tmp_path / "Round2.pth"))["old_vocab_size"] == ckpt["new_vocab_size"]
 
 
@@ -143,25 +141,25 @@ PROSE = ["hello there, how are you today? i am fine.", "what is two plus two? it
          "name a color: blue, or green, or red.", "thanks, you are welcome. how can i help?"]
 
 
-def test_fine_tuning_on_chats_teaches_a_prose_model_to_end_its_turn(tmp_path):
-    """A base trained on prose has never seen <|end|>; a few conversations teach it to stop."""
+def test_fine_tuning_on_chats_teaches_a_prose_model_to_end_its_turn(tmp_path, capsys):
+    """A base trained on prose has never seen <|end|>; a few conversations teach it to stop. Both
+    stages run their main() here: a fresh interpreter each cost more than these short runs."""
     prose = write_jsonl(tmp_path / "prose.jsonl", [{"text": t} for t in PROSE * 40])
-    out = run_script("Train.py", f"--data={prose}", f"--out_dir={tmp_path}", "--max_iters=150", "--eval_interval=150",
-                     *TINY_ARGS, "--seq_length=32", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "ends its turn" not in out.stdout  # prose has no turns to end
+    Train.main([f"--data={prose}", f"--out_dir={tmp_path}", "--max_iters=150", "--eval_interval=150", *TINY_ARGS,
+                "--seq_length=32"])
+    assert "ends its turn" not in capsys.readouterr().out  # prose has no turns to end
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in CHATS * 30])
-    out = run_script("fine_tune.py", f"--base_model={tmp_path / 'Model.pth'}", f"--data={chats}",
-                     f"--output={tmp_path / 'FT.pth'}", "--epochs=20", "--max_minutes=0", "--probe_chars=10",
-                     "--end_chars=300", f"--device={DEVICE}", "--dtype=float32", cwd=tmp_path)  # the defaults, on tiny data: more epochs
-    assert out.returncode == 0, out.stderr
-    assert "training the rows of the 5 chat tokens and 6 new characters, the norms: 672 of 26,016" in out.stdout
+    fine_tune.main([f"--base_model={tmp_path / 'Model.pth'}", f"--data={chats}", f"--output={tmp_path / 'FT.pth'}",
+                    "--epochs=20", "--max_minutes=0", "--probe_chars=10", "--end_chars=300", f"--device={DEVICE}",
+                    "--dtype=float32"])  # the defaults, on tiny data: more epochs
+    out = capsys.readouterr().out
+    assert "training the rows of the 5 chat tokens and 6 new characters, the norms: 672 of 26,016" in out
     before, after, replies = map(int, re.search(r"ends its turn (\d+)% -> (\d+)% of (\d+) held-out replies",
-                                                 out.stdout).groups())
+                                                 out).groups())
     assert replies >= 32  # every held-out prompt replied to until 32 replies are in
-    assert after >= before + 25, out.stdout  # a barely trained base ends some replies by chance
-    assert re.search(r"val bits/char [\d.]+ -> [\d.]+ \|", out.stdout)  # the closing line scripts read
-    assert out.stdout.count("ends its turn in") == 6  # before, at each of the 4 evaluations, and after
+    assert after >= before + 25, out  # a barely trained base ends some replies by chance
+    assert re.search(r"val bits/char [\d.]+ -> [\d.]+ \|", out)  # the closing line scripts read
+    assert out.count("ends its turn in") == 6  # before, at each of the 4 evaluations, and after
 
 
 # --- runs keep their own files, and resume the run they were -------------------------------------

@@ -14,7 +14,7 @@ from lumina.engine import predecessors, window_start
 from lumina.preference import DPO, dpo_loss, encode_pair, reply_chars, reply_windows, sequence_logprobs
 from lumina.training import Runtime
 from lumina.vocab import END, Vocab, render_chat
-from conftest import DEVICE, interrupt_after, run_script, tiny_checkpoint, tiny_model, write_jsonl
+from conftest import DEVICE, interrupt_after, refusal, tiny_checkpoint, tiny_model, write_jsonl
 
 WORDS = ["cat", "dog", "sun", "tree", "blue", "fish", "rain", "moon", "star", "milk", "bird", "rock", "wind", "leaf"]
 
@@ -93,23 +93,22 @@ DPO_ARGS = ["--objective=dpo", "--train=all", "--learning_rate=3e-3", "--beta=0.
 
 
 def closing(out):
-    found = re.search(r"val bits/char ([\d.]+) -> ([\d.]+) \| pair accuracy ([\d.]+)% -> ([\d.]+)%", out.stdout)
-    assert found, out.stdout + out.stderr
+    found = re.search(r"val bits/char ([\d.]+) -> ([\d.]+) \| pair accuracy ([\d.]+)% -> ([\d.]+)%", out)
+    assert found, out
     return [float(x) for x in found.groups()]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_dpo_learns_a_toy_preference_and_keeps_the_reference_frozen(toy, tmp_path, dtype):
+def test_dpo_learns_a_toy_preference_and_keeps_the_reference_frozen(toy, tmp_path, dtype, capsys):
     base, train = toy
     before = {k: v.clone() for k, v in load_checkpoint(str(base))["model"].items()}
     steps = "--max_iters=60" if dtype == "float32" else "--max_iters=6"  # the other precisions: that it runs
-    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={train}", f"--output={tmp_path / 'DPO.pth'}",
-                     *DPO_ARGS, steps, f"--dtype={dtype}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    _, _, accuracy_before, accuracy_after = closing(out)
+    fine_tune.main([f"--base_model={base}", f"--data={train}", f"--output={tmp_path / 'DPO.pth'}", *DPO_ARGS, steps,
+                    f"--dtype={dtype}"])  # here: a fresh interpreter cost more than the run
+    _, _, accuracy_before, accuracy_after = closing(capsys.readouterr().out)
     assert accuracy_before == 50.0  # the starting model is the reference: every implicit reward is 0
     if dtype == "float32":
-        assert accuracy_after >= 90.0, out.stdout  # held-out words it never saw: it learned "!" over "."
+        assert accuracy_after >= 90.0, accuracy_after  # held-out words it never saw: it learned "!" over "."
     after = load_checkpoint(str(base))["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)  # the reference (base) file never changes
     tuned = load_checkpoint(str(tmp_path / "DPO.pth"))
@@ -151,25 +150,26 @@ def test_long_prompts_are_trimmed_by_whole_turns_and_counted():
     assert not short
 
 
-def test_bad_pair_files_get_their_messages(toy, tmp_path):
-    base, _ = toy
+def test_bad_pair_files_get_their_messages(toy, tmp_path, capsys):
+    base, _ = toy  # fine_tune.main here: a fresh interpreter each cost more than the checks
+
+    def run(data, output="DPO.pth"):
+        return [f"--base_model={base}", f"--data={data}", f"--output={tmp_path / output}", *DPO_ARGS, "--max_iters=2"]
     threads = write_jsonl(tmp_path / "threads.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                                      {"role": "assistant", "content": "hello"}]}] * 5)
-    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={threads}", *DPO_ARGS, "--max_iters=2", cwd=tmp_path)
-    assert out.returncode != 0 and "holds no preference pairs" in out.stderr and "Traceback" not in out.stderr
+    assert "holds no preference pairs" in refusal(fine_tune.main, run(threads), capsys)
     broken = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": [], "chosen": "a", "rejected": "b"}, "not json"])
-    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={broken}", *DPO_ARGS, "--max_iters=2", cwd=tmp_path)
-    assert out.returncode != 0 and "no usable preference pairs" in out.stderr and "2 lines skipped" in out.stderr
+    said = refusal(fine_tune.main, run(broken), capsys)
+    assert "no usable preference pairs" in said and "2 lines skipped" in said
     accents = write_jsonl(tmp_path / "accents.jsonl", [{**p, "chosen": p["chosen"] + " ¡olé!"} for p in toy_pairs(WORDS)])
-    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={accents}", f"--output={tmp_path / 'A.pth'}",
-                     *DPO_ARGS, "--max_iters=2", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "new '¡' x14" in out.stdout and "objective auto" not in out.stdout
+    fine_tune.main(run(accents, "A.pth"))
+    out = capsys.readouterr().out
+    assert "new '¡' x14" in out and "objective auto" not in out
     assert {"¡", "é"} <= set(load_checkpoint(str(tmp_path / "A.pth"))["vocab"])
 
 
-def test_auto_finds_pairs_in_a_pairs_file(toy, tmp_path):
+def test_auto_finds_pairs_in_a_pairs_file(toy, tmp_path, capsys):
     base, train = toy
-    out = run_script("fine_tune.py", f"--base_model={base}", f"--data={train}", f"--output={tmp_path / 'B.pth'}",
-                     *[a for a in DPO_ARGS if a != "--objective=dpo"], "--max_iters=2", cwd=tmp_path)
-    assert out.returncode == 0 and "objective auto: dpo (preference pairs" in out.stdout, out.stderr
+    fine_tune.main([f"--base_model={base}", f"--data={train}", f"--output={tmp_path / 'B.pth'}",
+                    *[a for a in DPO_ARGS if a != "--objective=dpo"], "--max_iters=2"])
+    assert "objective auto: dpo (preference pairs" in capsys.readouterr().out

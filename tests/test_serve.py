@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import Train
 from lumina import data
 from lumina.checkpoint import load_checkpoint, load_for_chat, model_state, save_checkpoint
 from lumina.engine import BeamSearch, Engine
@@ -28,14 +29,12 @@ import openai  # noqa: E402
 
 
 def trained_checkpoint(folder):
-    """A tiny model trained for a few seconds on the test chats: its replies depend on the prompt,
-    and its logits have real gaps, so greedy picks never hinge on rounding."""
+    """A tiny model trained for a few seconds on the test chats (Train.py's main(), here): its
+    replies depend on the prompt, and its logits have real gaps, so greedy picks never hinge on rounding."""
     chats = write_jsonl(folder / "chats.jsonl", [{"messages": c} for c in CHATS * 30])
-    out = run_script("Train.py", f"--data={chats}", f"--out_dir={folder}", "--max_iters=200", "--eval_interval=200",
-                     "--seq_length=64", "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8",
-                     "--max_minutes=0", "--probe_chars=0", f"--device={DEVICE}", "--dtype=float32", "--ngram_buckets=0",
-                     cwd=folder)
-    assert out.returncode == 0, out.stderr
+    Train.main([f"--data={chats}", f"--out_dir={folder}", "--max_iters=200", "--eval_interval=200", "--seq_length=64",
+                "--hidden_size=32", "--num_layers=2", "--nhead=2", "--batch_size=8", "--max_minutes=0", "--probe_chars=0",
+                f"--device={DEVICE}", "--dtype=float32", "--ngram_buckets=0"])
     return str(folder / "Model.pth")
 
 
@@ -155,11 +154,15 @@ def test_sixteen_concurrent_requests_get_exactly_their_solo_replies(sharp):
     assert len(set(solo)) > 8  # the replies really differ, so equality means something
 
 
+COMPILED_START_SECONDS = 300  # compiling both graphs from a cold cache took over a minute on two busy cores
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_compiled_server_sends_the_eager_servers_seeded_replies(sharp, dtype):
     """--compile=True compiles the decode step for each bucket of rows at start (1 and 2 here);
     seeded replies, served two at a time, are the eager server's."""
-    compiled = Server(sharp.checkpoint, f"--api_key={KEY}", "--max_batch=2", "--compile=True", f"--dtype={dtype}")
+    compiled = Server(sharp.checkpoint, f"--api_key={KEY}", "--max_batch=2", "--compile=True", f"--dtype={dtype}",
+                      start_seconds=COMPILED_START_SECONDS)
     eager = sharp if dtype == "float32" else Server(sharp.checkpoint, f"--api_key={KEY}", "--dtype=bfloat16")
     try:
         replies = [[c.message.content for c in ask(server.client(), "hi there", max_tokens=40, temperature=1.0,
@@ -307,12 +310,12 @@ def test_a_full_queue_answers_429_and_accepted_requests_complete(endless):
 
 
 # --- start-up errors and shutdown ----------------------------------------------------------------------
-def test_missing_checkpoint_and_bad_keys_exit_with_a_message(tmp_path):
+def test_missing_checkpoint_and_bad_keys_exit_with_a_message(tmp_path, capsys):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py")], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode != 0 and "Model.pth not found: run `python Train.py` first" in out.stderr
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--max_batch=0"], cwd=tmp_path,
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "max_batch must be between 1 and 1024" in out.stderr
+    with pytest.raises(SystemExit) as refused:  # here: a fresh interpreter cost more than the check
+        serve_module().main(["--max_batch=0"])
+    assert refused.value.code == 2 and "max_batch must be between 1 and 1024" in capsys.readouterr().err
 
 
 def test_ctrl_c_finishes_the_reply_in_flight_then_exits_0(tmp_path):
@@ -336,38 +339,35 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium here (.ci/run installs it)")
-def test_the_page_streams_a_reply_stops_it_and_clears(tmp_path):
+def test_the_page_streams_a_reply_stops_it_and_clears(endless, tmp_path):
     from playwright.sync_api import expect, sync_playwright
-    server = Server(endless_checkpoint(tmp_path / "Model.pth"), "--max_tokens_limit=1000000")
-    try:
-        with sync_playwright() as p:
-            browser = launch(p)
-            page = browser.new_page()
-            page.goto(server.url + "/")
-            assert page.locator("#compare").is_hidden()  # no --pairs_file: no compare
-            page.fill("#max_tokens", "1000000")
-            page.fill("#input", "hello there")
-            page.click("#send")
-            reply = page.locator(".msg.assistant")
-            expect(reply).not_to_have_text("", timeout=20000)
-            first = len(reply.inner_text())
-            page.wait_for_function("n => document.querySelector('.msg.assistant').textContent.length > n + 50", arg=first)
-            assert server.health()["running"] == 1  # still writing, on the server
-            page.click("#stop")
-            expect(page.locator("#stop")).to_be_disabled()
-            deadline = time.time() + 10
-            while server.health()["running"] and time.time() < deadline:
-                time.sleep(0.1)
-            assert server.health()["running"] == 0  # Stop cancelled the generation on the server
-            stopped = reply.inner_text()
-            time.sleep(0.5)
-            assert reply.inner_text() == stopped and len(stopped) > 50
-            page.screenshot(path=str(tmp_path / "page.png"))
-            page.click("#clear")
-            expect(page.locator(".msg")).to_have_count(0)
-            browser.close()
-    finally:
-        server.stop()
+    server = endless  # its one slot is free: its other tests' requests have ended
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        assert page.locator("#compare").is_hidden()  # no --pairs_file: no compare
+        page.fill("#max_tokens", "1000000")
+        page.fill("#input", "hello there")
+        page.click("#send")
+        reply = page.locator(".msg.assistant")
+        expect(reply).not_to_have_text("", timeout=20000)
+        first = len(reply.inner_text())
+        page.wait_for_function("n => document.querySelector('.msg.assistant').textContent.length > n + 50", arg=first)
+        assert server.health()["running"] == 1  # still writing, on the server
+        page.click("#stop")
+        expect(page.locator("#stop")).to_be_disabled()
+        deadline = time.time() + 10
+        while server.health()["running"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert server.health()["running"] == 0  # Stop cancelled the generation on the server
+        stopped = reply.inner_text()
+        time.sleep(0.5)
+        assert reply.inner_text() == stopped and len(stopped) > 50
+        page.screenshot(path=str(tmp_path / "page.png"))
+        page.click("#clear")
+        expect(page.locator(".msg")).to_have_count(0)
+        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -66,10 +66,10 @@ def test_missing_dataset_says_to_run_the_download(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_bad_config_keys_and_values_are_refused(tmp_path, capsys):
+def test_bad_config_keys_and_values_are_refused(tmp_path, capsys, monkeypatch):
     out = run_script("Train.py", "--hiden_size=64", cwd=tmp_path)  # one as a process: the exit code a shell sees
     assert out.returncode != 0 and "unknown config key 'hiden_size'" in out.stderr and "hidden_size" in out.stderr
-    # The rest in this process: a fresh interpreter each cost more than the checks.
+    monkeypatch.chdir(tmp_path)  # the rest in this process: a fresh interpreter each cost more than the checks
     assert "--max_iters expects int, got 'many'" in refusal(Train.main, ["--max_iters=many"], capsys)
     assert "warmup_ratio must be between 0.0 and 0.5, got 0.9" in refusal(Train.main, ["--warmup_ratio=0.9"], capsys)
     assert "device must be auto, cuda, cuda:N, mps or cpu" in refusal(Train.main, ["--device=tpu"], capsys)
@@ -495,11 +495,10 @@ def test_the_regularisation_rule_picks_by_budget_data_and_speed():
     assert steps == 3000 and math.isclose(epochs, 3000 * 8 * 256 / 20_000_000)
 
 
-def test_auto_regularisation_is_logged_stored_and_switches_dropout_on(tmp_path, chat_file):
-    out = run_script("Train.py", f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=60", "--eval_interval=60",
-                     *[a for a in TINY_ARGS if a != "--max_minutes=0"], "--max_minutes=5", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    line = next(l for l in out.stdout.splitlines() if l.startswith("regularisation auto:"))
+def test_auto_regularisation_is_logged_stored_and_switches_dropout_on(tmp_path, chat_file, capsys):
+    Train.main([f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=60", "--eval_interval=60",
+                *[a for a in TINY_ARGS if a != "--max_minutes=0"], "--max_minutes=5"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("regularisation auto:"))
     assert re.search(r"characters/s measured, 60 steps of 128 characters over [\d,]+ = [\d.]+ epochs -> dropout 0\.1, "
                      r"weight decay [\d.e-]+$", line)  # 60 steps over tiny data: a few epochs
     saved = load_checkpoint(str(tmp_path / "Model.pth"))
