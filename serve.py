@@ -44,7 +44,7 @@ import uuid
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -269,8 +269,8 @@ def attention_answer(body, net, vocab, config):
     first, logprobs, weights = attention_view(net, ids, target)
     logprobs = logprobs.clamp(min=LOGPROB_FLOOR)  # JSON has no -Infinity
     top = logprobs.topk(min(ATTENTION_ALTERNATIVES, len(logprobs)))
-    entry = logprob_entry(token_table(vocab), ids[target], Entry(float(logprobs[ids[target]]),
-                                                                 list(zip(top.indices.tolist(), top.values.tolist()))))
+    entry = json.loads(entry_json(token_table(vocab), ids[target], Entry(float(logprobs[ids[target]]),
+                                                                         list(zip(top.indices.tolist(), top.values.tolist())))))
     return {"object": "lumina.attention", "position": position, **entry,
             "tokens": [vocab.itos[i] for i in ids[first:target]], "reply_start": len(prompt) - first,
             "attention": weights.tolist()}
@@ -353,18 +353,24 @@ def fallbacks(pattern):
     return table
 
 
+COMPACT = (",", ":")  # no spaces in the JSON sent: with log-probs a character's chunk is mostly punctuation
+
+
 def token_table(vocab):
-    """Per id, (its text, its UTF-8 bytes as a list): what every log-prob entry names, made once."""
-    return [(text, list(text.encode("utf-8"))) for text in vocab.itos]
+    """Per id, the JSON text around its log-prob in an entry, made once: ('{"token":"a","logprob":',
+    ',"bytes":[97]'). An entry is then a few string joins: it is made for every character of every
+    reply that asks (64 streams at once), and dicts turned into JSON cost 3 times as much."""
+    return [('{"token":%s,"logprob":' % json.dumps(text),
+             ',"bytes":%s' % json.dumps(list(text.encode("utf-8")), separators=COMPACT)) for text in vocab.itos]
 
 
-def logprob_entry(tokens, token_id, entry):
-    """One character's entry in OpenAI's shape: token, logprob, bytes (UTF-8), top_logprobs. It
-    runs for every character of every reply that asks (64 streams at once): plain dicts from the
-    token table, no work it can skip."""
-    text, raw = tokens[token_id]
-    return {"token": text, "logprob": entry.logprob, "bytes": raw,
-            "top_logprobs": [{"token": tokens[i][0], "logprob": lp, "bytes": tokens[i][1]} for i, lp in entry.top]}
+def entry_json(tokens, token_id, entry):
+    """One character's entry in OpenAI's shape, as JSON text: token, logprob, bytes (UTF-8) and
+    top_logprobs, each alternative with its own token, logprob and bytes. repr of a float is JSON
+    (the engine's floor keeps -Infinity out)."""
+    head, tail = tokens[token_id]
+    top = ",".join(f"{tokens[i][0]}{logprob!r}{tokens[i][1]}}}" for i, logprob in entry.top)
+    return f'{head}{entry.logprob!r}{tail},"top_logprobs":[{top}]}}'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +439,7 @@ class Scheduler:
 
     def __init__(self, net, vocab, config):
         self.net, self.vocab, self.config = net, vocab, config
-        self.tokens = token_table(vocab)  # each id's text and bytes, for log-prob entries
+        self.tokens = token_table(vocab)  # each id's JSON, for log-prob entries
         self.dtype = next(net.parameters()).dtype  # serve.py casts the weights to the precision it chose
         self.engine = Engine(net, config["max_batch"], compile=config["compile"])
         self.free = list(range(config["max_batch"]))  # a heap: the lowest slots first, so rows stay neighbours
@@ -604,7 +610,7 @@ class Scheduler:
         characters are never sent, nor their entries). None without logprobs."""
         if job.request.top_logprobs is None:
             return None
-        return [logprob_entry(self.tokens, token_id, entry) for token_id, entry in job.entries[i][sent:sent + len(out)]]
+        return [entry_json(self.tokens, token_id, entry) for token_id, entry in job.entries[i][sent:sent + len(out)]]
 
     def retire(self, job):
         """True when the job can leave: cancelled, failed, or every choice finished. Frees its slots."""
@@ -629,19 +635,25 @@ class Scheduler:
 # ----------------------------------------------------------------------------------------------
 # HTTP
 # ----------------------------------------------------------------------------------------------
-COMPACT = (",", ":")  # no spaces in streamed JSON: with log-probs a character's chunk is mostly punctuation
+def completion_json(fields, choices):
+    """A completion (or a chunk of one) as JSON text: its `fields`, then "choices", given as JSON
+    text (choice_json), so that log-prob entries go in as the scheduler wrote them."""
+    return f'{json.dumps(fields, separators=COMPACT)[:-1]},"choices":[{",".join(choices)}]}}'
+
+
+def choice_json(index, key, value, entries, reason):
+    """One choice as JSON text: its `key` ("delta" streamed, "message" whole), its "logprobs" (null
+    without them, else {"content": [entry JSON per character]}) and its finish_reason."""
+    logprobs = "null" if entries is None else f'{{"content":[{",".join(entries)}],"refusal":null}}'
+    return (f'{{"index":{index},"{key}":{json.dumps(value, separators=COMPACT)},"logprobs":{logprobs},'
+            f'"finish_reason":{json.dumps(reason)}}}')
 
 
 def chunk(stream, choices, **extra):
     """One server-sent event: a chat.completion.chunk. `stream` is (id, created, model name)."""
     completion_id, created, model_name = stream
-    return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                  "model": model_name, "choices": choices, **extra}, separators=COMPACT) + "\n\n"
-
-
-def choice_logprobs(entries):
-    """A choice's "logprobs" field: null without them, else {"content": [entry per character]}."""
-    return None if entries is None else {"content": entries, "refusal": None}
+    return "data: " + completion_json({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                       "model": model_name, **extra}, choices) + "\n\n"
 
 
 def events_to_sse(events, stream, include_usage):
@@ -654,13 +666,12 @@ def events_to_sse(events, stream, include_usage):
             if event[4] is not None:
                 entries[event[1]] = entries.get(event[1], []) + event[4]
             continue
-        out += [chunk(stream, [{"index": i, "delta": {"content": t}, "logprobs": choice_logprobs(entries.get(i)),
-                                "finish_reason": None}], usage=None)
+        out += [chunk(stream, [choice_json(i, "delta", {"content": t}, entries.get(i), None)], usage=None)
                 for i, t in texts.items()]
         texts, entries = {}, {}
         if event[0] == "delta":  # a choice's last text, with its finish_reason
-            out.append(chunk(stream, [{"index": event[1], "delta": {"content": event[2]} if event[2] else {},
-                                       "logprobs": choice_logprobs(event[4]), "finish_reason": event[3]}], usage=None))
+            out.append(chunk(stream, [choice_json(event[1], "delta", {"content": event[2]} if event[2] else {}, event[4],
+                                                  event[3])], usage=None))
         elif event[0] == "error":  # the error, then the end of the stream, so a client stops waiting
             out.append("data: " + json.dumps({"error": {"message": event[1].message, "type": "server_error"}}) + "\n\n")
             out.append("data: [DONE]\n\n")
@@ -675,7 +686,7 @@ async def stream_events(job, scheduler, completion_id, model_name, dropped):
     last chunk, the usage chunk when asked for, then data: [DONE]."""
     stream = (completion_id, int(time.time()), model_name)
     try:
-        yield chunk(stream, [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        yield chunk(stream, [choice_json(i, "delta", {"role": "assistant", "content": ""}, None, None)
                              for i in range(job.request.n)], usage=None, dropped_characters=dropped)
         while True:
             events = [await job.events.get()]
@@ -885,12 +896,11 @@ async def complete(request, scheduler, config, model_name):
     if result is None:
         return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
     texts, reasons, entries, usage = result
-    body = {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                         "logprobs": choice_logprobs(found), "finish_reason": reason}
-                        for i, (text, reason, found) in enumerate(zip(texts, reasons, entries))],
-            "usage": usage, "dropped_characters": dropped}
-    return JSONResponse(body)  # at once: FastAPI's encoder would walk every log-prob entry one by one
+    fields = {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+              "usage": usage, "dropped_characters": dropped}
+    choices = [choice_json(i, "message", {"role": "assistant", "content": text}, found, reason)
+               for i, (text, reason, found) in enumerate(zip(texts, reasons, entries))]
+    return Response(completion_json(fields, choices), media_type="application/json")
 
 
 class Server(uvicorn.Server):
