@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 import Train
 from lumina import data
 from lumina.checkpoint import load_checkpoint, load_for_chat, model_state, save_checkpoint
-from lumina.engine import BeamSearch, Engine
+from lumina.engine import BeamSearch, Engine, Entry
 from lumina.vocab import BOT, END, SPECIAL_TOKENS, SYSTEM, USER, Vocab, render_chat
 from conftest import CHATS, DEVICE, KEY, tiny_model, ROOT, SERVE_PACKAGES, Server, need, ask, endless_checkpoint, free_port, run_script, write_jsonl
 
@@ -235,6 +235,20 @@ def test_logprobs_in_openais_shape_streamed_or_not_for_n_stops_and_beams(sharp):
     for choice in beams.choices:
         check_logprobs(choice.logprobs.content, choice.message.content,
                        *uncached_logprobs(sharp.checkpoint, text, choice.message.content), k=1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(width=32, max_value=0.0, min_value=-9999.0), min_size=1, max_size=6),
+       st.sampled_from(['"', "\\", "\u00e9", "a", "\n"]))
+def test_a_log_prob_entry_is_json_that_gives_back_each_float32_exactly(logprobs, char):
+    import serve
+    vocab = Vocab(['"', "\\", "\u00e9", "a", "\n"])
+    tokens, i = serve.token_table(vocab), vocab.stoi[char]
+    entry = json.loads(serve.entry_json(tokens, i, Entry(logprobs[0], [(i, lp) for lp in logprobs[1:]])))
+    assert entry["token"] == char and bytes(entry["bytes"]).decode("utf-8") == char
+    sent = [entry["logprob"]] + [a["logprob"] for a in entry["top_logprobs"]]
+    assert torch.tensor(sent, dtype=torch.float32).tolist() == logprobs  # 9 digits: each float32 exactly
+    assert all(a["token"] == char for a in entry["top_logprobs"])
 
 
 @pytest.mark.parametrize("body,param", [({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
