@@ -50,6 +50,8 @@ CONFIG = {
     "ending": "!",        # the rule: the better reply ends with this (a weak model may never write "!": try ".")
     "out_dir": None,      # where the pairs file and the taught model go; None = a new temporary folder
     "tune_args": "",      # more fine_tune.py arguments, e.g. "--beta=5 --max_minutes=2"
+    "score_end": True,    # DPO scores each reply's closing <|end|> (fine_tune.py --score_end), and so do the
+                          #   checks: a rule about how a reply ends is learned where the model ends it
 }
 TYPES = {"model": str, "out_dir": str, "tune_args": str, "ending": str}
 SAMPLE = os.path.join(common.ROOT, "..", "shared", "data", "oasst1", "oasst1_validation_en_sample.messages.jsonl")
@@ -137,10 +139,11 @@ def held_out_pairs(replies, ending):
 
 
 @torch.no_grad()
-def per_char_logprobs(net, vocab, pairs):
-    """(pairs, 2) log-probability per character of each pair's chosen and rejected reply (without
-    the closing <|end|>, as fine_tune.py's DPO compares them by default)."""
-    encoded = unscored_end([encode_pair(pair, vocab, net.config.seq_length)[0] for pair in pairs])
+def per_char_logprobs(net, vocab, pairs, score_end):
+    """(pairs, 2) log-probability per character of each pair's chosen and rejected reply, with or
+    without the closing <|end|>, as fine_tune.py's DPO compared them."""
+    encoded = [encode_pair(pair, vocab, net.config.seq_length)[0] for pair in pairs]
+    encoded = encoded if score_end else unscored_end(encoded)
     logp = torch.cat([sequence_logprobs(net, encoded[i:i + 8], "cpu") for i in range(0, len(encoded), 8)])
     return logp / reply_chars(encoded).clamp(min=1.0)
 
@@ -148,7 +151,7 @@ def per_char_logprobs(net, vocab, pairs):
 # --- 3 and 4 --------------------------------------------------------------------------------------------
 def checks(net, vocab, held, pairs, options, reference=None):
     """The row of the table for one model."""
-    logp = per_char_logprobs(net, vocab, pairs)
+    logp = per_char_logprobs(net, vocab, pairs, options["score_end"])
     replies = sample_replies(net, vocab, held, options["samples"], options["max_chars"], options["seed"] + 1)
     ruled = [follows_rule(r, options["ending"]) for found in replies.values() for r in found]
     rendered = [chat_prompt([{"role": "user", "content": t}], vocab, net.config.seq_length)[0] for t in held]
@@ -191,7 +194,8 @@ def main(argv):
     # --- 3. DPO on the page's pairs ---
     taught = os.path.join(out, "Taught.pth")
     tune = subprocess.run([sys.executable, os.path.join(common.ROOT, "fine_tune.py"), f"--base_model={options['model']}",
-                           f"--data={pairs_file}", f"--output={taught}", *shlex.split(options["tune_args"])],
+                           f"--data={pairs_file}", f"--output={taught}", f"--score_end={options['score_end']}",
+                           *shlex.split(options["tune_args"])],
                           cwd=out, capture_output=True, text=True)
     if tune.returncode:
         raise SystemExit(f"fine_tune.py failed:\n{tune.stdout[-2000:]}\n{tune.stderr[-2000:]}")
