@@ -25,11 +25,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-from lumina import checkpoint as ckpt, data, training
+from lumina import checkpoint as ckpt, data, plan, runfiles, training
 from lumina.config import ConfigError, apply_overrides, check_rules, parse_cli
 from lumina.corpus import load_data, report_data
+from lumina.device import dtype_name
 from lumina.evaluate import end_of_turn_rate, turn_ends
-from lumina.training import RULES
+from lumina.plan import PRESETS, RULES
 from lumina.vocab import Vocab
 
 CONFIG = {
@@ -80,29 +81,12 @@ CONFIG = {
 TYPES = {"hidden_size": int, "num_layers": int, "nhead": int, "seq_length": int,
          "batch_size": int, "learning_rate": float, "dropout": float, "weight_decay": float, "ngram_buckets": int}
 
-# Model shapes and batch sizes that suit each device; any key set above wins over the preset.
-# CPU: on 2 cores a 10-15 minute run is short, and many small steps beat a wider model. In 3-minute
-# runs on the real text (benchmarks/README.md, "Choosing the CPU preset") width 256 / batch 32
-# reached 3.84 bits/char, width 128 / batch 32 3.22, and width 128 / batch 8 2.47. In 10-minute
-# runs context 256 / batch 4 matched context 128 / batch 8 (1.949 and 1.948) and holds twice the
-# chat history. With Muon (the default optimizer) batch 8 at 6e-3 learned most in 5 minutes
-# ("Optimizer: Muon"); with --optimizer=adamw use batch 4 at 3e-3.
-# GPU: a larger model for the same 15 minutes (not measured: no GPU yet).
-PRESETS = {
-    "cpu": dict(hidden_size=128, num_layers=4, nhead=4, seq_length=256, batch_size=8, learning_rate=6e-3,
-                ngram_buckets=4096),  # n-grams: measured better in the same minutes (benchmarks/README.md)
-    "gpu": dict(hidden_size=512, num_layers=8, nhead=8, seq_length=512, batch_size=64, learning_rate=1e-3,
-                ngram_buckets=0),  # not yet measured on a GPU
-}
-
-
 def resolve_config(config, argv, state, device):
     """The run's config: on --resume the saved run's, with this command line on top; then the
     device preset fills the keys left at None."""
     try:
-        if state:  # a run saved before the optimizer and n-gram keys existed used AdamW and no n-grams
-            config = apply_overrides({**CONFIG, "optimizer": "adamw", "ngram_buckets": 0, "dropout": 0.0,
-                                      "weight_decay": 0.1, **state["config"]},
+        if state:  # a run saved before a key existed ran as plan.OLD_RUN_DEFAULTS says
+            config = apply_overrides({**CONFIG, **plan.OLD_RUN_DEFAULTS, **state["config"]},
                                      [a for a in argv if a != "--resume"], TYPES)
         preset = PRESETS["gpu" if device.type == "cuda" else "cpu"]
         return check_rules({**config, **{k: v for k, v in preset.items() if config.get(k) is None}}, RULES)
@@ -124,9 +108,18 @@ def read_data(config, state, log):
     return found
 
 
-def rebuilt_with_dropout(net, config, vocab):
-    """The same weights in a model whose dropout layers are on (a model without dropout has none)."""
-    rebuilt = training.new_model(config, vocab)
+def choose_precision_and_regularisation(net, config, found, runtime, log):
+    """lumina.plan's decisions for this run, written into config so that the checkpoint stores what
+    the run used (not "auto"). Returns the model: the same weights rebuilt with dropout layers when
+    dropout was chosen for a model built without them."""
+    runtime.dtype = plan.choose_dtype(net, config, runtime, log)
+    config["dtype"] = dtype_name(runtime.dtype)
+    without_dropout = config["dropout"] is None
+    config["dropout"], config["weight_decay"] = plan.choose_regularisation(net.to(runtime.device), config,
+                                                                           len(found.train), runtime, log)
+    if not (without_dropout and config["dropout"] > 0):
+        return net
+    rebuilt = plan.new_model(config, found.vocab)
     rebuilt.load_state_dict(net.state_dict())
     return rebuilt
 
@@ -141,28 +134,27 @@ def main(argv):
     # --- runtime ---
     runtime = training.setup_runtime(config)
     log = print if runtime.is_main else (lambda *a: None)
-    files = training.output_files(config["out_dir"])
+    files = runfiles.output_files(config["out_dir"])
     try:
         state = ckpt.load_checkpoint(files["state"]) if flags["resume"] else None
     except ckpt.CheckpointError as e:
         sys.exit(f"error: cannot resume: {e}")
     config = resolve_config(config, argv, state, runtime.device)
     if runtime.is_main and not state:
-        training.keep_previous_run(files, flags["overwrite"], log)
+        runfiles.keep_previous_run(files, flags["overwrite"], log)
     torch.manual_seed(config["seed"])
     log(f"device {runtime.device} | {runtime.world} process(es) | threads {torch.get_num_threads()}")
     # --- data ---
     found = read_data(config, state, log)
     # --- model ---
-    net = ckpt.build_model(state)[0] if state else training.new_model({**config, "dropout": config["dropout"] or 0.0},
-                                                                        found.vocab)
+    net = ckpt.build_model(state)[0] if state else plan.new_model({**config, "dropout": config["dropout"] or 0.0},
+                                                                    found.vocab)
     log(f"model: {net.num_params():,} parameters | {config['num_layers']} layers | width {config['hidden_size']} | "
         f"context {config['seq_length']}" + (f" | resuming from step {state['step']}" if state else ""))
-    training.choose_dtype(net, config, runtime, log)
-    if training.choose_regularisation(net.to(runtime.device), config, len(found.train), runtime, log):
-        net = rebuilt_with_dropout(net, config, found.vocab)
+    net = choose_precision_and_regularisation(net, config, found, runtime, log)
     # --- train ---
-    trainer = training.Trainer(config, net, found, runtime, files, {"stage": "train"})
+    trainer = training.Trainer(config, net, found, runtime, files, {"stage": "train"},
+                               compile=plan.choose_compile(config, runtime, log))
     if state:
         trainer.resume(state)
     result = trainer.run()

@@ -28,10 +28,12 @@ from lumina.adapt import add_lora, expand_vocab, freeze_all_but_new_rows, load_l
 from lumina.checkpoint import CheckpointError, build_model, load_checkpoint
 from lumina.config import ConfigError, apply_overrides, check_rules, parse_cli
 from lumina.corpus import load_data, report_data
-from lumina.preference import DPO, load_pairs
+from lumina.device import dtype_name
 from lumina.evaluate import end_of_turn_rate, evaluate, probe_replies, replies_per_prompt, turn_ends
-from lumina.training import (RULES as TRAINING_RULES, SHAPE_KEYS, Trainer, choose_dtype, keep_previous_run,
-                             output_files, setup_runtime)
+from lumina.plan import OLD_RUN_DEFAULTS, RULES as TRAINING_RULES, SHAPE_KEYS, choose_compile, choose_dtype
+from lumina.preference import DPO, load_pairs
+from lumina.runfiles import keep_previous_run, output_files
+from lumina.training import Trainer, setup_runtime
 from lumina.vocab import SPECIAL_TOKENS, Vocab
 
 CONFIG = {
@@ -96,10 +98,6 @@ LEARNING_RATES = {"chat_tokens": 5e-3, "lora": 1e-3, "all": 3e-4}  # measured: b
 MINUTES = {"sft": 5.0, "dpo": 2.0}  # DPO: the budget measured with DPO_RATE_SHARE (README, "Preference")
 DPO_RATE_SHARE = 0.2  # DPO at the supervised rate moved val +0.08 bits/char; a fifth, +0.002 (README, "Preference")
 EVALUATIONS = 4  # per run when eval_interval is 0: each also samples the held-out replies (seconds)
-# A base checkpoint records its run's whole config; one that lacks a key it inherits (a hand-made
-# file) trains with Train.py's CPU defaults for it.
-INHERITED_DEFAULTS = {"batch_size": 8, "grad_accum": 1, "min_lr_ratio": 0.0, "weight_decay": 0.1, "beta2": 0.99,
-                      "grad_clip": 1.0, "label_smoothing": 0.0, "eval_windows": 64}
 RULES = {**{k: v for k, v in TRAINING_RULES.items() if k in CONFIG}, "train": ("chat_tokens", "lora", "all"),
          "learning_rate": (0.0, 10.0), "epochs": (0.0, 1000.0), "eval_interval": (0, math.inf),
          "lora_rank": (1, 1024), "lora_alpha": (0.0, 10000.0), "objective": ("auto", "sft", "dpo"),
@@ -107,10 +105,10 @@ RULES = {**{k: v for k, v in TRAINING_RULES.items() if k in CONFIG}, "train": ("
 
 
 def training_config(config, base):
-    """Train.py's config for this run: the base run's values, then every key set here.
-    Returns (config, names of inherited keys)."""
+    """Train.py's config for this run: the base run's values (a key the base file lacks, as
+    lumina.plan.OLD_RUN_DEFAULTS says), then every key set here. Returns (config, names of inherited keys)."""
     inherited = [k for k, v in config.items() if v is None]
-    merged = {**INHERITED_DEFAULTS, **{k: base["config"][k] for k in inherited if k in base["config"]},
+    merged = {**OLD_RUN_DEFAULTS, **{k: base["config"][k] for k in inherited if k in base["config"]},
               **{k: v for k, v in config.items() if v is not None}}
     merged.update({k: base["model_config"].get(k, 0) for k in SHAPE_KEYS})  # a file of format 2 has no n-grams
     merged["out_dir"] = os.path.dirname(os.path.abspath(config["output"]))
@@ -341,12 +339,14 @@ def main(argv):
     grow_vocabulary(net, vocab, found.new_chars, config["max_new_chars"], log)
     choose_trainable(net, config, net.config.vocab_size - old_size, state, files["state"], log)
     net.to(runtime.device)
-    choose_dtype(net, train_config, runtime, log)
+    runtime.dtype = choose_dtype(net, train_config, runtime, log)
+    train_config["dtype"] = dtype_name(runtime.dtype)
     # --- before, train, after ---
     objective = make_objective(config, found, net, runtime, state)
     before, base_replies = report(net, found, train_config, runtime, objective, "before fine-tuning", log)
     meta = run_meta(config, found, old_size, state, before)
-    trainer = Trainer(train_config, net, found, runtime, files, meta, end_probes=True, objective=objective)
+    trainer = Trainer(train_config, net, found, runtime, files, meta, end_probes=True, objective=objective,
+                      compile=choose_compile(train_config, runtime, log))
     if state:
         trainer.resume(state)
     trainer.run()

@@ -52,7 +52,7 @@ from starlette.middleware.cors import CORSMiddleware
 from lumina import data
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import CHAT_SAMPLING, parse_cli
-from lumina.device import DTYPE_CHOICES, dtype_line
+from lumina.device import DTYPE_CHOICES, dtype_line, dtype_name
 from lumina.engine import LOGPROB_FLOOR, MAX_TOP_LOGPROBS, BeamSearch, Engine, Entry, Row, compile_buckets, generation_dtype
 from lumina.evaluate import attention_view
 from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, chat_prompt
@@ -474,7 +474,7 @@ class Scheduler:
         if len(self.failed_steps) >= FAILING_STEPS:
             return 503, {"status": "failing", "reason": f"the last {len(self.failed_steps)} steps failed (errors "
                                                         f"{', '.join(self.failed_steps[-FAILING_STEPS:])}: see the server's log)"}
-        return 200, {"status": "ok", "dtype": str(self.dtype).replace("torch.", ""), "running": len(self.running),
+        return 200, {"status": "ok", "dtype": dtype_name(self.dtype), "running": len(self.running),
                      "waiting": len(self.waiting), "free_slots": len(self.free)}
 
     def stop_accepting(self):

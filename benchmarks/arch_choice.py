@@ -24,7 +24,9 @@ import Train  # noqa: E402
 from lumina.config import parse_cli  # noqa: E402
 from lumina.corpus import load_data  # noqa: E402
 from lumina.model import CharTransformer, ModelConfig  # noqa: E402
-from lumina.training import Runtime, Trainer, output_files  # noqa: E402
+from lumina.plan import PRESETS  # noqa: E402
+from lumina.runfiles import output_files  # noqa: E402
+from lumina.training import Runtime, Trainer  # noqa: E402
 
 CONFIG = {
     "minutes": 2.5,  # training time of each variant
@@ -79,7 +81,7 @@ def main(argv):
     work = tempfile.mkdtemp(prefix="lumina-arch-")
     split_text(work)
     runtime = Runtime(torch.device("cpu"), torch.float32)
-    train_config = {**Train.CONFIG, **Train.PRESETS["cpu"], "max_minutes": minutes, "max_iters": 10 ** 9,
+    train_config = {**Train.CONFIG, **PRESETS["cpu"], "max_minutes": minutes, "max_iters": 10 ** 9,
                     "eval_interval": 10 ** 9, "probe_chars": 0, "eval_windows": 600, "log_interval": 10 ** 9, "out_dir": work}
     found = load_data(work, os.path.join(work, "cache"), 0.05, False, train_config["seed"])
     shape = ModelConfig(vocab_size=len(found.vocab),

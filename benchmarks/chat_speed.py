@@ -22,11 +22,11 @@ import torch
 
 import common  # noqa: E402,F401  (puts the project on sys.path)
 import ChatAI  # noqa: E402
-import Train  # noqa: E402
 from lumina.config import parse_cli  # noqa: E402
 from lumina.device import seeded_generator  # noqa: E402
 from lumina.engine import generate  # noqa: E402
 from lumina.model import CharTransformer, ModelConfig  # noqa: E402
+from lumina.plan import PRESETS  # noqa: E402
 from lumina.vocab import SPECIAL_TOKENS  # noqa: E402
 
 CONFIG = {
@@ -62,7 +62,7 @@ def timed_generate(stream_of, prompt, n):
 def main(argv):
     settings = parse_cli(argv, CONFIG, __file__)[0]
     torch.set_num_threads(settings["threads"])
-    shape = {k: v for k, v in Train.PRESETS["cpu"].items() if k in ("hidden_size", "num_layers", "nhead", "seq_length")}
+    shape = {k: v for k, v in PRESETS["cpu"].items() if k in ("hidden_size", "num_layers", "nhead", "seq_length")}
     torch.manual_seed(0)
     net = CharTransformer(ModelConfig(vocab_size=120, **shape)).eval()
     T, n = shape["seq_length"], settings["chars"]

@@ -30,11 +30,11 @@ import time
 import torch
 
 import common  # noqa: F401  (puts the project on sys.path)
-import Train
 from lumina.config import parse_cli
 from lumina.device import seeded_generator
 from lumina.engine import Engine, Row, Sampling, choose, compile_buckets, generate, generation_dtype, recent_ids
 from lumina.model import CharTransformer, ModelConfig
+from lumina.plan import PRESETS
 from lumina.vocab import SPECIAL_TOKENS
 
 CONFIG = {
@@ -52,7 +52,7 @@ ROWS = (1, 8, 16, 64)
 
 
 def preset_model(vocab_size):
-    shape = {k: v for k, v in Train.PRESETS["cpu"].items() if k in ("hidden_size", "num_layers", "nhead", "seq_length")}
+    shape = {k: v for k, v in PRESETS["cpu"].items() if k in ("hidden_size", "num_layers", "nhead", "seq_length")}
     torch.manual_seed(0)
     return CharTransformer(ModelConfig(vocab_size=vocab_size, **shape)).eval()
 

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 
 import common
 import export
-import Train
 from lumina import data, engine
 from lumina.checkpoint import build_model, load_checkpoint, model_state, quantize_int8, save_checkpoint
 from lumina.config import parse_cli
 from lumina.device import seeded_generator
 from lumina.model import CharTransformer, ModelConfig
+from lumina.plan import PRESETS
 from lumina.vocab import SPECIAL_TOKENS, Vocab, encode_documents
 
 CONFIG = {
@@ -141,7 +141,7 @@ def main(argv):
     print(f"\n{settings['checkpoint']} ({CharTransformer(ModelConfig(**checkpoint['model_config'])).num_params():,} "
           f"parameters), bits/char on {settings['eval_windows']} windows of the OASST1 validation sample")
     measure(settings["checkpoint"], settings, ids)
-    shape = {k: v for k, v in Train.PRESETS["gpu"].items() if k in ("hidden_size", "num_layers", "nhead", "seq_length")}
+    shape = {k: v for k, v in PRESETS["gpu"].items() if k in ("hidden_size", "num_layers", "nhead", "seq_length")}
     net = CharTransformer(ModelConfig(vocab_size=len(vocab), **shape))
     path = os.path.join(tempfile.mkdtemp(), "Model.pth")
     save_checkpoint(path, {"stage": "random", "vocab": vocab.chars, "model": model_state(net),

@@ -30,10 +30,10 @@ import httpx
 import torch
 
 import common  # noqa: F401  (puts the project on sys.path)
-import Train
 from lumina.checkpoint import model_state, save_checkpoint
 from lumina.config import parse_cli
 from lumina.model import CharTransformer, ModelConfig
+from lumina.plan import PRESETS
 from lumina.vocab import SPECIAL_TOKENS, Vocab
 
 CONFIG = {
@@ -52,7 +52,7 @@ PEER_FORMAT = 2  # d26845d reads format 2; the benchmark's model has no n-gram t
 def endless_model(path):
     """The CPU preset's shape; the final norm's gain is zero, so every position's hidden state is
     its bias v, and the special tokens' rows point against v: it never ends a turn."""
-    shape = {k: v for k, v in Train.PRESETS["cpu"].items() if k in ("hidden_size", "num_layers", "nhead", "seq_length")}
+    shape = {k: v for k, v in PRESETS["cpu"].items() if k in ("hidden_size", "num_layers", "nhead", "seq_length")}
     vocab = Vocab([chr(c) for c in range(32, 127)])
     torch.manual_seed(0)
     net = CharTransformer(ModelConfig(vocab_size=len(vocab), **shape))

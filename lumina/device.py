@@ -60,10 +60,14 @@ def gpu_dtype(device):
     return torch.float32, "mixed precision was not measured faster on MPS"
 
 
+def dtype_name(dtype):
+    """torch.bfloat16 -> "bfloat16": how configs, checkpoints and logs name a precision."""
+    return str(dtype).replace("torch.", "")
+
+
 def dtype_line(dtype, asked, why=""):
     """The one log line that says which precision a stage runs in: chosen, asked, and why."""
-    name = str(dtype).replace("torch.", "")
-    return f"dtype {name} (asked {asked}" + (f": {why})" if asked == "auto" else ")")
+    return f"dtype {dtype_name(dtype)} (asked {asked}" + (f": {why})" if asked == "auto" else ")")
 
 
 # ----------------------------------------------------------------------------------------------

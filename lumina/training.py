@@ -1,9 +1,10 @@
 """The training run shared by Train.py and fine_tune.py: the runtime (device, precision,
-processes, compile), the step and its out-of-memory back-off, logging and files, and the Trainer.
+processes), the step and its out-of-memory back-off, random state, signals, and the Trainer. What
+the run is (its shape, precision, regularisation) is decided before, in lumina.plan; its files are
+lumina.runfiles'.
 """
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -14,38 +15,25 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lumina import checkpoint as ckpt, data
+from lumina import checkpoint as ckpt, runfiles
 from lumina.adapt import lora_state
 from lumina.corpus import random_windows
-from lumina.device import (DTYPE_CHOICES, DTYPES, autocast, dtype_line, pick_device, seeded_generator, timed_dtype,
-                           trial_key)
+from lumina.device import autocast, pick_device, seeded_generator
 from lumina.evaluate import end_of_turn_rate, evaluate, probe_replies, turn_ends
-from lumina.model import CharTransformer, ModelConfig
 from lumina.optim import lr_at, make_optimizer
 from lumina.vocab import END
 
-POSITIVE = ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size", "grad_accum", "max_iters",
-            "eval_interval", "eval_windows", "log_interval", "checkpoint_interval")
-RULES = {"ngram_buckets": (0, 2 ** 20), "muon_steps": (1, 20), "short_context": (0, 10 ** 5), "short_share": (0.0, 1.0),
-         "val_fraction": (0.0, 0.5), "warmup_ratio": (0.0, 0.5), "min_lr_ratio": (0.0, 1.0), "dropout": (0.0, 0.9),
-         "label_smoothing": (0.0, 0.5), "grad_clip": (0.0, math.inf), "max_minutes": (0.0, math.inf),
-         "weight_decay": (0.0, math.inf), "beta2": (0.0, 0.9999), "learning_rate": (1e-9, 10.0),
-         "probe_chars": (0, 10000), "end_chars": (1, 10 ** 6), "threads": (0, 1024), "dtype": DTYPE_CHOICES,
-         "optimizer": ("adamw", "muon"), "compile": ("auto", "true", "false"),
-         **{key: (1, math.inf) for key in POSITIVE}}
-SHAPE_KEYS = ("seq_length", "hidden_size", "num_layers", "nhead", "dropout", "ngram_buckets")  # a run's config -> ModelConfig
 END_WEIGHT = 0.1        # bits/char of val that a fine-tune's model selection trades for ending every reply
-COMPILE_MIN_MINUTES = 5.0  # compile=auto on a GPU: a budget at least this long (compiling costs about 1 min)
 INTERRUPTED = 130  # exit code after Ctrl-C, as shells report it
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup: device, precision and processes, decided once before the loop
+# Setup: the device and the processes
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Runtime:
     device: torch.device
-    dtype: torch.dtype = torch.float32  # choose_dtype() decides it once the model is built
+    dtype: torch.dtype = torch.float32  # lumina.plan.choose_dtype decides it once the model is built
     rank: int = 0
     world: int = 1
     is_main: bool = True  # rank 0: the one process that logs and saves
@@ -53,125 +41,6 @@ class Runtime:
     def autocast(self):
         """Mixed precision for forward passes; does nothing in float32."""
         return autocast(self.device, self.dtype)
-
-
-DTYPE_TRIAL_STEPS = 3  # timed training steps per precision when dtype=auto must measure (after one warm-up)
-
-
-def choose_dtype(net, config, runtime, log):
-    """The run's precision, decided once by the policy of every stage (lumina.device.timed_dtype):
-    what `dtype` asks for, or for auto the faster of float32 and bf16 in a few real training steps
-    of this model and batch (cached per machine). It is logged on one line (chosen, asked, why), set
-    on runtime, and written into config, so checkpoints store the precision the run used, not "auto"."""
-    asked = config["dtype"]
-    if asked == "auto" and runtime.device.type == "cpu" and runtime.world > 1:
-        # every process must train in the same precision, and timings differ
-        dtype, why = torch.float32, "several CPU processes; choose one with --dtype to use bf16"
-    else:
-        key = trial_key(runtime.device, dataclasses.asdict(net.config),
-                        {"train batch": [config["batch_size"], config["seq_length"]]})
-        dtype, why = timed_dtype(asked, runtime.device, lambda name: [step_time(net, config, runtime, DTYPES[name])],
-                                 key, "a training step")
-    runtime.dtype, config["dtype"] = dtype, str(dtype).replace("torch.", "")
-    log(dtype_line(dtype, asked, why))
-
-
-def step_time(net, config, runtime, dtype):
-    """Seconds of one real training step of this model and batch in `dtype`: the best of a few,
-    after a warm-up. A matmul peak says little when the model is small enough for everything else
-    to dominate (on an EPYC with avx512_bf16, bf16's matmul peak was 2.4x fp32's, yet training ran
-    at 0.88x), so the choice is measured on the actual model and batch. The gradients are dropped."""
-    x = torch.randint(net.config.vocab_size, (config["batch_size"], config["seq_length"]), generator=seeded_generator(0))
-    text = LanguageModel(None, None, config["seq_length"])
-    trial, durations = dataclasses.replace(runtime, dtype=dtype), []
-    for _ in range(1 + DTYPE_TRIAL_STEPS):
-        start = time.perf_counter()
-        forward_backward(net, (x, x, x[:, :2]), len(x), trial, torch.amp.GradScaler("cpu", enabled=False), text)
-        durations.append(time.perf_counter() - start)
-    net.zero_grad(set_to_none=True)
-    return min(durations[1:])
-
-
-# Regularisation by how many times the run will see its data (Muennighoff et al. 2023, "Scaling
-# Data-Constrained Language Models": repeated data is nearly as good as new for about 4 epochs and
-# loses its worth by about 16; nanoGPT's shakespeare-char, which sees its text ~80 times, uses 0.2).
-DROPOUT_BY_EPOCHS = ((1.0, 0.0), (16.0, 0.1), (math.inf, 0.2))  # (at most this many epochs, dropout)
-MAX_DECAY_PER_STEP = 0.01  # lr * weight decay: never forget more than 1% a step (tiny data would ask for more)
-TIMED_STEPS = 3          # training steps timed, after as many to warm up, when the budget is in minutes
-
-
-def planned_epochs(config, train_chars, step_seconds):
-    """(epochs, steps): the passes over the training data the run will make, from its steps
-    (max_iters, or as many as max_minutes allows at step_seconds each) and the characters a step reads."""
-    steps = config["max_iters"]
-    if config["max_minutes"] and step_seconds:
-        steps = min(steps, config["max_minutes"] * 60 / step_seconds)
-    per_step = config["batch_size"] * config["grad_accum"] * config["seq_length"]
-    return steps * per_step / max(1, train_chars), steps
-
-
-def regularisation(epochs, steps_per_epoch, learning_rate):
-    """(dropout, weight decay) for a run of `epochs`. Dropout steps up with the repeats. Weight
-    decay is sized to act over about one epoch (Wang and Aitchison 2024: the best timescale of
-    AdamW's decay is a fixed share of the data): decoupled decay forgets with a timescale of
-    1 / (lr * wd) steps, and a cosine schedule's mean rate is half its peak, so wd = 2 / (lr * steps
-    per epoch), at most MAX_DECAY_PER_STEP / lr."""
-    dropout = next(p for limit, p in DROPOUT_BY_EPOCHS if epochs <= limit)
-    return dropout, min(2.0 / max(1.0, steps_per_epoch), MAX_DECAY_PER_STEP) / learning_rate
-
-
-def choose_regularisation(net, config, train_chars, runtime, log):
-    """Fill dropout and weight_decay left at None (auto) by regularisation(), from the epochs the
-    run will see: its budget, its data and its speed (a few timed steps), all logged. Returns
-    whether the model must be rebuilt with dropout."""
-    if config["dropout"] is not None and config["weight_decay"] is not None:
-        return False
-    seconds = time_steps(net, config, runtime) if config["max_minutes"] else None
-    if seconds and runtime.world > 1:  # every process must choose the same: the slowest one's time
-        shared = torch.tensor([seconds], device=runtime.device)
-        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-        seconds = shared.item()
-    epochs, steps = planned_epochs(config, train_chars, seconds)
-    per_step = config["batch_size"] * config["grad_accum"] * config["seq_length"]
-    dropout, decay = regularisation(epochs, train_chars / per_step, config["learning_rate"])
-    config["dropout"] = dropout if config["dropout"] is None else config["dropout"]
-    config["weight_decay"] = decay if config["weight_decay"] is None else config["weight_decay"]
-    speed = f"{per_step / seconds:,.0f} characters/s measured, " if seconds else ""
-    log(f"regularisation auto: {speed}{steps:,.0f} steps of {per_step:,} characters over {train_chars:,} = "
-        f"{epochs:.2f} epochs -> dropout {config['dropout']:g}, weight decay {config['weight_decay']:.3g}")
-    return config["dropout"] > 0
-
-
-def time_steps(net, config, runtime):
-    """Seconds per training step of this model and batch, in the run's precision (eager)."""
-    x = torch.randint(net.config.vocab_size, (config["batch_size"] * config["grad_accum"], config["seq_length"]),
-                      generator=seeded_generator(0)).to(runtime.device)
-    text, scaler, durations = LanguageModel(None, None, config["seq_length"]), torch.amp.GradScaler(enabled=False), []
-    for _ in range(2 * TIMED_STEPS):  # the first steps of a process set up its kernels: slow
-        start = time.perf_counter()
-        forward_backward(net, (x, x, x[:, :2]), config["batch_size"], runtime, scaler, text)
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize()
-        durations.append(time.perf_counter() - start)
-    net.zero_grad(set_to_none=True)
-    return min(durations[TIMED_STEPS:])
-
-
-def choose_compile(config, runtime, log):
-    """compile=true or false is obeyed. auto compiles only where it was measured to pay: on a CPU,
-    compiled steps of the CPU preset were no faster than eager ones (benchmarks/README.md, "When
-    torch.compile pays"), so the 35-60 s of compiling never comes back; on a GPU, whose step is
-    mostly kernel launches that compiling fuses, when the budget leaves COMPILE_MIN_MINUTES to win
-    it back."""
-    if config["compile"] != "auto":
-        return config["compile"] == "true"
-    budget = config["max_minutes"]
-    chosen = runtime.device.type == "cuda" and (not budget or budget >= COMPILE_MIN_MINUTES)
-    length = f"a {budget:g}-minute budget" if budget else "no time budget"
-    why = {"cuda": f"{length} {'leaves time to win back' if chosen else 'is too short to win back'} a minute of compiling",
-           "cpu": "compiled steps were measured no faster than eager ones on CPUs"}.get(runtime.device.type, "not measured here")
-    log(f"compile auto: {'on' if chosen else 'off'} ({why})")
-    return chosen
 
 
 def setup_runtime(config):
@@ -320,106 +189,8 @@ def set_rng_state(saved, rank, device, sampler):
 
 
 # ----------------------------------------------------------------------------------------------
-# Logging and files
+# Signals
 # ----------------------------------------------------------------------------------------------
-def output_files(out_dir, best="Model.pth", prefix="train"):
-    """Where a run writes: the best model, resumable state, metrics and the loss-curve plot."""
-    return {"best": os.path.join(out_dir, best), "state": os.path.join(out_dir, f"{prefix}_state.pth"),
-            "metrics": os.path.join(out_dir, f"{prefix}_metrics.jsonl"),
-            "plot": os.path.join(out_dir, f"{prefix}_loss.png")}
-
-
-PREVIOUS_RUNS = "previous_runs"  # where a new run moves the files of the run it would replace
-
-
-def keep_previous_run(files, overwrite, log):
-    """A fresh run never destroys an earlier one (Hugging Face's Trainer refuses a non-empty
-    output_dir): its files move to previous_runs/<name>-<date>/ beside them and the log says
-    where, unless `overwrite`. Returns the folder they went to, or None."""
-    present = [path for path in files.values() if os.path.exists(path)]
-    if not present:
-        return None
-    folder = os.path.dirname(present[0])
-    if overwrite:
-        log(f"--overwrite: replacing the run in {folder}")
-        return None
-    when = time.localtime(max(os.path.getmtime(path) for path in present))
-    stem = os.path.splitext(os.path.basename(files["best"]))[0]
-    target = os.path.join(folder, PREVIOUS_RUNS, f"{stem}-{time.strftime('%Y%m%d-%H%M%S', when)}")
-    while os.path.exists(target):
-        target += "+"
-    os.makedirs(target)
-    for path in present:
-        os.replace(path, os.path.join(target, os.path.basename(path)))
-    data.sync_folder(folder)
-    log(f"{folder} already holds a run ({last_evaluation(os.path.join(target, os.path.basename(files['metrics'])))}, "
-        f"{time.strftime('%Y-%m-%d %H:%M', when)}): moved it to {os.path.relpath(target)}/. To continue that run "
-        f"instead, move its files back and pass --resume; --overwrite replaces a run; --out_dir=DIR trains elsewhere")
-    return target
-
-
-def last_evaluation(metrics_path):
-    """'step N, val X bits/char' from a run's metrics file, or what it lacks."""
-    if not os.path.exists(metrics_path):
-        return "no metrics file"
-    found = "no evaluation yet"
-    for _, record in metric_records(metrics_path):
-        if isinstance(record.get("val_bpc"), (int, float)):
-            found = f"step {record.get('step')}, val {record['val_bpc']:.3f} bits/char"
-    return found
-
-
-def metric_records(path):
-    """(line, record) for each record of a metrics file; a line torn by a crash is skipped."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                yield line, record
-
-
-def log_metrics(path, record):
-    """Append one record. One short write per line: a crash loses at most the line being written,
-    and start_metrics() drops such a torn line on resume."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def start_metrics(path, last_step):
-    """Keep the records up to last_step (0 for a fresh run) and drop the rest: a resumed run redoes
-    the steps after its checkpoint, and they must not appear twice. Rewritten atomically."""
-    kept = []
-    if last_step and os.path.exists(path):
-        kept = [line if line.endswith("\n") else line + "\n" for line, record in metric_records(path)
-                if record.get("step", math.inf) <= last_step]
-    data.write_text(path, "".join(kept))
-
-
-def plot_losses(metrics_path, png_path):
-    """A loss-curve PNG, only when matplotlib is installed; training never needs it."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    with open(metrics_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "val"):
-        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), label=key)
-    ax.set(xlabel="step", ylabel="loss (nats/char)", title="LuminaAI training")
-    ax.legend()
-    data.atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return True
-
-
 @contextlib.contextmanager
 def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
     """While inside, Ctrl-C or SIGTERM does not kill the run: it appends to the yielded list, and
@@ -447,9 +218,10 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
 class Trainer:
     """One run: the model, its optimizer, the data sampler, the objective and the loop's position.
     `meta` holds extra checkpoint fields (stage, base model...); `files` comes from output_files();
-    the objective is the next character of the training text unless one is given (DPO's pairs)."""
+    the objective is the next character of the training text unless one is given (DPO's pairs);
+    `compile` (lumina.plan.choose_compile's decision) runs the steps through torch.compile."""
 
-    def __init__(self, config, net, found, runtime, files, meta, end_probes=False, objective=None):
+    def __init__(self, config, net, found, runtime, files, meta, end_probes=False, objective=None, compile=False):
         self.config, self.net, self.data, self.runtime, self.files, self.meta = config, net, found, runtime, files, meta
         self.objective = objective or LanguageModel(found.train, found.train_mask, config["seq_length"],
                                                     config["label_smoothing"], config.get("short_context", 0),
@@ -467,7 +239,7 @@ class Trainer:
         if runtime.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-        if choose_compile(config, runtime, self.log):
+        if compile:
             self.model = torch.compile(self.model)
 
     def resume(self, state):
@@ -482,7 +254,7 @@ class Trainer:
         """Train until max_iters or max_minutes; returns the final metrics. Exits 130 after Ctrl-C."""
         config, runtime = self.config, self.runtime
         if runtime.is_main:
-            start_metrics(self.files["metrics"], self.step)
+            runfiles.start_metrics(self.files["metrics"], self.step)
         if self.objective.state() is None:  # a fresh run: DPO scores the pairs with the starting model
             self.objective.prepare(self.net, runtime)
         per_step = config["batch_size"] * config["grad_accum"] // runtime.world  # windows (or pairs) per process per step
@@ -538,7 +310,7 @@ class Trainer:
         val = "-" if self.val_loss is None else f"{self.val_loss:.4f}"
         self.log(f"step {self.step:0{len(str(self.config['max_iters']))}d}/{self.config['max_iters']} | "
                  f"loss {record['loss']:.4f} | val {val} | lr {lr:.1e} | {record['ms']:.0f} ms | {record['tok_s']:,.0f} tok/s")
-        log_metrics(self.files["metrics"], record)
+        runfiles.log_metrics(self.files["metrics"], record)
         return now, self.step
 
     def evaluate_and_save(self):
@@ -562,7 +334,7 @@ class Trainer:
             for prompt, reply, logprob in probe_replies(self.net, self.data.vocab, self.config["probe_chars"],
                                                         self.runtime.dtype):
                 self.log(f"probe | {prompt} -> {reply!r} | mean log-prob {logprob:.2f}/char")
-        log_metrics(self.files["metrics"], metrics)
+        runfiles.log_metrics(self.files["metrics"], metrics)
         if improved:
             self.best_val = min(score, self.best_val)
             ckpt.save_checkpoint(self.files["best"], self.checkpoint({**metrics, "val_loss": self.val_loss}))
@@ -612,17 +384,7 @@ class Trainer:
         if self.runtime.is_main and self.step % self.config["eval_interval"]:
             self.evaluate_and_save()  # a budgeted run ends with an evaluation, wherever it stopped
         self.save_state()
-        if self.runtime.is_main and plot_losses(self.files["metrics"], self.files["plot"]):
+        if self.runtime.is_main and runfiles.plot_losses(self.files["metrics"], self.files["plot"]):
             self.log(f"wrote {self.files['plot']}")
         return {"steps": self.step, "val_loss": self.val_loss, "best_val": self.best_val,
                 "minutes": (time.time() - self.t0) / 60}
-
-
-# ----------------------------------------------------------------------------------------------
-def new_model(config, vocab):
-    """A fresh transformer of the configured shape; ModelConfig owns the shape rules."""
-    try:
-        shape = ModelConfig(vocab_size=len(vocab), **{k: config[k] for k in SHAPE_KEYS})
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    return CharTransformer(shape)

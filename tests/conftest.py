@@ -66,19 +66,19 @@ def write_jsonl(path, rows):
 def interrupt_after(step):
     """Deliver a real SIGINT right after training step `step` is logged (None: never), to test
     Ctrl-C and --resume inside this process."""
-    from lumina import training
-    real_log = training.log_metrics
+    from lumina import runfiles
+    real_log = runfiles.log_metrics
 
     def log_and_maybe_interrupt(path, record):
         real_log(path, record)
         if record.get("step") == step and "loss" in record:
             os.kill(os.getpid(), signal.SIGINT)
 
-    training.log_metrics = log_and_maybe_interrupt
+    runfiles.log_metrics = log_and_maybe_interrupt
     try:
         yield
     finally:
-        training.log_metrics = real_log
+        runfiles.log_metrics = real_log
 
 
 def refusal(main, argv, capsys):

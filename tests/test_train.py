@@ -11,14 +11,14 @@ import time
 import pytest
 import torch
 
-from lumina import data, device
+from lumina import data
 import Train
 from lumina import training
 from lumina.checkpoint import build_model, load_checkpoint
 from lumina.corpus import load_data
 from lumina.optim import Muon, lr_at, make_optimizer, orthogonalize
-from lumina.training import INTERRUPTED, Runtime, choose_compile, choose_dtype, forward_backward, with_oom_backoff
-from lumina.vocab import END, USER, Vocab
+from lumina.training import INTERRUPTED, Runtime, forward_backward, with_oom_backoff
+from lumina.vocab import END, USER
 from lumina.config import apply_overrides
 from lumina.device import seeded_generator
 from conftest import DEVICE, CHATS, ROOT, interrupt_after, refusal, run_script, tiny_model, write_jsonl
@@ -426,53 +426,7 @@ def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path, chat_file):
     assert [r["step"] for r in metric_records(tmp_path)] == [2, 4, 4]
 
 
-# --- precision by measurement ------------------------------------------------------------------------
-def test_dtype_auto_times_both_precisions_and_keeps_the_faster(monkeypatch, tmp_path):
-    net = tiny_model(Vocab.from_text("abcdefgh"))
-    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)  # as on a CPU with AVX512-BF16 or AMX
-    real = forward_backward
-    for slow, expected in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
-        monkeypatch.setenv("LUMINA_CACHE_DIR", str(tmp_path / str(slow)))  # the same model: not from the cache
-        def timed(model, batch, micro_batch, runtime, scaler, objective):
-            time.sleep(0.03 if runtime.dtype == slow else 0.0)
-            return real(model, batch, micro_batch, runtime, scaler, objective)
-        monkeypatch.setattr(training, "forward_backward", timed)
-        config = {**Train.CONFIG, "batch_size": 2, "seq_length": 16, "dtype": "auto"}
-        runtime, logs = Runtime(torch.device("cpu")), []
-        choose_dtype(net, config, runtime, logs.append)
-        name = str(expected)[6:]
-        assert runtime.dtype == expected and config["dtype"] == name  # what the checkpoint stores
-        assert re.fullmatch(rf"dtype {name} \(asked auto: a training step took [\d.]+ ms in float32, [\d.]+ ms in bfloat16\)",
-                            logs[0]) and len(logs) == 1
-        assert all(p.grad is None for p in net.parameters())  # the trial steps leave nothing behind
-
-
-def test_a_forced_dtype_is_obeyed_and_an_emulated_bf16_is_not_tried(monkeypatch):
-    net = tiny_model(Vocab.from_text("abcdefgh"))
-    monkeypatch.setattr(training, "forward_backward", lambda *a: pytest.fail("a forced or hopeless choice times nothing"))
-    for forced in ("float32", "bfloat16", "float16"):
-        runtime, logs = Runtime(torch.device("cpu")), []
-        choose_dtype(net, {**Train.CONFIG, "dtype": forced}, runtime, logs.append)
-        assert str(runtime.dtype) == f"torch.{forced}" and logs == [f"dtype {forced} (asked {forced})"]
-    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
-    runtime, logs = Runtime(torch.device("cpu")), []
-    choose_dtype(net, {**Train.CONFIG, "dtype": "auto"}, runtime, logs.append)
-    assert runtime.dtype == torch.float32 and "no AVX512-BF16 or AMX" in logs[0]
-
-
-def test_compile_forced_is_obeyed_and_auto_says_why():
-    cpu, gpu = Runtime(torch.device("cpu"), torch.float32), Runtime(torch.device("cuda"), torch.bfloat16)
-    for runtime in (cpu, gpu):
-        assert choose_compile({**Train.CONFIG, "compile": "true"}, runtime, pytest.fail) is True
-        assert choose_compile({**Train.CONFIG, "compile": "false"}, runtime, pytest.fail) is False
-    cases = [(cpu, 60.0, False, "no faster than eager"), (gpu, 15.0, True, "a 15-minute budget leaves time"),
-             (gpu, 0.0, True, "no time budget leaves time"), (gpu, 2.0, False, "a 2-minute budget is too short")]
-    for runtime, minutes, chosen, why in cases:
-        logs = []
-        assert choose_compile({**Train.CONFIG, "max_minutes": minutes}, runtime, logs.append) is chosen
-        assert logs[0].startswith(f"compile auto: {'on' if chosen else 'off'}") and why in logs[0]
-
-
+# --- the config a run resolves ----------------------------------------------------------------------
 def test_compile_true_on_the_command_line_and_an_old_runs_saved_false_both_read():
     config = Train.resolve_config(apply_overrides(Train.CONFIG, ["--compile=True"]), [], None, torch.device("cpu"))
     assert config["compile"] == "true"
@@ -481,20 +435,6 @@ def test_compile_true_on_the_command_line_and_an_old_runs_saved_false_both_read(
 
 
 # --- regularisation by the epochs a run will see ----------------------------------------------------
-def test_the_regularisation_rule_picks_by_budget_data_and_speed():
-    gpu = {**Train.CONFIG, **Train.PRESETS["gpu"], "max_iters": 10 ** 6, "max_minutes": 10.0, "grad_accum": 1}
-    per_step = 64 * 512
-    epochs, steps = training.planned_epochs(gpu, 20_000_000, step_seconds=0.03)  # 20,000 steps fit in 10 minutes
-    assert round(steps) == 20_000 and math.isclose(epochs, 20_000 * per_step / 20_000_000)  # about 33 epochs
-    dropout, decay = training.regularisation(epochs, 20_000_000 / per_step, 1e-3)
-    assert dropout == 0.2 and math.isclose(decay, 2 / (1e-3 * 20_000_000 / per_step))  # forgets over about an epoch
-    assert training.regularisation(8.0, 1000, 1e-3)[0] == 0.1 and training.regularisation(0.5, 1000, 1e-3)[0] == 0.0
-    assert math.isclose(training.regularisation(40.0, 20, 6e-3)[1], 0.01 / 6e-3)  # tiny data: at most 1% a step
-    cpu = {**Train.CONFIG, **Train.PRESETS["cpu"], "max_minutes": 0.0, "max_iters": 3000}  # no budget: max_iters decides
-    epochs, steps = training.planned_epochs(cpu, 20_000_000, step_seconds=None)
-    assert steps == 3000 and math.isclose(epochs, 3000 * 8 * 256 / 20_000_000)
-
-
 def test_auto_regularisation_is_logged_stored_and_switches_dropout_on(tmp_path, chat_file, capsys):
     Train.main([f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=60", "--eval_interval=60",
                 *[a for a in TINY_ARGS if a != "--max_minutes=0"], "--max_minutes=5"])

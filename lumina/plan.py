@@ -1,0 +1,186 @@
+"""The run's plan, decided once before the loop: the keys' rules and the device presets, and the
+model's shape, precision, regularisation and compilation. Each choose_* function measures or
+reasons, logs its decision on one line and returns it; Train.py and fine_tune.py put it into the
+run's config and runtime.
+"""
+import dataclasses
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from lumina import training
+from lumina.device import DTYPE_CHOICES, DTYPES, dtype_line, seeded_generator, timed_dtype, trial_key
+from lumina.model import CharTransformer, ModelConfig
+
+POSITIVE = ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size", "grad_accum", "max_iters",
+            "eval_interval", "eval_windows", "log_interval", "checkpoint_interval")
+RULES = {"ngram_buckets": (0, 2 ** 20), "muon_steps": (1, 20), "short_context": (0, 10 ** 5), "short_share": (0.0, 1.0),
+         "val_fraction": (0.0, 0.5), "warmup_ratio": (0.0, 0.5), "min_lr_ratio": (0.0, 1.0), "dropout": (0.0, 0.9),
+         "label_smoothing": (0.0, 0.5), "grad_clip": (0.0, math.inf), "max_minutes": (0.0, math.inf),
+         "weight_decay": (0.0, math.inf), "beta2": (0.0, 0.9999), "learning_rate": (1e-9, 10.0),
+         "probe_chars": (0, 10000), "end_chars": (1, 10 ** 6), "threads": (0, 1024), "dtype": DTYPE_CHOICES,
+         "optimizer": ("adamw", "muon"), "compile": ("auto", "true", "false"),
+         **{key: (1, math.inf) for key in POSITIVE}}
+SHAPE_KEYS = ("seq_length", "hidden_size", "num_layers", "nhead", "dropout", "ngram_buckets")  # a run's config -> ModelConfig
+COMPILE_MIN_MINUTES = 5.0  # compile=auto on a GPU: a budget at least this long (compiling costs about 1 min)
+
+# Model shapes and batch sizes that suit each device; a key set in Train.py's CONFIG or on its
+# command line wins over the preset.
+# CPU: on 2 cores a 10-15 minute run is short, and many small steps beat a wider model. In 3-minute
+# runs on the real text (benchmarks/README.md, "Choosing the CPU preset") width 256 / batch 32
+# reached 3.84 bits/char, width 128 / batch 32 3.22, and width 128 / batch 8 2.47. In 10-minute
+# runs context 256 / batch 4 matched context 128 / batch 8 (1.949 and 1.948) and holds twice the
+# chat history. With Muon (the default optimizer) batch 8 at 6e-3 learned most in 5 minutes
+# ("Optimizer: Muon"); with --optimizer=adamw use batch 4 at 3e-3.
+# GPU: a larger model for the same 15 minutes (not measured: no GPU yet).
+PRESETS = {
+    "cpu": dict(hidden_size=128, num_layers=4, nhead=4, seq_length=256, batch_size=8, learning_rate=6e-3,
+                ngram_buckets=4096),  # n-grams: measured better in the same minutes (benchmarks/README.md)
+    "gpu": dict(hidden_size=512, num_layers=8, nhead=8, seq_length=512, batch_size=64, learning_rate=1e-3,
+                ngram_buckets=0),  # not yet measured on a GPU
+}
+
+# A run saved before a key existed ran as these say; a base model made by hand that lacks one
+# fine-tunes with Train.py's CPU defaults for it.
+OLD_RUN_DEFAULTS = {"optimizer": "adamw", "ngram_buckets": 0, "dropout": 0.0, "weight_decay": 0.1, "batch_size": 8,
+                    "grad_accum": 1, "min_lr_ratio": 0.0, "beta2": 0.99, "grad_clip": 1.0, "label_smoothing": 0.0,
+                    "eval_windows": 64}
+
+
+# ----------------------------------------------------------------------------------------------
+# The shape
+# ----------------------------------------------------------------------------------------------
+def new_model(config, vocab):
+    """A fresh transformer of the configured shape; ModelConfig owns the shape rules."""
+    try:
+        shape = ModelConfig(vocab_size=len(vocab), **{k: config[k] for k in SHAPE_KEYS})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    return CharTransformer(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision: timed on this model
+# ----------------------------------------------------------------------------------------------
+DTYPE_TRIAL_STEPS = 3  # timed training steps per precision when dtype=auto must measure (after one warm-up)
+
+
+def choose_dtype(net, config, runtime, log):
+    """The run's precision, decided once by the policy of every stage (lumina.device.timed_dtype):
+    what `dtype` asks for, or for auto the faster of float32 and bf16 in a few real training steps
+    of this model and batch (cached per machine). Logged on one line (chosen, asked, why) and
+    returned; the run stores its name, so checkpoints hold the precision it used, not "auto"."""
+    asked = config["dtype"]
+    if asked == "auto" and runtime.device.type == "cpu" and runtime.world > 1:
+        # every process must train in the same precision, and timings differ
+        dtype, why = torch.float32, "several CPU processes; choose one with --dtype to use bf16"
+    else:
+        key = trial_key(runtime.device, dataclasses.asdict(net.config),
+                        {"train batch": [config["batch_size"], config["seq_length"]]})
+        dtype, why = timed_dtype(asked, runtime.device, lambda name: [step_time(net, config, runtime, DTYPES[name])],
+                                 key, "a training step")
+    log(dtype_line(dtype, asked, why))
+    return dtype
+
+
+def step_time(net, config, runtime, dtype):
+    """Seconds of one real training step of this model and batch in `dtype`: the best of a few,
+    after a warm-up. A matmul peak says little when the model is small enough for everything else
+    to dominate (on an EPYC with avx512_bf16, bf16's matmul peak was 2.4x fp32's, yet training ran
+    at 0.88x), so the choice is measured on the actual model and batch. The gradients are dropped."""
+    x = torch.randint(net.config.vocab_size, (config["batch_size"], config["seq_length"]), generator=seeded_generator(0))
+    text = training.LanguageModel(None, None, config["seq_length"])
+    trial, durations = dataclasses.replace(runtime, dtype=dtype), []
+    for _ in range(1 + DTYPE_TRIAL_STEPS):
+        start = time.perf_counter()
+        training.forward_backward(net, (x, x, x[:, :2]), len(x), trial, torch.amp.GradScaler("cpu", enabled=False), text)
+        durations.append(time.perf_counter() - start)
+    net.zero_grad(set_to_none=True)
+    return min(durations[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Regularisation, and compiling
+# ----------------------------------------------------------------------------------------------
+# Regularisation by how many times the run will see its data (Muennighoff et al. 2023, "Scaling
+# Data-Constrained Language Models": repeated data is nearly as good as new for about 4 epochs and
+# loses its worth by about 16; nanoGPT's shakespeare-char, which sees its text ~80 times, uses 0.2).
+DROPOUT_BY_EPOCHS = ((1.0, 0.0), (16.0, 0.1), (math.inf, 0.2))  # (at most this many epochs, dropout)
+MAX_DECAY_PER_STEP = 0.01  # lr * weight decay: never forget more than 1% a step (tiny data would ask for more)
+TIMED_STEPS = 3          # training steps timed, after as many to warm up, when the budget is in minutes
+
+
+def planned_epochs(config, train_chars, step_seconds):
+    """(epochs, steps): the passes over the training data the run will make, from its steps
+    (max_iters, or as many as max_minutes allows at step_seconds each) and the characters a step reads."""
+    steps = config["max_iters"]
+    if config["max_minutes"] and step_seconds:
+        steps = min(steps, config["max_minutes"] * 60 / step_seconds)
+    per_step = config["batch_size"] * config["grad_accum"] * config["seq_length"]
+    return steps * per_step / max(1, train_chars), steps
+
+
+def regularisation(epochs, steps_per_epoch, learning_rate):
+    """(dropout, weight decay) for a run of `epochs`. Dropout steps up with the repeats. Weight
+    decay is sized to act over about one epoch (Wang and Aitchison 2024: the best timescale of
+    AdamW's decay is a fixed share of the data): decoupled decay forgets with a timescale of
+    1 / (lr * wd) steps, and a cosine schedule's mean rate is half its peak, so wd = 2 / (lr * steps
+    per epoch), at most MAX_DECAY_PER_STEP / lr."""
+    dropout = next(p for limit, p in DROPOUT_BY_EPOCHS if epochs <= limit)
+    return dropout, min(2.0 / max(1.0, steps_per_epoch), MAX_DECAY_PER_STEP) / learning_rate
+
+
+def choose_regularisation(net, config, train_chars, runtime, log):
+    """(dropout, weight decay): those set in config, and those left at None (auto) by
+    regularisation(), from the epochs the run will see: its budget, its data and its speed (a few
+    timed steps), all logged."""
+    if config["dropout"] is not None and config["weight_decay"] is not None:
+        return config["dropout"], config["weight_decay"]
+    seconds = time_steps(net, config, runtime) if config["max_minutes"] else None
+    if seconds and runtime.world > 1:  # every process must choose the same: the slowest one's time
+        shared = torch.tensor([seconds], device=runtime.device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+        seconds = shared.item()
+    epochs, steps = planned_epochs(config, train_chars, seconds)
+    per_step = config["batch_size"] * config["grad_accum"] * config["seq_length"]
+    dropout, decay = regularisation(epochs, train_chars / per_step, config["learning_rate"])
+    dropout = dropout if config["dropout"] is None else config["dropout"]
+    decay = decay if config["weight_decay"] is None else config["weight_decay"]
+    speed = f"{per_step / seconds:,.0f} characters/s measured, " if seconds else ""
+    log(f"regularisation auto: {speed}{steps:,.0f} steps of {per_step:,} characters over {train_chars:,} = "
+        f"{epochs:.2f} epochs -> dropout {dropout:g}, weight decay {decay:.3g}")
+    return dropout, decay
+
+
+def time_steps(net, config, runtime):
+    """Seconds per training step of this model and batch, in the run's precision (eager)."""
+    x = torch.randint(net.config.vocab_size, (config["batch_size"] * config["grad_accum"], config["seq_length"]),
+                      generator=seeded_generator(0)).to(runtime.device)
+    text, scaler, durations = training.LanguageModel(None, None, config["seq_length"]), torch.amp.GradScaler(enabled=False), []
+    for _ in range(2 * TIMED_STEPS):  # the first steps of a process set up its kernels: slow
+        start = time.perf_counter()
+        training.forward_backward(net, (x, x, x[:, :2]), config["batch_size"], runtime, scaler, text)
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize()
+        durations.append(time.perf_counter() - start)
+    net.zero_grad(set_to_none=True)
+    return min(durations[TIMED_STEPS:])
+
+
+def choose_compile(config, runtime, log):
+    """compile=true or false is obeyed. auto compiles only where it was measured to pay: on a CPU,
+    compiled steps of the CPU preset were no faster than eager ones (benchmarks/README.md, "When
+    torch.compile pays"), so the 35-60 s of compiling never comes back; on a GPU, whose step is
+    mostly kernel launches that compiling fuses, when the budget leaves COMPILE_MIN_MINUTES to win
+    it back."""
+    if config["compile"] != "auto":
+        return config["compile"] == "true"
+    budget = config["max_minutes"]
+    chosen = runtime.device.type == "cuda" and (not budget or budget >= COMPILE_MIN_MINUTES)
+    length = f"a {budget:g}-minute budget" if budget else "no time budget"
+    why = {"cuda": f"{length} {'leaves time to win back' if chosen else 'is too short to win back'} a minute of compiling",
+           "cpu": "compiled steps were measured no faster than eager ones on CPUs"}.get(runtime.device.type, "not measured here")
+    log(f"compile auto: {'on' if chosen else 'off'} ({why})")
+    return chosen

@@ -1,0 +1,90 @@
+"""lumina/plan.py: a run's precision (timed), regularisation by planned epochs, and compiling; each
+choose_* logs its decision and returns it."""
+import math
+import re
+import time
+
+import pytest
+import torch
+
+import Train
+from lumina import device, training
+from lumina.plan import PRESETS, choose_compile, choose_dtype, choose_regularisation, planned_epochs, regularisation
+from lumina.training import Runtime, forward_backward
+from lumina.vocab import Vocab
+from conftest import tiny_model
+
+
+# --- precision by measurement ------------------------------------------------------------------------
+def test_dtype_auto_times_both_precisions_and_keeps_the_faster(monkeypatch, tmp_path):
+    net = tiny_model(Vocab.from_text("abcdefgh"))
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)  # as on a CPU with AVX512-BF16 or AMX
+    real = forward_backward
+    for slow, expected in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        monkeypatch.setenv("LUMINA_CACHE_DIR", str(tmp_path / str(slow)))  # the same model: not from the cache
+        def timed(model, batch, micro_batch, runtime, scaler, objective):
+            time.sleep(0.03 if runtime.dtype == slow else 0.0)
+            return real(model, batch, micro_batch, runtime, scaler, objective)
+        monkeypatch.setattr(training, "forward_backward", timed)
+        config = {**Train.CONFIG, "batch_size": 2, "seq_length": 16, "dtype": "auto"}
+        runtime, logs = Runtime(torch.device("cpu")), []
+        name = str(expected)[6:]
+        assert choose_dtype(net, config, runtime, logs.append) == expected  # returned: the caller sets and stores it
+        assert runtime.dtype == torch.float32 and config["dtype"] == "auto"  # nothing written behind the caller's back
+        assert re.fullmatch(rf"dtype {name} \(asked auto: a training step took [\d.]+ ms in float32, [\d.]+ ms in bfloat16\)",
+                            logs[0]) and len(logs) == 1
+        assert all(p.grad is None for p in net.parameters())  # the trial steps leave nothing behind
+
+
+def test_a_forced_dtype_is_obeyed_and_an_emulated_bf16_is_not_tried(monkeypatch):
+    net = tiny_model(Vocab.from_text("abcdefgh"))
+    monkeypatch.setattr(training, "forward_backward", lambda *a: pytest.fail("a forced or hopeless choice times nothing"))
+    for forced in ("float32", "bfloat16", "float16"):
+        runtime, logs = Runtime(torch.device("cpu")), []
+        chosen = choose_dtype(net, {**Train.CONFIG, "dtype": forced}, runtime, logs.append)
+        assert str(chosen) == f"torch.{forced}" and logs == [f"dtype {forced} (asked {forced})"]
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+    runtime, logs = Runtime(torch.device("cpu")), []
+    assert choose_dtype(net, {**Train.CONFIG, "dtype": "auto"}, runtime, logs.append) == torch.float32
+    assert "no AVX512-BF16 or AMX" in logs[0]
+
+
+def test_compile_forced_is_obeyed_and_auto_says_why():
+    cpu, gpu = Runtime(torch.device("cpu"), torch.float32), Runtime(torch.device("cuda"), torch.bfloat16)
+    for runtime in (cpu, gpu):
+        assert choose_compile({**Train.CONFIG, "compile": "true"}, runtime, pytest.fail) is True
+        assert choose_compile({**Train.CONFIG, "compile": "false"}, runtime, pytest.fail) is False
+    cases = [(cpu, 60.0, False, "no faster than eager"), (gpu, 15.0, True, "a 15-minute budget leaves time"),
+             (gpu, 0.0, True, "no time budget leaves time"), (gpu, 2.0, False, "a 2-minute budget is too short")]
+    for runtime, minutes, chosen, why in cases:
+        logs = []
+        assert choose_compile({**Train.CONFIG, "max_minutes": minutes}, runtime, logs.append) is chosen
+        assert logs[0].startswith(f"compile auto: {'on' if chosen else 'off'}") and why in logs[0]
+
+
+# --- regularisation by the epochs a run will see ----------------------------------------------------
+def test_the_regularisation_rule_picks_by_budget_data_and_speed():
+    gpu = {**Train.CONFIG, **PRESETS["gpu"], "max_iters": 10 ** 6, "max_minutes": 10.0, "grad_accum": 1}
+    per_step = 64 * 512
+    epochs, steps = planned_epochs(gpu, 20_000_000, step_seconds=0.03)  # 20,000 steps fit in 10 minutes
+    assert round(steps) == 20_000 and math.isclose(epochs, 20_000 * per_step / 20_000_000)  # about 33 epochs
+    dropout, decay = regularisation(epochs, 20_000_000 / per_step, 1e-3)
+    assert dropout == 0.2 and math.isclose(decay, 2 / (1e-3 * 20_000_000 / per_step))  # forgets over about an epoch
+    assert regularisation(8.0, 1000, 1e-3)[0] == 0.1 and regularisation(0.5, 1000, 1e-3)[0] == 0.0
+    assert math.isclose(regularisation(40.0, 20, 6e-3)[1], 0.01 / 6e-3)  # tiny data: at most 1% a step
+    cpu = {**Train.CONFIG, **PRESETS["cpu"], "max_minutes": 0.0, "max_iters": 3000}  # no budget: max_iters decides
+    epochs, steps = planned_epochs(cpu, 20_000_000, step_seconds=None)
+    assert steps == 3000 and math.isclose(epochs, 3000 * 8 * 256 / 20_000_000)
+
+
+def test_choose_regularisation_returns_its_choice_and_keeps_what_was_set():
+    net, runtime = tiny_model(Vocab.from_text("abcdefgh")), Runtime(torch.device("cpu"))
+    config = {**Train.CONFIG, **PRESETS["cpu"], "max_minutes": 0.0, "max_iters": 3000, "seq_length": 16, "batch_size": 2}
+    epochs, _ = planned_epochs(config, 1000, step_seconds=None)  # 96 passes over 1,000 characters
+    expected = regularisation(epochs, 1000 / 32, config["learning_rate"])
+    logs = []
+    assert choose_regularisation(net, config, 1000, runtime, logs.append) == expected and expected[0] == 0.2
+    assert config["dropout"] is None and config["weight_decay"] is None  # returned, not written behind the caller
+    assert "96.00 epochs -> dropout 0.2" in logs[0]
+    assert choose_regularisation(net, {**config, "dropout": 0.05}, 1000, runtime, logs.append) == (0.05, expected[1])
+    assert choose_regularisation(net, {**config, "dropout": 0.0, "weight_decay": 0.3}, 1000, runtime, pytest.fail) == (0.0, 0.3)
