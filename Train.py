@@ -45,6 +45,8 @@ CONFIG = {
     "seq_length": None,            # context window in characters; 64-1024
     "dropout": None,               # None: by the epochs the run will see (0 up to 1, 0.1 up to 16, 0.2 above; logged)
     "ngram_buckets": None,         # rows of each hashed table of 2- and 3-character contexts; 0 = none
+    "qk_norm": False,              # True: queries and keys at unit RMS per head (QK-norm: steadier attention logits)
+    "logit_softcap": 0.0,          # > 0: output logits soft-capped at +-this (cap * tanh(logit / cap)); 0 = off
     # --- optimization ---
     "optimizer": "muon",           # muon: Muon for the blocks' weight matrices, AdamW for the rest; or adamw for all
     "batch_size": None,            # sequences per micro-batch, per process

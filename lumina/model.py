@@ -25,6 +25,8 @@ class ModelConfig:
     nhead: int = 4            # attention heads; hidden_size must divide evenly
     dropout: float = 0.0      # on the residual branches only; attention dropout is 4.5x slower on CPU
     ngram_buckets: int = 0    # rows of each hashed n-gram table (NgramEmbedding); 0: none (files of format 2)
+    qk_norm: bool = False     # queries and keys scaled to unit RMS per head before attention (files before: off)
+    logit_softcap: float = 0.0  # > 0: logits squashed smoothly into (-cap, cap) by cap * tanh(logits / cap); 0: off
 
     def __post_init__(self):
         if self.hidden_size % self.nhead or (self.hidden_size // self.nhead) % 2:
@@ -54,15 +56,18 @@ def apply_rotary(x, cos, sin):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.nhead = config.nhead
+        self.nhead, self.qk_norm = config.nhead, config.qk_norm
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x, rotary, cache=None, layer=0, attention=None):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.nhead, C // self.nhead)
+        qk = qkv[:, :, :2]
+        if self.qk_norm:  # QK-norm: a query's dot products with the keys cannot grow without bound
+            qk = F.rms_norm(qk, (qk.shape[-1],))
         # Rotate queries and keys together, then (B, T, nhead, head_dim) -> (B, nhead, T, head_dim).
-        q, k = apply_rotary(qkv[:, :, :2], *rotary).transpose(1, 3).unbind(dim=2)
+        q, k = apply_rotary(qk, *rotary).transpose(1, 3).unbind(dim=2)
         v = qkv[:, :, 2].transpose(1, 2)
         if attention is not None:  # a pass that shows its attention: the last query's weights, made explicit
             attention.append(last_query_weights(q, k))
@@ -200,6 +205,8 @@ class CharTransformer(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, rotary, cache, layer, attention)
         logits = self.head(self.norm(x))
+        if self.config.logit_softcap:  # the soft-cap: no logit beyond +-cap, however confident the model grows
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), weight=target_weights,

@@ -16,14 +16,14 @@ from lumina.model import CharTransformer, ModelConfig
 
 POSITIVE = ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size", "grad_accum", "max_iters",
             "eval_interval", "eval_windows", "log_interval", "checkpoint_interval")
-RULES = {"ngram_buckets": (0, 2 ** 20), "muon_steps": (1, 20), "short_context": (0, 10 ** 5), "short_share": (0.0, 1.0),
+RULES = {"ngram_buckets": (0, 2 ** 20), "logit_softcap": (0.0, 1000.0), "muon_steps": (1, 20), "short_context": (0, 10 ** 5), "short_share": (0.0, 1.0),
          "val_fraction": (0.0, 0.5), "warmup_ratio": (0.0, 0.5), "min_lr_ratio": (0.0, 1.0), "dropout": (0.0, 0.9),
          "label_smoothing": (0.0, 0.5), "grad_clip": (0.0, math.inf), "max_minutes": (0.0, math.inf),
          "weight_decay": (0.0, math.inf), "beta2": (0.0, 0.9999), "learning_rate": (1e-9, 10.0),
          "probe_chars": (0, 10000), "end_chars": (1, 10 ** 6), "threads": (0, 1024), "dtype": DTYPE_CHOICES,
          "optimizer": ("adamw", "muon"), "compile": ("auto", "true", "false"),
          **{key: (1, math.inf) for key in POSITIVE}}
-SHAPE_KEYS = ("seq_length", "hidden_size", "num_layers", "nhead", "dropout", "ngram_buckets")  # a run's config -> ModelConfig
+SHAPE_KEYS = ("seq_length", "hidden_size", "num_layers", "nhead", "dropout", "ngram_buckets", "qk_norm", "logit_softcap")  # a run's config -> ModelConfig
 COMPILE_MIN_MINUTES = 5.0  # compile=auto on a GPU: a budget at least this long (compiling costs about 1 min)
 
 # Model shapes and batch sizes that suit each device; a key set in Train.py's CONFIG or on its
@@ -44,7 +44,7 @@ PRESETS = {
 
 # A run saved before a key existed ran as these say; a base model made by hand that lacks one
 # fine-tunes with Train.py's CPU defaults for it.
-OLD_RUN_DEFAULTS = {"optimizer": "adamw", "ngram_buckets": 0, "dropout": 0.0, "weight_decay": 0.1, "batch_size": 8,
+OLD_RUN_DEFAULTS = {"optimizer": "adamw", "ngram_buckets": 0, "qk_norm": False, "logit_softcap": 0.0, "dropout": 0.0, "weight_decay": 0.1, "batch_size": 8,
                     "grad_accum": 1, "min_lr_ratio": 0.0, "beta2": 0.99, "grad_clip": 1.0, "label_smoothing": 0.0,
                     "eval_windows": 64}
 

@@ -116,12 +116,15 @@ def test_default_checkpoint_prefers_the_fine_tuned_model(tmp_path, monkeypatch):
     assert default_checkpoint() == "FineTuned_Model.pth"
 
 
-def test_a_checkpoint_written_by_an_older_release_still_loads_and_gives_the_same_logits():
-    """tests/data/d26845d_Model.pth was written by release d26845d, with its logits for one prompt."""
+@pytest.mark.parametrize("release", ["d26845d", "be6ba01"])
+def test_a_checkpoint_written_by_an_older_release_still_loads_and_gives_the_same_logits(release):
+    """tests/data/RELEASE_Model.pth was written by that release's code, with its logits for one
+    prompt: d26845d's is format 2; be6ba01's is format 3 with n-gram tables, from before QK-norm and
+    the logit soft-cap existed (a file without them reads them as off)."""
     data = os.path.join(os.path.dirname(__file__), "data")
-    net, vocab = build_model(load_checkpoint(os.path.join(data, "d26845d_Model.pth")))
+    net, vocab = build_model(load_checkpoint(os.path.join(data, f"{release}_Model.pth")))
     ids, _ = render_chat([{"role": "user", "content": "hello there"}], vocab, add_generation_prompt=True)
     with torch.no_grad():
         logits = net.eval()(torch.tensor([ids]))[0][0, -1]
-    expected = torch.tensor([float(x) for x in open(os.path.join(data, "d26845d_logits.txt")).read().split()])
+    expected = torch.tensor([float(x) for x in open(os.path.join(data, f"{release}_logits.txt")).read().split()])
     assert torch.allclose(logits, expected, atol=1e-5)

@@ -37,9 +37,13 @@ def _generation_logits(net, prompt, steps, use_cache, monkeypatch):
     return ids, seen
 
 
-@pytest.mark.parametrize("prompt_len,steps,ngram", [(5, 8, 0), (40, 45, 0), (40, 45, 64)])  # inside, then far past, the window
-def test_cached_and_uncached_generation_agree(vocab, monkeypatch, prompt_len, steps, ngram):
-    net = model_on_device(vocab, ngram_buckets=ngram)
+LEVERS = {"qk_norm": True, "logit_softcap": 3.0}  # lumina.model's optional levers, both on
+
+
+@pytest.mark.parametrize("prompt_len,steps,ngram,levers", [(5, 8, 0, {}), (40, 45, 0, {}), (40, 45, 64, {}),
+                                                           (40, 45, 0, LEVERS)])  # inside, then far past, the window
+def test_cached_and_uncached_generation_agree(vocab, monkeypatch, prompt_len, steps, ngram, levers):
+    net = model_on_device(vocab, ngram_buckets=ngram, **levers)
     if ngram:  # trained n-grams: the cached step and the re-reads must see each id's true predecessors
         torch.nn.init.normal_(net.ngram.pair.weight, std=0.5)
         torch.nn.init.normal_(net.ngram.triple.weight, std=0.5)
@@ -456,9 +460,10 @@ def test_logprobs_are_the_models_own_distribution_from_the_batched_step(vocab, m
     assert rows[0].ids[len(prompts[0]):] == alone  # asking for log-probs never changes the draw
 
 
+@pytest.mark.parametrize("levers", [{}, LEVERS])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_greedy_logprobs_put_the_chosen_character_first(vocab, dtype):
-    net = model_on_device(vocab, seq_length=48)
+def test_greedy_logprobs_put_the_chosen_character_first(vocab, dtype, levers):
+    net = model_on_device(vocab, seq_length=48, **levers)
     prompt = [USER, 7, 8, 9, BOT]
     pairs = list(generate(net, prompt, 25, temperature=0, stop_ids=(), top_logprobs=4, dtype=dtype))
     ids = [i for i, _ in pairs]

@@ -52,3 +52,29 @@ def test_a_model_with_ngrams_starts_as_the_plain_one():
                                                                                      "ngram.triple.weight"]
     with torch.no_grad():
         assert torch.equal(plain(x)[0], hashed(x, before=x[:, :2])[0])  # the tables start at zero
+
+
+def test_the_logit_softcap_bounds_every_logit_and_is_the_same_model_squashed():
+    vocab = Vocab.from_text("abcdefgh")
+    x = torch.randint(len(vocab), (2, 12))
+    plain, capped = tiny_model(vocab, seed=3).eval(), tiny_model(vocab, seed=3, logit_softcap=2.0).eval()
+    with torch.no_grad():
+        for net in (plain, capped):
+            net.tok_emb.weight.mul_(5)  # a confident model: logits beyond 2 (the head is tied), tanh not yet flat at 1
+        free, bounded = plain(x)[0], capped(x)[0]
+    assert free.abs().max() > 3 and bounded.abs().max() < 2.0
+    assert torch.allclose(bounded, 2.0 * torch.tanh(free / 2.0), atol=1e-5)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    vocab = Vocab.from_text("abcdefgh")
+    x = torch.randint(len(vocab), (2, 12))
+    for qk_norm in (False, True):
+        net = tiny_model(vocab, seed=3, qk_norm=qk_norm).eval()
+        with torch.no_grad():
+            before = net(x)[0]
+            for block in net.blocks:
+                block.attn.qkv.weight[:2 * net.config.hidden_size].mul_(7.0)  # queries and keys 7 times larger
+            after = net(x)[0]
+        # unit RMS per head: the same attention whatever their scale; without, the scores grow 49-fold
+        assert torch.allclose(before, after, atol=1e-5) == qk_norm

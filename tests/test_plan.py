@@ -1,5 +1,6 @@
 """lumina/plan.py: a run's precision (timed), regularisation by planned epochs, and compiling; each
 choose_* logs its decision and returns it."""
+import dataclasses
 import math
 import re
 import time
@@ -9,7 +10,8 @@ import torch
 
 import Train
 from lumina import device, training
-from lumina.plan import PRESETS, choose_compile, choose_dtype, choose_regularisation, planned_epochs, regularisation
+from lumina.plan import (PRESETS, choose_compile, choose_dtype, choose_regularisation, new_model, planned_epochs,
+                         regularisation)
 from lumina.training import Runtime, forward_backward
 from lumina.vocab import Vocab
 from conftest import tiny_model
@@ -88,3 +90,17 @@ def test_choose_regularisation_returns_its_choice_and_keeps_what_was_set():
     assert "96.00 epochs -> dropout 0.2" in logs[0]
     assert choose_regularisation(net, {**config, "dropout": 0.05}, 1000, runtime, logs.append) == (0.05, expected[1])
     assert choose_regularisation(net, {**config, "dropout": 0.0, "weight_decay": 0.3}, 1000, runtime, pytest.fail) == (0.0, 0.3)
+
+
+def test_a_runs_levers_go_into_its_model_and_its_file(tmp_path):
+    from lumina.checkpoint import build_model, load_checkpoint, model_state, save_checkpoint
+    from conftest import TINY
+    vocab = Vocab.from_text("abcdefgh")
+    net = new_model({**TINY, "ngram_buckets": 0, "qk_norm": True, "logit_softcap": 15.0}, vocab).eval()
+    assert net.config.qk_norm is True and net.config.logit_softcap == 15.0
+    save_checkpoint(str(tmp_path / "Model.pth"), {"vocab": vocab.chars, "model": model_state(net), "config": {},
+                                                   "model_config": dataclasses.asdict(net.config), "metrics": {}})
+    loaded, _ = build_model(load_checkpoint(str(tmp_path / "Model.pth")))
+    x = torch.randint(len(vocab), (1, 10))
+    with torch.no_grad():
+        assert loaded.config == net.config and torch.equal(loaded.eval()(x)[0], net(x)[0])
