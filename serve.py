@@ -370,7 +370,7 @@ def entry_json(tokens, token_id, entry):
     (the engine's), so 9 significant digits give it back exactly, in half the time and bytes of
     the float's repr (the engine's floor keeps -Infinity out)."""
     head, tail = tokens[token_id]
-    top = ",".join(f"{tokens[i][0]}{logprob:.9g}{tokens[i][1]}}}" for i, logprob in entry.top)
+    top = ",".join([f"{tokens[i][0]}{logprob:.9g}{tokens[i][1]}}}" for i, logprob in entry.top])  # a list joins faster
     return f'{head}{entry.logprob:.9g}{tail},"top_logprobs":[{top}]}}'
 
 

@@ -454,9 +454,8 @@ def read_entries(numbers, rows_n, k, limits):
 def read_top(numbers, rows_n, k, limits):
     """Each row's first limits[b] (id, log-prob) alternatives from the k log-probs and then k ids
     per row that logprob_numbers packs (numbers starting at the log-probs)."""
-    values, ids = numbers[:rows_n * k], numbers[rows_n * k:2 * rows_n * k]
-    ends = [b * k + min(limit, k) for b, limit in enumerate(limits)]  # a row may ask for more than the vocabulary
-    return [[(int(i), v) for i, v in zip(ids[b * k:end], values[b * k:end])] for b, end in enumerate(ends)]
+    pairs = list(zip(map(int, numbers[rows_n * k:2 * rows_n * k]), numbers[:rows_n * k]))  # all rows' at once: half the time
+    return [pairs[b * k:b * k + min(limit, k)] for b, limit in enumerate(limits)]  # a row may ask for more than the vocabulary
 
 
 def predecessors(ids, first):
