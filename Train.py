@@ -54,6 +54,8 @@ CONFIG = {
     "learning_rate": None,         # peak learning rate (Muon's step is scaled to AdamW's, so one rate serves both)
     "min_lr_ratio": 0.0,           # the cosine decays to learning_rate * this; 0 = all the way down
     "warmup_ratio": 0.05,          # share of training spent warming up (0-0.5)
+    "decay_ratio": 0.0,            # 0: cosine decay after the warmup; > 0: hold the peak, then decay linearly over
+                                   #   this last share of the run (warmup-stable-decay; 0-1)
     "weight_decay": None,          # decoupled decay of the weight matrices; None: sized to act over about one epoch
     "beta2": 0.99,                 # AdamW beta2; 0.99 suits small batches
     "grad_clip": 1.0,              # max gradient norm; 0 turns clipping off

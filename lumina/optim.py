@@ -5,12 +5,17 @@ import torch
 
 
 def lr_at(progress, config):
-    """Linear warmup, then cosine decay to min_lr_ratio * learning_rate, over progress in [0, 1]."""
-    peak, warmup = config["learning_rate"], config["warmup_ratio"]
+    """The learning rate at progress in [0, 1]: a linear warmup, then down to min_lr_ratio *
+    learning_rate, by a cosine over the rest of the run or, with decay_ratio > 0, warmup-stable-decay:
+    the peak held, then a linear decay over the last decay_ratio of the run (Hägele et al. 2024;
+    a run that stops at its budget has spent its decay however long it ran)."""
+    peak, warmup, tail = config["learning_rate"], config["warmup_ratio"], config.get("decay_ratio", 0.0)
     if progress < warmup:
         return peak * (progress + 1e-3) / warmup
-    decay = min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))
     floor = peak * config["min_lr_ratio"]
+    if tail:
+        return peak - (peak - floor) * min(1.0, max(0.0, progress - (1 - tail)) / tail)
+    decay = min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * decay))
 
 

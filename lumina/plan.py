@@ -17,7 +17,8 @@ from lumina.model import CharTransformer, ModelConfig
 POSITIVE = ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size", "grad_accum", "max_iters",
             "eval_interval", "eval_windows", "log_interval", "checkpoint_interval")
 RULES = {"ngram_buckets": (0, 2 ** 20), "logit_softcap": (0.0, 1000.0), "muon_steps": (1, 20), "short_context": (0, 10 ** 5), "short_share": (0.0, 1.0),
-         "val_fraction": (0.0, 0.5), "warmup_ratio": (0.0, 0.5), "min_lr_ratio": (0.0, 1.0), "dropout": (0.0, 0.9),
+         "val_fraction": (0.0, 0.5), "warmup_ratio": (0.0, 0.5), "decay_ratio": (0.0, 1.0), "min_lr_ratio": (0.0, 1.0),
+         "dropout": (0.0, 0.9),
          "label_smoothing": (0.0, 0.5), "grad_clip": (0.0, math.inf), "max_minutes": (0.0, math.inf),
          "weight_decay": (0.0, math.inf), "beta2": (0.0, 0.9999), "learning_rate": (1e-9, 10.0),
          "probe_chars": (0, 10000), "end_chars": (1, 10 ** 6), "threads": (0, 1024), "dtype": DTYPE_CHOICES,

@@ -289,6 +289,15 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert math.isclose(lr_at(1.0, cfg), 1e-4)
 
 
+def test_warmup_stable_decay_holds_the_peak_then_decays_linearly_over_the_last_share():
+    cfg = {"learning_rate": 1e-3, "warmup_ratio": 0.1, "min_lr_ratio": 0.1, "decay_ratio": 0.2}
+    assert lr_at(0.05, cfg) < 1e-3
+    assert lr_at(0.1, cfg) == lr_at(0.5, cfg) == lr_at(0.8, cfg) == 1e-3  # stable: the peak, held
+    assert math.isclose(lr_at(0.9, cfg), 1e-3 - 0.5 * 0.9e-3) and math.isclose(lr_at(1.0, cfg), 1e-4)
+    assert math.isclose(lr_at(1.3, cfg), 1e-4)  # a run past its budget's end stays at the floor
+    assert lr_at(0.5, {**cfg, "decay_ratio": 0.0}) < 1e-3  # 0: the cosine, already decaying
+
+
 # --- beyond one process --------------------------------------------------------------------------
 def test_two_gloo_processes_train_and_rank0_saves(tmp_path, chat_file):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
