@@ -18,6 +18,7 @@ Run:
   torchrun --nproc_per_node=4 Train.py --grad_accum=4   # 4 GPUs on one machine (DistributedDataParallel)
   python Train.py --help                            # every key, with its comment and default
 """
+import dataclasses
 import math
 import os
 import sys
@@ -26,11 +27,11 @@ import torch
 import torch.distributed as dist
 
 from lumina import checkpoint as ckpt, data, plan, runfiles, training
-from lumina.config import ConfigError, apply_overrides, check_rules, parse_cli
+from lumina.config import ConfigError, apply_overrides, parse_cli
 from lumina.corpus import load_data, report_data
 from lumina.device import dtype_name
 from lumina.evaluate import end_of_turn_rate, turn_ends
-from lumina.plan import PRESETS, RULES
+from lumina.plan import RULES, TrainConfig
 from lumina.vocab import Vocab
 
 CONFIG = {
@@ -81,19 +82,18 @@ CONFIG = {
     "threads": 0,                  # CPU threads; 0 = one per physical core
     "seed": 1337,                  # same seed, same data and same losses
 }
-# Keys that default to None take these types on the command line.
-TYPES = {"hidden_size": int, "num_layers": int, "nhead": int, "seq_length": int,
-         "batch_size": int, "learning_rate": float, "dropout": float, "weight_decay": float, "ngram_buckets": int}
+# Each key's type and rule, and the device presets, live in lumina.plan.TrainConfig, which this dict
+# is converted into once.
 
 def resolve_config(config, argv, state, device):
-    """The run's config: on --resume the saved run's, with this command line on top; then the
-    device preset fills the keys left at None."""
+    """The run's TrainConfig, converted once: on --resume the saved run's config (a key it lacks as
+    runs before that key did: TrainConfig.OLD_RUNS) with this command line on top; then the device
+    preset fills the keys left at None."""
     try:
-        if state:  # a run saved before a key existed ran as plan.OLD_RUN_DEFAULTS says
-            config = apply_overrides({**CONFIG, **plan.OLD_RUN_DEFAULTS, **state["config"]},
-                                     [a for a in argv if a != "--resume"], TYPES)
-        preset = PRESETS["gpu" if device.type == "cuda" else "cpu"]
-        return check_rules({**config, **{k: v for k, v in preset.items() if config.get(k) is None}}, RULES)
+        if state:
+            config = apply_overrides({**CONFIG, **TrainConfig.OLD_RUNS, **state["config"]},
+                                     [a for a in argv if a != "--resume"], TrainConfig.types())
+        return TrainConfig.from_dict(config).with_preset(device.type)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -101,8 +101,8 @@ def resolve_config(config, argv, state, device):
 def read_data(config, state, log):
     """The training and validation ids (a resumed run's must keep its vocabulary), reported."""
     try:
-        found = load_data(config["data"], os.path.join(config["out_dir"], ".lumina_cache"), config["val_fraction"],
-                          config["assistant_only_loss"], config["seed"], Vocab(state["vocab"]) if state else None, log)
+        found = load_data(config.data, os.path.join(config.out_dir, ".lumina_cache"), config.val_fraction,
+                          config.assistant_only_loss, config.seed, Vocab(state["vocab"]) if state else None, log)
     except data.DataError as e:
         sys.exit(f"error: {e}")
     if state and found.new_chars:
@@ -117,11 +117,11 @@ def choose_precision_and_regularisation(net, config, found, runtime, log):
     the run used (not "auto"). Returns the model: the same weights rebuilt with dropout layers when
     dropout was chosen for a model built without them."""
     runtime.dtype = plan.choose_dtype(net, config, runtime, log)
-    config["dtype"] = dtype_name(runtime.dtype)
-    without_dropout = config["dropout"] is None
-    config["dropout"], config["weight_decay"] = plan.choose_regularisation(net.to(runtime.device), config,
-                                                                           len(found.train), runtime, log)
-    if not (without_dropout and config["dropout"] > 0):
+    config.dtype = dtype_name(runtime.dtype)
+    without_dropout = config.dropout is None
+    config.dropout, config.weight_decay = plan.choose_regularisation(net.to(runtime.device), config,
+                                                                     len(found.train), runtime, log)
+    if not (without_dropout and config.dropout > 0):
         return net
     rebuilt = plan.new_model(config, found.vocab)
     rebuilt.load_state_dict(net.state_dict())
@@ -134,27 +134,28 @@ def report_turn_ends(path, prompts, runtime, max_chars, log):
 
 
 def main(argv):
-    config, flags, _ = parse_cli(argv, CONFIG, __file__, types=TYPES, rules=RULES, flags=("resume", "overwrite"))
+    asked, flags, _ = parse_cli(argv, CONFIG, __file__, types=TrainConfig.types(), rules=RULES,
+                                flags=("resume", "overwrite"))
     # --- runtime ---
-    runtime = training.setup_runtime(config)
+    runtime = training.setup_runtime(TrainConfig.from_dict(asked))
     log = print if runtime.is_main else (lambda *a: None)
-    files = runfiles.output_files(config["out_dir"])
+    files = runfiles.output_files(asked["out_dir"])
     try:
         state = ckpt.load_checkpoint(files["state"]) if flags["resume"] else None
     except ckpt.CheckpointError as e:
         sys.exit(f"error: cannot resume: {e}")
-    config = resolve_config(config, argv, state, runtime.device)
+    config = resolve_config(asked, argv, state, runtime.device)
     if runtime.is_main and not state:
         runfiles.keep_previous_run(files, flags["overwrite"], log)
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(config.seed)
     log(f"device {runtime.device} | {runtime.world} process(es) | threads {torch.get_num_threads()}")
     # --- data ---
     found = read_data(config, state, log)
     # --- model ---
-    net = ckpt.build_model(state)[0] if state else plan.new_model({**config, "dropout": config["dropout"] or 0.0},
-                                                                    found.vocab)
-    log(f"model: {net.num_params():,} parameters | {config['num_layers']} layers | width {config['hidden_size']} | "
-        f"context {config['seq_length']}" + (f" | resuming from step {state['step']}" if state else ""))
+    plain = dataclasses.replace(config, dropout=config.dropout or 0.0)  # dropout layers come once it is chosen
+    net = ckpt.build_model(state)[0] if state else plan.new_model(plain, found.vocab)
+    log(f"model: {net.num_params():,} parameters | {config.num_layers} layers | width {config.hidden_size} | "
+        f"context {config.seq_length}" + (f" | resuming from step {state['step']}" if state else ""))
     net = choose_precision_and_regularisation(net, config, found, runtime, log)
     # --- train ---
     trainer = training.Trainer(config, net, found, runtime, files, {"stage": "train"},
@@ -165,7 +166,7 @@ def main(argv):
     log(f"done: {result['steps']} steps in {result['minutes']:.1f} min | best val {result['best_val']:.4f} "
         f"({result['best_val'] / math.log(2):.3f} bits/char) | wrote {files['best']}")
     if runtime.is_main and found.val_prompts:  # chat data: does the saved model end its turns?
-        report_turn_ends(files["best"], found.val_prompts, runtime, config["end_chars"], log)
+        report_turn_ends(files["best"], found.val_prompts, runtime, config.end_chars, log)
     if runtime.world > 1:
         dist.destroy_process_group()
 

@@ -26,11 +26,11 @@ import torch
 from lumina import data
 from lumina.adapt import add_lora, expand_vocab, freeze_all_but_new_rows, load_lora
 from lumina.checkpoint import CheckpointError, build_model, load_checkpoint
-from lumina.config import ConfigError, apply_overrides, check_rules, parse_cli
+from lumina.config import ConfigError, apply_overrides, parse_cli
 from lumina.corpus import load_data, report_data
 from lumina.device import dtype_name
 from lumina.evaluate import end_of_turn_rate, evaluate, probe_replies, replies_per_prompt, turn_ends
-from lumina.plan import OLD_RUN_DEFAULTS, RULES as TRAINING_RULES, SHAPE_KEYS, choose_compile, choose_dtype
+from lumina.plan import RULES as TRAINING_RULES, SHAPE_KEYS, TrainConfig, choose_compile, choose_dtype
 from lumina.preference import DPO, load_pairs
 from lumina.runfiles import keep_previous_run, output_files
 from lumina.training import Trainer, setup_runtime
@@ -105,10 +105,10 @@ RULES = {**{k: v for k, v in TRAINING_RULES.items() if k in CONFIG}, "train": ("
 
 
 def training_config(config, base):
-    """Train.py's config for this run: the base run's values (a key the base file lacks, as
-    lumina.plan.OLD_RUN_DEFAULTS says), then every key set here. Returns (config, names of inherited keys)."""
+    """The run's TrainConfig: the base run's values (a key the base file lacks as TrainConfig.OLD_RUNS
+    says), then every key set here. Returns (TrainConfig, names of inherited keys)."""
     inherited = [k for k, v in config.items() if v is None]
-    merged = {**OLD_RUN_DEFAULTS, **{k: base["config"][k] for k in inherited if k in base["config"]},
+    merged = {**TrainConfig.OLD_RUNS, **{k: base["config"][k] for k in inherited if k in base["config"]},
               **{k: v for k, v in config.items() if v is not None}}
     merged.update({k: base["model_config"].get(k, 0) for k in SHAPE_KEYS})  # a file of format 2 has no n-grams
     merged["out_dir"] = os.path.dirname(os.path.abspath(config["output"]))
@@ -118,7 +118,7 @@ def training_config(config, base):
         DPO_RATE_SHARE if config["objective"] == "dpo" else 1.0)
     merged["eval_interval"] = config["eval_interval"] or 1  # set from the data's size in budget()
     try:
-        return check_rules(merged, TRAINING_RULES), inherited
+        return TrainConfig.from_dict(merged), inherited
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -127,14 +127,14 @@ def budget(train_config, config, found, log):
     """max_iters from `epochs` and the training data's size (characters, or pairs for DPO), and
     eval_interval for EVALUATIONS."""
     if config["epochs"]:
-        per_step = train_config["batch_size"] * train_config["grad_accum"]
+        per_step = train_config.batch_size * train_config.grad_accum
         size, unit = (len(found.train), "pairs") if config["objective"] == "dpo" else (len(found.train), "characters")
-        per_step *= 1 if unit == "pairs" else train_config["seq_length"]
-        train_config["max_iters"] = max(1, math.ceil(config["epochs"] * size / per_step))
-        log(f"budget: {config['epochs']:g} epochs of {size:,} {unit} = {train_config['max_iters']} steps"
+        per_step *= 1 if unit == "pairs" else train_config.seq_length
+        train_config.max_iters = max(1, math.ceil(config["epochs"] * size / per_step))
+        log(f"budget: {config['epochs']:g} epochs of {size:,} {unit} = {train_config.max_iters} steps"
             + (f", or {config['max_minutes']:g} minutes if sooner" if config["max_minutes"] else ""))
     if not config["eval_interval"]:
-        train_config["eval_interval"] = max(1, math.ceil(train_config["max_iters"] / EVALUATIONS))
+        train_config.eval_interval = max(1, math.ceil(train_config.max_iters / EVALUATIONS))
 
 
 def choose_objective(config, log):
@@ -179,15 +179,16 @@ def choose_trainable(net, config, new_rows, state, state_path, log):
     log(f"training {what[config['train']]}: {trainable:,} of {net.num_params():,} parameters")
 
 
-def report(net, found, config, runtime, objective, label, log):
+def report(net, found, train_config, runtime, objective, label, log):
     """((val loss, end-of-turn rate or None, pair accuracy or None), probe replies) on the held-out data."""
-    loss = evaluate(net, found.val, found.val_mask, config, runtime)
-    rate = end_of_turn_rate(net, found.val_prompts, runtime.dtype, max_chars=config["end_chars"]) if found.val_prompts else None
+    loss = evaluate(net, found.val, found.val_mask, train_config, runtime)
+    rate = (end_of_turn_rate(net, found.val_prompts, runtime.dtype, max_chars=train_config.end_chars)
+            if found.val_prompts else None)
     pairs = objective.metrics(net, runtime) if objective else {}
     log(f"{label}: val {loss:.4f} | {loss / math.log(2):.3f} bits/char"
         + "".join(f" | {name.replace('_', ' ')} {value:.3f}" for name, value in pairs.items())
         + (f" | {turn_ends(rate, found.val_prompts)}" if found.val_prompts else ""))
-    replies = probe_replies(net, found.vocab, config["probe_chars"], runtime.dtype) if config["probe_chars"] else []
+    replies = probe_replies(net, found.vocab, train_config.probe_chars, runtime.dtype) if train_config.probe_chars else []
     return (loss, rate, pairs.get("pair_accuracy")), replies
 
 
@@ -251,11 +252,11 @@ def read_data(config, train_config, vocab, state, log):
     or for DPO the windows that score each pair's two replies."""
     try:
         if config["objective"] == "dpo":
-            found = load_pairs(config["data"], config["val_fraction"], config["seed"], vocab, train_config["seq_length"],
+            found = load_pairs(config["data"], config["val_fraction"], config["seed"], vocab, train_config.seq_length,
                                config["assistant_only_loss"])
             report_pairs(found, log)
         else:
-            found = load_data(config["data"], os.path.join(train_config["out_dir"], ".lumina_cache"),
+            found = load_data(config["data"], os.path.join(train_config.out_dir, ".lumina_cache"),
                               config["val_fraction"], config["assistant_only_loss"], config["seed"], vocab, log)
             report_data(found, log)
     except data.DataError as e:
@@ -323,13 +324,13 @@ def main(argv):
     choose_objective(config, print)
     train_config, inherited = training_config(config, base)
     runtime = setup_runtime(train_config)
-    torch.manual_seed(train_config["seed"])  # the same seed, the same LoRA start and dropout: the same run
+    torch.manual_seed(train_config.seed)  # the same seed, the same LoRA start and dropout: the same run
     log = print if runtime.is_main else (lambda *a: None)
     if runtime.is_main and not state:
         keep_previous_run(files, config["overwrite"], log)
     log(f"base model {config['base_model']} (stage {base.get('stage')}) | inherited: "
-        + ", ".join(f"{k}={train_config[k]}" for k in inherited))
-    log("set here: " + ", ".join(f"{k}={train_config[k]}" for k in CONFIG if config[k] is not None and k in TRAINING_RULES))
+        + ", ".join(f"{k}={getattr(train_config, k)}" for k in inherited))
+    log("set here: " + ", ".join(f"{k}={getattr(train_config, k)}" for k in CONFIG if config[k] is not None and k in TRAINING_RULES))
     # --- data ---
     net, vocab = build_model(state or base)  # a LoRA state holds the base weights; its adapters go on below
     found = read_data(config, train_config, vocab, state, log)
@@ -340,7 +341,7 @@ def main(argv):
     choose_trainable(net, config, net.config.vocab_size - old_size, state, files["state"], log)
     net.to(runtime.device)
     runtime.dtype = choose_dtype(net, train_config, runtime, log)
-    train_config["dtype"] = dtype_name(runtime.dtype)
+    train_config.dtype = dtype_name(runtime.dtype)
     # --- before, train, after ---
     objective = make_objective(config, found, net, runtime, state)
     before, base_replies = report(net, found, train_config, runtime, objective, "before fine-tuning", log)

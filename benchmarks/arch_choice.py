@@ -20,11 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import split_text  # noqa: E402  (common puts the project on sys.path)
-import Train  # noqa: E402
 from lumina.config import parse_cli  # noqa: E402
 from lumina.corpus import load_data  # noqa: E402
 from lumina.model import CharTransformer, ModelConfig  # noqa: E402
-from lumina.plan import PRESETS  # noqa: E402
+from lumina.plan import PRESETS, TrainConfig  # noqa: E402
 from lumina.runfiles import output_files  # noqa: E402
 from lumina.training import Runtime, Trainer  # noqa: E402
 
@@ -81,11 +80,11 @@ def main(argv):
     work = tempfile.mkdtemp(prefix="lumina-arch-")
     split_text(work)
     runtime = Runtime(torch.device("cpu"), torch.float32)
-    train_config = {**Train.CONFIG, **PRESETS["cpu"], "max_minutes": minutes, "max_iters": 10 ** 9,
-                    "eval_interval": 10 ** 9, "probe_chars": 0, "eval_windows": 600, "log_interval": 10 ** 9, "out_dir": work}
-    found = load_data(work, os.path.join(work, "cache"), 0.05, False, train_config["seed"])
+    train_config = TrainConfig(**PRESETS["cpu"], max_minutes=minutes, max_iters=10 ** 9, eval_interval=10 ** 9,
+                               probe_chars=0, eval_windows=600, log_interval=10 ** 9, out_dir=work)
+    found = load_data(work, os.path.join(work, "cache"), 0.05, False, train_config.seed)
     shape = ModelConfig(vocab_size=len(found.vocab),
-                          **{k: train_config[k] for k in ("seq_length", "hidden_size", "num_layers", "nhead")})
+                        **{k: getattr(train_config, k) for k in ("seq_length", "hidden_size", "num_layers", "nhead")})
     print(f"preset {shape}, {minutes} min each, fp32, {torch.get_num_threads()} threads")
     for variant in ("rotary+swiglu", "learned+swiglu", "rotary+gelu", "rotary+relu2"):
         net = build(variant, shape)

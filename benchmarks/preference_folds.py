@@ -32,6 +32,7 @@ from lumina import data
 from lumina.checkpoint import build_model, load_checkpoint
 from lumina.config import parse_cli
 from lumina.evaluate import evaluate, run
+from lumina.plan import TrainConfig
 from lumina.engine import Engine, Row
 from lumina.preference import encode_pair, logprobs_of, pair_metrics, reply_chars, unscored_end
 from lumina.training import Runtime
@@ -95,7 +96,7 @@ def end_rate(net, vocab, prompts, runtime, samples):
 
 def val_bpc(net, vocab, threads, runtime):
     ids, mask = encode_documents([("chat", t["messages"]) for t in threads], vocab, True)
-    config = {"seq_length": net.config.seq_length, "eval_windows": 10 ** 6, "batch_size": 16}
+    config = TrainConfig(seq_length=net.config.seq_length, eval_windows=10 ** 6, batch_size=16)
     return evaluate(net, torch.from_numpy(ids), torch.from_numpy(mask), config, runtime) / 0.6931471805599453
 
 

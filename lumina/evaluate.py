@@ -15,10 +15,10 @@ END_REPLIES = 32        # replies the end-of-turn rate samples at least: six wer
 def evaluate(net, ids, mask, config, runtime):
     """Mean loss over fixed, evenly spaced val windows: the same windows every time."""
     net.eval()
-    seq_length = min(config["seq_length"], len(ids) - 1)
-    starts = torch.linspace(0, len(ids) - seq_length - 1, config["eval_windows"]).long().unique()
+    seq_length = min(config.seq_length, len(ids) - 1)
+    starts = torch.linspace(0, len(ids) - seq_length - 1, config.eval_windows).long().unique()
     total, count = 0.0, 0
-    for batch in starts.split(config["batch_size"]):
+    for batch in starts.split(config.batch_size):
         x, y, before = (t.to(runtime.device) for t in windows(ids, mask, batch, seq_length))
         with runtime.autocast():
             _, loss = net(x, y, before=before)

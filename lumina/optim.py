@@ -9,10 +9,10 @@ def lr_at(progress, config):
     learning_rate, by a cosine over the rest of the run or, with decay_ratio > 0, warmup-stable-decay:
     the peak held, then a linear decay over the last decay_ratio of the run (Hägele et al. 2024;
     a run that stops at its budget has spent its decay however long it ran)."""
-    peak, warmup, tail = config["learning_rate"], config["warmup_ratio"], config.get("decay_ratio", 0.0)
+    peak, warmup, tail = config.learning_rate, config.warmup_ratio, config.decay_ratio
     if progress < warmup:
         return peak * (progress + 1e-3) / warmup
-    floor = peak * config["min_lr_ratio"]
+    floor = peak * config.min_lr_ratio
     if tail:
         return peak - (peak - floor) * min(1.0, max(0.0, progress - (1 - tail)) / tail)
     decay = min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))
@@ -110,19 +110,19 @@ def make_optimizer(net, config, device):
     parameter (optimizer=adamw); both take learning_rate and weight_decay. Matrices decay; norms do
     not. AdamW uses the fused kernel on CUDA and CPU, torch's default (for-each) one on MPS."""
     named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
-    use_muon = lambda name, p: config["optimizer"] == "muon" and name.startswith("blocks.") and p.dim() == 2
+    use_muon = lambda name, p: config.optimizer == "muon" and name.startswith("blocks.") and p.dim() == 2
     matrices = [p for name, p in named if use_muon(name, p)]
     rest = [(name, p) for name, p in named if not use_muon(name, p)]
     decays = lambda p: p.dim() >= 2 and not hasattr(p, "trained_rows")  # LoRA's embedding: its frozen rows must stay put
-    adamw = torch.optim.AdamW([{"params": [p for _, p in rest if decays(p)], "weight_decay": config["weight_decay"]},
+    adamw = torch.optim.AdamW([{"params": [p for _, p in rest if decays(p)], "weight_decay": config.weight_decay},
                                {"params": [p for _, p in rest if not decays(p)], "weight_decay": 0.0}],
-                              lr=config["learning_rate"], betas=(0.9, config["beta2"]), fused=device.type in ("cuda", "cpu"))
+                              lr=config.learning_rate, betas=(0.9, config.beta2), fused=device.type in ("cuda", "cpu"))
     if not matrices:
         return Optimizers([adamw])
     # q, k and v (and the MLP's gate and value) are separate matrices that share one weight for
     # speed; orthogonalised as their parts they learned more (benchmarks/README.md, "Muon").
     parts = lambda name: 3 if name.endswith("attn.qkv.weight") else 2 if name.endswith("mlp.up.weight") else 1
     groups = [{"params": [p for name, p in named if use_muon(name, p) and parts(name) == n], "parts": n} for n in (1, 2, 3)]
-    muon = Muon([g for g in groups if g["params"]], config["learning_rate"], config["weight_decay"],
-                ns_steps=config.get("muon_steps", 5))
+    muon = Muon([g for g in groups if g["params"]], config.learning_rate, config.weight_decay,
+                ns_steps=config.muon_steps)
     return Optimizers([muon, adamw])

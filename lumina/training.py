@@ -46,22 +46,22 @@ class Runtime:
 def setup_runtime(config):
     """One process, or one of torchrun's: nccl between GPUs, gloo between CPU processes."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and config["device"].startswith("cuda:"):
-        raise SystemExit(f"error: --device={config['device']} with {world} processes would put every process on that "
+    if world > 1 and config.device.startswith("cuda:"):
+        raise SystemExit(f"error: --device={config.device} with {world} processes would put every process on that "
                          f"one GPU; use --device=cuda, which gives each process its own (cuda:LOCAL_RANK)")
     try:
-        device = pick_device(config["device"], int(os.environ.get("LOCAL_RANK", 0)))
+        device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if config["grad_accum"] % world:
-        raise SystemExit(f"error: grad_accum ({config['grad_accum']}) must be a multiple of the number of processes "
+    if config.grad_accum % world:
+        raise SystemExit(f"error: grad_accum ({config.grad_accum}) must be a multiple of the number of processes "
                          f"({world}) so the effective batch stays the same; use --grad_accum={world}")
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
+    if config.threads:
+        torch.set_num_threads(config.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -223,17 +223,17 @@ class Trainer:
 
     def __init__(self, config, net, found, runtime, files, meta, end_probes=False, objective=None, compile=False):
         self.config, self.net, self.data, self.runtime, self.files, self.meta = config, net, found, runtime, files, meta
-        self.objective = objective or LanguageModel(found.train, found.train_mask, config["seq_length"],
-                                                    config["label_smoothing"], config.get("short_context", 0),
-                                                    config.get("short_share", 0.0), config.get("end_weight", 1.0),
+        self.objective = objective or LanguageModel(found.train, found.train_mask, config.seq_length,
+                                                    config.label_smoothing, config.short_context,
+                                                    config.short_share, config.end_weight,
                                                     net.config.vocab_size)
         self.end_probes = end_probes and bool(found.val_prompts)  # the end-of-turn rate at every evaluation
         self.log = tqdm.write if runtime.is_main else (lambda *a: None)
         net.to(runtime.device).train()
         self.optimizer = make_optimizer(net, config, runtime.device)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-        self.sampler = seeded_generator(config["seed"] + runtime.rank)  # each process its own windows
-        self.step, self.best_val, self.val_loss, self.micro_batch = 0, math.inf, None, config["batch_size"]
+        self.sampler = seeded_generator(config.seed + runtime.rank)  # each process its own windows
+        self.step, self.best_val, self.val_loss, self.micro_batch = 0, math.inf, None, config.batch_size
         self.t0 = time.time()
         self.model = net  # what runs the steps: net, wrapped for several processes and compiled
         if runtime.world > 1:
@@ -257,23 +257,23 @@ class Trainer:
             runfiles.start_metrics(self.files["metrics"], self.step)
         if self.objective.state() is None:  # a fresh run: DPO scores the pairs with the starting model
             self.objective.prepare(self.net, runtime)
-        per_step = config["batch_size"] * config["grad_accum"] // runtime.world  # windows (or pairs) per process per step
-        since, budget = (time.time(), self.step), config["max_minutes"] * 60  # speed is measured since the last log
-        bar = tqdm(total=config["max_iters"], initial=self.step, disable=None if runtime.is_main else True,
+        per_step = config.batch_size * config.grad_accum // runtime.world  # windows (or pairs) per process per step
+        since, budget = (time.time(), self.step), config.max_minutes * 60  # speed is measured since the last log
+        bar = tqdm(total=config.max_iters, initial=self.step, disable=None if runtime.is_main else True,
                    desc="training", dynamic_ncols=True, leave=False)  # None: no bar when not a terminal
         with stop_on_signals() as asked:
             while True:
-                progress = max(self.step / config["max_iters"], (time.time() - self.t0) / budget if budget else 0.0)
+                progress = max(self.step / config.max_iters, (time.time() - self.t0) / budget if budget else 0.0)
                 stop, progress = self.agree(bool(asked), progress)
                 if stop or progress >= 1:
                     break
                 loss, lr, tokens = self.train_step(progress, per_step)
                 bar.update(1)
-                if self.step % config["log_interval"] == 0 and runtime.is_main:
+                if self.step % config.log_interval == 0 and runtime.is_main:
                     since = self.log_step(loss, lr, since, tokens * runtime.world)
-                if self.step % config["eval_interval"] == 0 and runtime.is_main:
+                if self.step % config.eval_interval == 0 and runtime.is_main:
                     self.evaluate_and_save()
-                if self.step % config["checkpoint_interval"] == 0:
+                if self.step % config.checkpoint_interval == 0:
                     self.save_state()
         bar.close()
         return self.finish(bool(asked))
@@ -290,10 +290,10 @@ class Trainer:
             return forward_backward(self.model, batch, micro_batch, self.runtime, self.scaler, self.objective)
 
         loss, self.micro_batch = with_oom_backoff(attempt, self.micro_batch, self.log, self.runtime.device)
-        if self.config["grad_clip"]:
+        if self.config.grad_clip:
             for optimizer in self.optimizer.optimizers:
                 self.scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
         for optimizer in self.optimizer.optimizers:
             self.scaler.step(optimizer)
         self.scaler.update()
@@ -308,7 +308,7 @@ class Trainer:
         record = {"step": self.step, "loss": loss.item(), "lr": lr, "ms": (now - since[0]) * 1000 / steps,
                   "tok_s": tokens / (now - since[0]), "elapsed": now - self.t0}
         val = "-" if self.val_loss is None else f"{self.val_loss:.4f}"
-        self.log(f"step {self.step:0{len(str(self.config['max_iters']))}d}/{self.config['max_iters']} | "
+        self.log(f"step {self.step:0{len(str(self.config.max_iters))}d}/{self.config.max_iters} | "
                  f"loss {record['loss']:.4f} | val {val} | lr {lr:.1e} | {record['ms']:.0f} ms | {record['tok_s']:,.0f} tok/s")
         runfiles.log_metrics(self.files["metrics"], record)
         return now, self.step
@@ -321,7 +321,7 @@ class Trainer:
                    **self.objective.metrics(self.net, self.runtime)}
         if self.end_probes:
             metrics["end_rate"] = end_of_turn_rate(self.net, self.data.val_prompts, self.runtime.dtype,
-                                                   max_chars=self.config["end_chars"])
+                                                   max_chars=self.config.end_chars)
         # With end-of-turn probes the kept model is not simply the lowest val: a reply that never
         # ends costs END_WEIGHT bits/char, so ending every reply is worth 0.1 bits/char of val.
         score = self.val_loss + (1 - metrics["end_rate"]) * END_WEIGHT * math.log(2) if self.end_probes else self.val_loss
@@ -330,8 +330,8 @@ class Trainer:
                  + "".join(f" | {name.replace('_', ' ')} {metrics[name]:.3f}" for name in self.objective.metrics_names)
                  + (f" | {turn_ends(metrics['end_rate'], self.data.val_prompts)}" if self.end_probes else "")
                  + (" | saved" if self.objective.keeps_last else " | best, saved" if improved else ""))
-        if self.config["probe_chars"]:
-            for prompt, reply, logprob in probe_replies(self.net, self.data.vocab, self.config["probe_chars"],
+        if self.config.probe_chars:
+            for prompt, reply, logprob in probe_replies(self.net, self.data.vocab, self.config.probe_chars,
                                                         self.runtime.dtype):
                 self.log(f"probe | {prompt} -> {reply!r} | mean log-prob {logprob:.2f}/char")
         runfiles.log_metrics(self.files["metrics"], metrics)
@@ -342,7 +342,7 @@ class Trainer:
     def checkpoint(self, metrics):
         """What a model file holds: weights, vocabulary and both configs, plus `metrics` and meta."""
         return {"vocab": self.data.vocab.chars, "model_config": dataclasses.asdict(self.net.config),
-                "model": ckpt.model_state(self.net), "config": self.config, "metrics": metrics, **self.meta}
+                "model": ckpt.model_state(self.net), "config": self.config.as_dict(), "metrics": metrics, **self.meta}
 
     def save_state(self):
         """The resumable checkpoint: the model plus everything needed to redo the same next step."""
@@ -381,7 +381,7 @@ class Trainer:
                 again = ["python", os.path.basename(sys.argv[0]), *sys.argv[1:]] + ["--resume"] * ("--resume" not in sys.argv)
                 print(f"interrupted at step {self.step}: saved {self.files['state']}. Resume with: {' '.join(again)}")
             sys.exit(INTERRUPTED)
-        if self.runtime.is_main and self.step % self.config["eval_interval"]:
+        if self.runtime.is_main and self.step % self.config.eval_interval:
             self.evaluate_and_save()  # a budgeted run ends with an evaluation, wherever it stopped
         self.save_state()
         if self.runtime.is_main and runfiles.plot_losses(self.files["metrics"], self.files["plot"]):

@@ -4,11 +4,11 @@ import dataclasses
 import pytest
 import torch
 
-import Train
 from lumina.adapt import add_lora, expand_vocab, freeze_all_but_new_rows, load_lora, lora_state
 from lumina.checkpoint import CheckpointError, build_model, model_state
 from lumina.model import CharTransformer
 from lumina.optim import make_optimizer
+from lumina.plan import TrainConfig
 from lumina.vocab import SPECIAL_TOKENS
 from conftest import tiny_model
 
@@ -37,7 +37,7 @@ def test_lora_trains_adapters_not_the_block_matrices_and_merges_exactly(vocab):
     adapters = [n for n in trainable if ".parametrizations.weight.0." in n]
     assert len(adapters) == 2 * 4 * net.config.num_layers  # a and b on qkv, proj, up and the MLP's proj
     assert not [n for n in trainable if n.startswith("blocks.") and n not in adapters and "norm" not in n]
-    optimizer = make_optimizer(net, {**Train.CONFIG, "learning_rate": 1e-2, "weight_decay": 0.1}, torch.device("cpu"))
+    optimizer = make_optimizer(net, TrainConfig(learning_rate=1e-2, weight_decay=0.1), torch.device("cpu"))
     x = torch.randint(len(SPECIAL_TOKENS), len(vocab), (4, 16))
     for _ in range(5):
         net(x[:, :-1], x[:, 1:])[1].backward()

@@ -1,4 +1,5 @@
 """Train.py: data formats, the loop, resume, Ctrl-C, OOM back-off, config errors, torchrun."""
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from lumina import training
 from lumina.checkpoint import build_model, load_checkpoint
 from lumina.corpus import load_data
 from lumina.optim import Muon, lr_at, make_optimizer, orthogonalize
+from lumina.plan import TrainConfig
 from lumina.training import INTERRUPTED, Runtime, forward_backward, with_oom_backoff
 from lumina.vocab import END, USER
 from lumina.config import apply_overrides
@@ -183,7 +185,7 @@ def test_an_explicit_gpu_under_several_processes_is_refused(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(SystemExit, match=r"cuda:1.*2 processes.*--device=cuda"):
-        training.setup_runtime({**Train.CONFIG, "device": "cuda:1", "grad_accum": 2})
+        training.setup_runtime(TrainConfig.from_dict({"device": "cuda:1", "grad_accum": 2}))
 
 
 def test_resume_restores_the_cpu_and_device_rng_and_the_sampler_of_its_own_rank():
@@ -216,7 +218,7 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(vocab):
 
 def test_muon_gets_the_blocks_matrices_and_adamw_everything_else(vocab):
     net = tiny_model(vocab)
-    config = {**Train.CONFIG, "learning_rate": 1e-3, "weight_decay": 0.1, "optimizer": "muon"}
+    config = TrainConfig.from_dict({"learning_rate": 1e-3, "weight_decay": 0.1, "optimizer": "muon"})
     muon, adamw = make_optimizer(net, config, torch.device("cpu")).optimizers
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     in_adamw = [id(p) for g in adamw.param_groups for p in g["params"]]
@@ -226,7 +228,7 @@ def test_muon_gets_the_blocks_matrices_and_adamw_everything_else(vocab):
     assert sorted(names[i] for i in in_muon) == sorted(n for n, p in net.named_parameters()
                                                        if n.startswith("blocks.") and p.dim() == 2)
     assert {names[i] for i in in_adamw} >= {"tok_emb.weight", "norm.weight", "blocks.0.norm1.bias"}
-    only_adamw = make_optimizer(net, {**config, "optimizer": "adamw"}, torch.device("cpu")).optimizers
+    only_adamw = make_optimizer(net, dataclasses.replace(config, optimizer="adamw"), torch.device("cpu")).optimizers
     assert len(only_adamw) == 1 and isinstance(only_adamw[0], torch.optim.AdamW)
 
 
@@ -243,7 +245,7 @@ def test_muon_orthogonalises_fused_matrices_part_by_part(vocab):
     """q, k and v share one weight; each of the three should move by a near-orthogonal step, not
     the stacked 3d x d matrix (whose thirds would then have singular values near 1/sqrt(3))."""
     net = tiny_model(vocab)
-    config = {**Train.CONFIG, "learning_rate": 1e-2, "weight_decay": 0.0, "optimizer": "muon"}
+    config = TrainConfig.from_dict({"learning_rate": 1e-2, "weight_decay": 0.0, "optimizer": "muon"})
     muon = make_optimizer(net, config, torch.device("cpu")).optimizers[0]
     assert sorted(g["parts"] for g in muon.param_groups) == [1, 2, 3]
     for p in net.parameters():
@@ -282,7 +284,7 @@ def test_muon_momentum_warms_up_and_its_count_survives_a_save():
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    cfg = {"learning_rate": 1e-3, "warmup_ratio": 0.1, "min_lr_ratio": 0.1}
+    cfg = TrainConfig(learning_rate=1e-3, warmup_ratio=0.1, min_lr_ratio=0.1)
     assert lr_at(0.0, cfg) < 1e-4
     assert math.isclose(lr_at(0.1, cfg), 1e-3)
     assert lr_at(0.5, cfg) < lr_at(0.2, cfg)
@@ -290,12 +292,12 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 
 
 def test_warmup_stable_decay_holds_the_peak_then_decays_linearly_over_the_last_share():
-    cfg = {"learning_rate": 1e-3, "warmup_ratio": 0.1, "min_lr_ratio": 0.1, "decay_ratio": 0.2}
+    cfg = TrainConfig(learning_rate=1e-3, warmup_ratio=0.1, min_lr_ratio=0.1, decay_ratio=0.2)
     assert lr_at(0.05, cfg) < 1e-3
     assert lr_at(0.1, cfg) == lr_at(0.5, cfg) == lr_at(0.8, cfg) == 1e-3  # stable: the peak, held
     assert math.isclose(lr_at(0.9, cfg), 1e-3 - 0.5 * 0.9e-3) and math.isclose(lr_at(1.0, cfg), 1e-4)
     assert math.isclose(lr_at(1.3, cfg), 1e-4)  # a run past its budget's end stays at the floor
-    assert lr_at(0.5, {**cfg, "decay_ratio": 0.0}) < 1e-3  # 0: the cosine, already decaying
+    assert lr_at(0.5, dataclasses.replace(cfg, decay_ratio=0.0)) < 1e-3  # 0: the cosine, already decaying
 
 
 # --- beyond one process --------------------------------------------------------------------------
@@ -438,9 +440,9 @@ def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path, chat_file):
 # --- the config a run resolves ----------------------------------------------------------------------
 def test_compile_true_on_the_command_line_and_an_old_runs_saved_false_both_read():
     config = Train.resolve_config(apply_overrides(Train.CONFIG, ["--compile=True"]), [], None, torch.device("cpu"))
-    assert config["compile"] == "true"
-    old_run = {"config": {**Train.CONFIG, "compile": False}}
-    assert Train.resolve_config(Train.CONFIG, ["--resume"], old_run, torch.device("cpu"))["compile"] == "false"
+    assert config.compile == "true"
+    old_run = {"config": {**Train.CONFIG, "compile": False}}  # as an older run saved it
+    assert Train.resolve_config(Train.CONFIG, ["--resume"], old_run, torch.device("cpu")).compile == "false"
 
 
 # --- regularisation by the epochs a run will see ----------------------------------------------------
@@ -466,7 +468,7 @@ def test_a_short_context_phase_reads_as_many_characters_in_shorter_windows():
 
 def test_muon_takes_its_number_of_newton_schulz_iterations_and_keeps_it_in_its_state(vocab):
     net = tiny_model(vocab)
-    config = {**Train.CONFIG, "learning_rate": 1e-2, "weight_decay": 0.0, "optimizer": "muon", "muon_steps": 2}
+    config = TrainConfig.from_dict({"learning_rate": 1e-2, "weight_decay": 0.0, "optimizer": "muon", "muon_steps": 2})
     muon = make_optimizer(net, config, torch.device("cpu")).optimizers[0]
     assert {g["ns_steps"] for g in muon.param_groups} == {2}
     state = muon.state_dict()
