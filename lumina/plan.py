@@ -1,5 +1,6 @@
-"""The run's plan, decided once before the loop: the keys' rules and the device presets, and the
-model's shape, precision, regularisation and compilation. Each choose_* function measures or
+"""The run's plan, decided once before the loop: its typed config (TrainConfig: every key's type,
+default and rule, the device presets, what older runs did), and the model's shape, precision,
+regularisation and compilation. Each choose_* function measures or
 reasons, logs its decision on one line and returns it; Train.py and fine_tune.py put it into the
 run's config and runtime.
 """
