@@ -85,6 +85,7 @@ CONFIG = {
 # Each key's type and rule, and the device presets, live in lumina.plan.TrainConfig, which this dict
 # is converted into once.
 
+
 def resolve_config(config, argv, state, device):
     """The run's TrainConfig, converted once: on --resume the saved run's config (a key it lacks as
     runs before that key did: TrainConfig.OLD_RUNS) with this command line on top; then the device

@@ -188,7 +188,8 @@ def report(net, found, train_config, runtime, objective, label, log):
     log(f"{label}: val {loss:.4f} | {loss / math.log(2):.3f} bits/char"
         + "".join(f" | {name.replace('_', ' ')} {value:.3f}" for name, value in pairs.items())
         + (f" | {turn_ends(rate, found.val_prompts)}" if found.val_prompts else ""))
-    replies = probe_replies(net, found.vocab, train_config.probe_chars, runtime.dtype) if train_config.probe_chars else []
+    chars = train_config.probe_chars
+    replies = probe_replies(net, found.vocab, chars, runtime.dtype) if chars else []
     return (loss, rate, pairs.get("pair_accuracy")), replies
 
 

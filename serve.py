@@ -269,8 +269,8 @@ def attention_answer(body, net, vocab, config):
     first, logprobs, weights = attention_view(net, ids, target)
     logprobs = logprobs.clamp(min=LOGPROB_FLOOR)  # JSON has no -Infinity
     top = logprobs.topk(min(ATTENTION_ALTERNATIVES, len(logprobs)))
-    entry = json.loads(entry_json(token_table(vocab), ids[target], Entry(float(logprobs[ids[target]]),
-                                                                         list(zip(top.indices.tolist(), top.values.tolist())))))
+    found = Entry(float(logprobs[ids[target]]), list(zip(top.indices.tolist(), top.values.tolist())))
+    entry = json.loads(entry_json(token_table(vocab), ids[target], found))  # the entry a stream sends, as a dict
     return {"object": "lumina.attention", "position": position, **entry,
             "tokens": [vocab.itos[i] for i in ids[first:target]], "reply_start": len(prompt) - first,
             "attention": weights.tolist()}

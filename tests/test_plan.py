@@ -10,8 +10,8 @@ import torch
 
 import Train
 from lumina import device, training
-from lumina.plan import (PRESETS, TrainConfig, choose_compile, choose_dtype, choose_regularisation, new_model, planned_epochs,
-                         regularisation)
+from lumina.plan import (PRESETS, TrainConfig, choose_compile, choose_dtype, choose_regularisation, new_model,
+                         planned_epochs, regularisation)
 from lumina.training import Runtime, forward_backward
 from lumina.vocab import Vocab
 from conftest import tiny_model
@@ -89,7 +89,8 @@ def test_choose_regularisation_returns_its_choice_and_keeps_what_was_set():
     assert choose_regularisation(net, config, 1000, runtime, logs.append) == expected and expected[0] == 0.2
     assert config.dropout is None and config.weight_decay is None  # returned, not written behind the caller
     assert "96.00 epochs -> dropout 0.2" in logs[0]
-    assert choose_regularisation(net, dataclasses.replace(config, dropout=0.05), 1000, runtime, logs.append) == (0.05, expected[1])
+    chosen = choose_regularisation(net, dataclasses.replace(config, dropout=0.05), 1000, runtime, logs.append)
+    assert chosen == (0.05, expected[1])
     assert choose_regularisation(net, dataclasses.replace(config, dropout=0.0, weight_decay=0.3), 1000, runtime,
                                  pytest.fail) == (0.0, 0.3)
 
