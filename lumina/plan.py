@@ -140,6 +140,15 @@ PRESETS = TrainConfig.PRESETS  # the shapes that the benchmarks build without tr
 # ----------------------------------------------------------------------------------------------
 # The shape
 # ----------------------------------------------------------------------------------------------
+HEAD_WIDTH = 32  # the CPU preset's head width (128 / 4), kept as the model grows
+
+
+def depth_shape(depth):
+    """The model family the budget rule chooses from, on one dial as nanochat's --depth: `depth`
+    blocks, width HEAD_WIDTH x depth, heads of HEAD_WIDTH. Depth 4 is the CPU preset's shape."""
+    return dict(hidden_size=HEAD_WIDTH * depth, num_layers=depth, nhead=depth)
+
+
 def new_model(config, vocab):
     """A fresh transformer of the configured shape; ModelConfig owns the shape rules."""
     try:

@@ -1,0 +1,60 @@
+"""The measurements behind Train.py's shape-by-budget rule (lumina.plan.choose_shape): train a
+grid of model sizes at several budgets on the real text (its last 5% held out, as train_speed.py),
+two runs at a time on one CPU thread each, and print each run's size, speed, the characters it
+read per parameter and its val bits/char (1,200 windows). The best size at each budget, and how
+many characters per parameter it read, is what the rule is fitted to.
+
+Sizes are depths of the rule's own family (lumina.plan.depth_shape: width 32 x depth, heads of 32),
+at the CPU preset's context, batch and learning rate, so that size is the only thing that varies.
+
+Run (about budgets x ceil(depths / 2) runs of each budget):
+  python benchmarks/shape_grid.py --depths=4,5,6,8 --budgets=4,12
+  python benchmarks/shape_grid.py --depths=4,6 --budgets=60 --extra="--seq_length=512"
+"""
+import concurrent.futures
+import json
+import sys
+import tempfile
+
+from common import split_text
+from lumina.config import parse_cli
+from lumina.plan import depth_shape
+from train_speed import run_ours
+
+CONFIG = {
+    "depths": "4,5,6,8",  # model sizes (lumina.plan.depth_shape), comma-separated
+    "budgets": "4,12",    # minutes of each run, comma-separated
+    "extra": "",          # more Train.py options for every run
+    "out": "",            # also append one JSON line per run to this file
+}
+
+
+def run(data, minutes, depth, extra):
+    shape = depth_shape(depth)
+    result = run_ours(data, tempfile.mkdtemp(prefix="lumina-grid-"), minutes, shape, "false", 1200,
+                      ["--threads=1", *extra.split()])
+    chars = result["tok_s"] * minutes * 60  # characters read, at its steady speed
+    return dict(minutes=minutes, depth=depth, **shape, params=result["params"], steps=result["steps"],
+                chars_s=round(result["tok_s"]), chars_per_param=round(chars / result["params"], 2),
+                val_bpc=round(result["val_bpc"], 4), extra=extra)
+
+
+def main(argv):
+    settings = parse_cli(argv, CONFIG, __file__)[0]
+    data = split_text(tempfile.mkdtemp(prefix="lumina-grid-"))
+    depths = [int(d) for d in str(settings["depths"]).split(",")]
+    for minutes in (float(m) for m in str(settings["budgets"]).split(",")):
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            jobs = [pool.submit(run, data, minutes, d, settings["extra"]) for d in depths]
+            for job in jobs:
+                row = job.result()
+                print(f"{row['minutes']:g} min, depth {row['depth']} (width {row['hidden_size']}): {row['params']:,} "
+                      f"params, {row['steps']} steps, {row['chars_s']:,} chars/s, {row['chars_per_param']:.2f} "
+                      f"chars/param, val {row['val_bpc']:.3f} bits/char", flush=True)
+                if settings["out"]:
+                    with open(settings["out"], "a") as f:
+                        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
