@@ -29,7 +29,7 @@ import torch.distributed as dist
 from lumina import checkpoint as ckpt, data, plan, runfiles, training
 from lumina.config import ConfigError, apply_overrides, parse_cli
 from lumina.corpus import load_data, report_data
-from lumina.device import dtype_name
+from lumina.device import DTYPES, dtype_name
 from lumina.evaluate import end_of_turn_rate, turn_ends
 from lumina.plan import RULES, TrainConfig
 from lumina.vocab import Vocab
@@ -86,17 +86,33 @@ CONFIG = {
 # is converted into once.
 
 
-def resolve_config(config, argv, state, device):
+def resolve_config(config, argv, state):
     """The run's TrainConfig, converted once: on --resume the saved run's config (a key it lacks as
-    runs before that key did: TrainConfig.OLD_RUNS) with this command line on top; then the device
-    preset fills the keys left at None."""
+    runs before that key did: TrainConfig.OLD_RUNS) with this command line on top. Keys left at None
+    are filled once the data is read (choose_shape)."""
     try:
         if state:
             config = apply_overrides({**CONFIG, **TrainConfig.OLD_RUNS, **state["config"]},
                                      [a for a in argv if a != "--resume"], TrainConfig.types())
-        return TrainConfig.from_dict(config).with_preset(device.type)
+        return TrainConfig.from_dict(config)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def choose_shape(config, found, runtime, log):
+    """(config, why): the model's shape by lumina.plan's rule when width, depth and heads are left
+    at None, each candidate's steps timed here in the precision asked for (float32 for auto, which
+    is decided later, on the chosen model); then the device preset in the keys still at None. Every
+    process takes the first one's choice, so that all build the same model."""
+    trial = runtime if config.dtype == "auto" else dataclasses.replace(runtime, dtype=DTYPES[config.dtype])
+
+    def step_seconds(candidate):
+        return plan.time_steps(plan.new_model(candidate, found.vocab).to(runtime.device), candidate, trial)
+    chosen = list(plan.choose_shape(config, len(found.vocab), len(found.train), runtime.device.type, log, step_seconds))
+    if runtime.world > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    keys, why = chosen
+    return dataclasses.replace(config, **keys).with_preset(runtime.device.type), why
 
 
 def read_data(config, state, log):
@@ -145,13 +161,15 @@ def main(argv):
         state = ckpt.load_checkpoint(files["state"]) if flags["resume"] else None
     except ckpt.CheckpointError as e:
         sys.exit(f"error: cannot resume: {e}")
-    config = resolve_config(asked, argv, state, runtime.device)
+    config = resolve_config(asked, argv, state)
     if runtime.is_main and not state:
         runfiles.keep_previous_run(files, flags["overwrite"], log)
     torch.manual_seed(config.seed)
     log(f"device {runtime.device} | {runtime.world} process(es) | threads {torch.get_num_threads()}")
     # --- data ---
     found = read_data(config, state, log)
+    config, why = choose_shape(config, found, runtime, log)
+    why = state.get("shape") if state else why  # a resumed run keeps its shape, and why it was chosen
     # --- model ---
     plain = dataclasses.replace(config, dropout=config.dropout or 0.0)  # dropout layers come once it is chosen
     net = ckpt.build_model(state)[0] if state else plan.new_model(plain, found.vocab)
@@ -159,7 +177,7 @@ def main(argv):
         f"context {config.seq_length}" + (f" | resuming from step {state['step']}" if state else ""))
     net = choose_precision_and_regularisation(net, config, found, runtime, log)
     # --- train ---
-    trainer = training.Trainer(config, net, found, runtime, files, {"stage": "train"},
+    trainer = training.Trainer(config, net, found, runtime, files, {"stage": "train", **({"shape": why} if why else {})},
                                compile=plan.choose_compile(config, runtime, log))
     if state:
         trainer.resume(state)

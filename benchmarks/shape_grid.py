@@ -18,7 +18,8 @@ import tempfile
 
 from common import split_text
 from lumina.config import parse_cli
-from lumina.plan import depth_shape
+from lumina.model import ModelConfig
+from lumina.plan import PRESETS, depth_shape
 from train_speed import run_ours
 
 CONFIG = {
@@ -30,12 +31,13 @@ CONFIG = {
 
 
 def run(data, minutes, depth, extra):
-    shape = depth_shape(depth)
+    shape = {**depth_shape(depth), "seq_length": PRESETS["cpu"]["seq_length"], "batch_size": PRESETS["cpu"]["batch_size"]}
     result = run_ours(data, tempfile.mkdtemp(prefix="lumina-grid-"), minutes, shape, "false", 1200,
                       ["--threads=1", *extra.split()])
     chars = result["tok_s"] * minutes * 60  # characters read, at its steady speed
-    return dict(minutes=minutes, depth=depth, **shape, params=result["params"], steps=result["steps"],
-                chars_s=round(result["tok_s"]), chars_per_param=round(chars / result["params"], 2),
+    blocks = ModelConfig(vocab_size=1, **shape).block_params()  # what the rule counts (not the n-gram tables)
+    return dict(minutes=minutes, depth=depth, **shape, params=result["params"], block_params=blocks,
+                steps=result["steps"], chars_s=round(result["tok_s"]), chars_per_param=round(chars / blocks, 2),
                 val_bpc=round(result["val_bpc"], 4), extra=extra)
 
 
@@ -48,9 +50,9 @@ def main(argv):
             jobs = [pool.submit(run, data, minutes, d, settings["extra"]) for d in depths]
             for job in jobs:
                 row = job.result()
-                print(f"{row['minutes']:g} min, depth {row['depth']} (width {row['hidden_size']}): {row['params']:,} "
-                      f"params, {row['steps']} steps, {row['chars_s']:,} chars/s, {row['chars_per_param']:.2f} "
-                      f"chars/param, val {row['val_bpc']:.3f} bits/char", flush=True)
+                print(f"{row['minutes']:g} min, depth {row['depth']} (width {row['hidden_size']}): {row['block_params']:,} "
+                      f"block params, {row['steps']} steps, {row['chars_s']:,} chars/s, {row['chars_per_param']:.2f} "
+                      f"chars per block param, val {row['val_bpc']:.3f} bits/char", flush=True)
                 if settings["out"]:
                     with open(settings["out"], "a") as f:
                         f.write(json.dumps(row) + "\n")

@@ -33,6 +33,13 @@ class ModelConfig:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be nhead ({self.nhead}) times an even "
                              f"head size, because rotary positions rotate pairs of numbers")
 
+    def block_params(self):
+        """Parameters in the transformer blocks: attention's 4 w^2, the SwiGLU MLP's 3 w (8w / 3) and
+        two norms each. Scaling laws count these, not the embeddings, head or n-gram tables, whose
+        lookups cost next to nothing."""
+        w = self.hidden_size
+        return self.num_layers * (4 * w * w + 3 * w * (8 * w // 3) + 4 * w)
+
 
 def rotary_tables(seq_length, head_dim, base=10000.0):
     """cos and sin tables, each (seq_length, head_dim), for apply_rotary. Pair i of a head (features

@@ -149,6 +149,68 @@ def depth_shape(depth):
     return dict(hidden_size=HEAD_WIDTH * depth, num_layers=depth, nhead=depth)
 
 
+# The rule: the largest model of the family that will read at least CHARS_PER_PARAM characters
+# per block parameter in its budget (Hoffmann et al. 2022, "Chinchilla": for a compute budget,
+# parameters and data grow together, here about 20 tokens a parameter; a character carries less
+# than a token, and the ratio was fitted on this project's own grid, benchmarks/README.md "Shape by
+# budget"). Each candidate's speed is timed on this machine, so a slower machine or a shorter
+# budget gets a smaller model. Repeated data is worth less (REPEAT_WORTH).
+DEPTHS = tuple(range(3, 17))  # the ladder: width 96 (about 0.3M block parameters) to 512 (about 50M)
+CHARS_PER_PARAM = 10.0
+REPEAT_WORTH = 15.0  # Muennighoff et al. 2023: the n-th pass over the data is worth exp(-(n - 1) / 15) of new data
+SHAPE_CHOSEN = ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size")
+
+
+def context_for(depth, device_type):
+    """The context grows with the model (256 at the CPU preset's depth 4, 512 at depth 8), and the
+    batch shrinks to keep the characters a step reads at the device preset's."""
+    preset = TrainConfig.PRESETS["gpu" if device_type == "cuda" else "cpu"]
+    seq_length = 2 * HEAD_WIDTH * depth
+    return dict(seq_length=seq_length, batch_size=max(1, round(preset["batch_size"] * preset["seq_length"] / seq_length)))
+
+
+def worth_of(read, unique):
+    """The characters a run reads, with each pass after the first worth less (REPEAT_WORTH)."""
+    if read <= unique:
+        return read
+    return unique * (1 + REPEAT_WORTH * (1 - math.exp(-(read / unique - 1) / REPEAT_WORTH)))
+
+
+def choose_shape(config, vocab_size, train_chars, device_type, log, step_seconds):
+    """(shape keys, the logged line) for a run whose width, depth and heads are all left at None:
+    the largest depth of the ladder whose run reads CHARS_PER_PARAM characters per block parameter
+    (its budget at its speed, `step_seconds(candidate config)`, timed from the smallest up until
+    one falls short; or max_iters alone when there is no time budget). A context or batch that was
+    set is kept. ({}, None) when the user chose the shape: the device preset fills what is left."""
+    if any(getattr(config, k) is not None for k in ("hidden_size", "num_layers", "nhead")):
+        return {}, None
+    chosen = None
+    for depth in DEPTHS:
+        context = {k: v for k, v in context_for(depth, device_type).items() if getattr(config, k) is None}
+        keys = {**depth_shape(depth), **context}
+        candidate = dataclasses.replace(config, **keys).with_preset(device_type)
+        candidate = dataclasses.replace(candidate, dropout=candidate.dropout or 0.0)
+        seconds = step_seconds(candidate) if config.max_minutes else None
+        steps = planned_epochs(candidate, train_chars, seconds)[1]
+        read = steps * candidate.batch_size * candidate.grad_accum * candidate.seq_length
+        params = ModelConfig(vocab_size, **{k: getattr(candidate, k) for k in SHAPE_KEYS}).block_params()
+        per_param = worth_of(read, train_chars) / params
+        if chosen and per_param < CHARS_PER_PARAM:
+            break
+        chosen = (keys, candidate, params, read, per_param, seconds)
+        if per_param < CHARS_PER_PARAM:
+            break
+    keys, candidate, params, read, per_param, seconds = chosen
+    budget = (f"{config.max_minutes:g} min at {candidate.batch_size * candidate.seq_length / seconds:,.0f} characters/s "
+              f"measured" if seconds else f"{config.max_iters:,} steps")
+    line = (f"shape auto: depth {candidate.num_layers} (width {candidate.hidden_size}, {candidate.nhead} heads, context "
+            f"{candidate.seq_length}, batch {candidate.batch_size}): {params:,} block parameters; {budget} reads "
+            f"{read / 1e6:,.1f}M characters of {train_chars / 1e6:,.1f}M = {per_param:.1f} characters per block "
+            f"parameter (the largest depth with at least {CHARS_PER_PARAM:g}, the rule in lumina/plan.py)")
+    log(line)
+    return keys, line
+
+
 def new_model(config, vocab):
     """A fresh transformer of the configured shape; ModelConfig owns the shape rules."""
     try:

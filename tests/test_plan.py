@@ -10,8 +10,8 @@ import torch
 
 import Train
 from lumina import device, training
-from lumina.plan import (PRESETS, TrainConfig, choose_compile, choose_dtype, choose_regularisation, new_model,
-                         planned_epochs, regularisation)
+from lumina.plan import (PRESETS, TrainConfig, choose_compile, choose_dtype, choose_regularisation, choose_shape,
+                         depth_shape, new_model, planned_epochs, regularisation)
 from lumina.training import Runtime, forward_backward
 from lumina.vocab import Vocab
 from conftest import tiny_model
@@ -126,3 +126,70 @@ def test_the_typed_config_checks_each_value_once_and_fills_a_preset():
     assert cpu.hidden_size == 64 and cpu.num_layers == PRESETS["cpu"]["num_layers"]  # a key set wins over the preset
     assert config.with_preset("cuda").batch_size == PRESETS["gpu"]["batch_size"]
     assert TrainConfig.from_dict(cpu.as_dict()) == cpu  # what a checkpoint stores reads back the same
+
+
+# --- the shape, chosen for the budget ----------------------------------------------------------------
+def seconds_per_block_param(k):
+    """A fake machine: a step's seconds grow with the model's block parameters (about 12 x width^2
+    per layer), k seconds per parameter."""
+    return lambda config: k * 12 * config.num_layers * config.hidden_size ** 2
+
+
+def shape_for(minutes, k=2e-7, train_chars=10 ** 9, max_iters=10 ** 9, device_type="cpu"):
+    config = TrainConfig.from_dict({"max_minutes": minutes, "max_iters": max_iters})
+    logs = []
+    keys, line = choose_shape(config, 90, train_chars, device_type, logs.append, seconds_per_block_param(k))
+    assert logs == [line] and config.hidden_size is None  # logged once, returned, not written into config
+    return keys, line
+
+
+def test_the_shape_rule_picks_a_bigger_model_for_a_bigger_budget_and_a_smaller_one_on_a_slower_machine():
+    depth = {(minutes, k): shape_for(minutes, k)[0]["num_layers"] for minutes in (5, 60, 240) for k in (2e-7, 8e-7)}
+    assert depth[5, 2e-7] < depth[60, 2e-7] < depth[240, 2e-7]  # the same machine, more time
+    assert depth[240, 8e-7] < depth[240, 2e-7] and depth[60, 8e-7] < depth[60, 2e-7]  # 4x slower, same time
+    keys, line = shape_for(240)
+    assert keys == {**depth_shape(keys["num_layers"]), "seq_length": keys["seq_length"], "batch_size": keys["batch_size"]}
+    small = shape_for(5)[0]
+    assert keys["seq_length"] > small["seq_length"]  # a longer budget buys a longer context too
+    assert keys["batch_size"] * keys["seq_length"] == pytest.approx(small["batch_size"] * small["seq_length"], rel=0.25)
+    for said in (f"depth {keys['num_layers']}", f"width {keys['hidden_size']}", f"context {keys['seq_length']}",
+                 "characters per block parameter", "240 min"):
+        assert said in line, said
+
+
+def test_the_shape_rule_counts_repeated_data_and_plans_steps_without_a_budget():
+    assert shape_for(240, train_chars=200_000)[0]["num_layers"] < shape_for(240)[0]["num_layers"]  # tiny data
+    keys = {iters: choose_shape(TrainConfig.from_dict({"max_minutes": 0.0, "max_iters": iters}), 90, 10 ** 9, "cpu",
+                                lambda line: None, pytest.fail)[0]["num_layers"] for iters in (2_000, 200_000)}
+    assert keys[2_000] < keys[200_000]  # no budget: max_iters alone says how much the run reads, nothing is timed
+
+
+def test_block_parameters_are_counted_as_the_model_holds_them():
+    from lumina.model import ModelConfig
+    for depth in (3, 4, 7):
+        shape = ModelConfig(vocab_size=90, **depth_shape(depth), ngram_buckets=64)
+        net = new_model(TrainConfig(**depth_shape(depth), seq_length=32, dropout=0.0, ngram_buckets=64), range(90))
+        assert shape.block_params() == sum(p.numel() for p in net.blocks.parameters())
+
+
+def test_a_shape_set_by_the_user_is_kept():
+    config = TrainConfig.from_dict({"hidden_size": 64})
+    assert choose_shape(config, 90, 10 ** 9, "cpu", pytest.fail, pytest.fail) == ({}, None)
+
+
+def test_train_logs_and_stores_the_chosen_shape_and_a_resumed_run_keeps_it(tmp_path, capsys):
+    from lumina.checkpoint import load_checkpoint
+    from conftest import CHATS, write_jsonl
+    chat_file = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS * 30])
+    common = [f"--data={chat_file}", f"--out_dir={tmp_path}", "--eval_interval=3", "--probe_chars=0", "--threads=1"]
+    Train.main([*common, "--max_iters=3", "--max_minutes=0.5"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("shape auto:"))
+    state = load_checkpoint(str(tmp_path / "train_state.pth"))
+    chosen = {k: state["config"][k] for k in ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size")}
+    assert chosen["num_layers"] == 3 and state["shape"] == line  # a few hundred characters of chats: the smallest
+    assert f"width {chosen['hidden_size']}" in line and load_checkpoint(str(tmp_path / "Model.pth"))["shape"] == line
+    Train.main([*common, "--max_iters=6", "--max_minutes=600", "--resume"])  # a far bigger budget now
+    assert "shape auto:" not in capsys.readouterr().out
+    resumed = load_checkpoint(str(tmp_path / "train_state.pth"))
+    assert resumed["step"] == 6 and resumed["shape"] == line
+    assert {k: resumed["config"][k] for k in chosen} == chosen

@@ -439,10 +439,10 @@ def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path, chat_file):
 
 # --- the config a run resolves ----------------------------------------------------------------------
 def test_compile_true_on_the_command_line_and_an_old_runs_saved_false_both_read():
-    config = Train.resolve_config(apply_overrides(Train.CONFIG, ["--compile=True"]), [], None, torch.device("cpu"))
+    config = Train.resolve_config(apply_overrides(Train.CONFIG, ["--compile=True"]), [], None)
     assert config.compile == "true"
     old_run = {"config": {**Train.CONFIG, "compile": False}}  # as an older run saved it
-    assert Train.resolve_config(Train.CONFIG, ["--resume"], old_run, torch.device("cpu")).compile == "false"
+    assert Train.resolve_config(Train.CONFIG, ["--resume"], old_run).compile == "false"
 
 
 # --- regularisation by the epochs a run will see ----------------------------------------------------
