@@ -35,7 +35,7 @@ def run(data, minutes, depth, extra):
     result = run_ours(data, tempfile.mkdtemp(prefix="lumina-grid-"), minutes, shape, "false", 1200,
                       ["--threads=1", *extra.split()])
     chars = result["tok_s"] * minutes * 60  # characters read, at its steady speed
-    blocks = ModelConfig(vocab_size=1, **shape).block_params()  # what the rule counts (not the n-gram tables)
+    blocks = ModelConfig(vocab_size=1, **depth_shape(depth)).block_params()  # what the rule counts (not the n-gram tables)
     return dict(minutes=minutes, depth=depth, **shape, params=result["params"], block_params=blocks,
                 steps=result["steps"], chars_s=round(result["tok_s"]), chars_per_param=round(chars / blocks, 2),
                 val_bpc=round(result["val_bpc"], 4), extra=extra)
