@@ -39,18 +39,19 @@ CONFIG = {
     "data": "oasst1_data",         # folder from Dataset_download.py, or your own file/folder (see docstring)
     "val_fraction": 0.05,          # share of documents held out when the data has no validation file (0-0.5)
     "assistant_only_loss": False,  # True: learn only assistant turns and their <|end|>; prose always trains
-    # --- model (None = the device preset, see PRESETS) ---
+    # --- model (None = chosen for the budget: width, depth and heads left at None get the largest
+    #     model this machine can train on enough characters in max_minutes, logged and stored) ---
     "hidden_size": None,           # width of the residual stream; 128-1024
     "num_layers": None,            # transformer blocks; 2-12
     "nhead": None,                 # attention heads; hidden_size / nhead of 32-128 works well
-    "seq_length": None,            # context window in characters; 64-1024
+    "seq_length": None,            # context window in characters; 64-1024 (None: grows with the chosen model)
     "dropout": None,               # None: by the epochs the run will see (0 up to 1, 0.1 up to 16, 0.2 above; logged)
     "ngram_buckets": None,         # rows of each hashed table of 2- and 3-character contexts; 0 = none
     "qk_norm": False,              # True: queries and keys at unit RMS per head (QK-norm: steadier attention logits)
     "logit_softcap": 0.0,          # > 0: output logits soft-capped at +-this (cap * tanh(logit / cap)); 0 = off
     # --- optimization ---
     "optimizer": "muon",           # muon: Muon for the blocks' weight matrices, AdamW for the rest; or adamw for all
-    "batch_size": None,            # sequences per micro-batch, per process
+    "batch_size": None,            # sequences per micro-batch, per process (None: the preset's characters per step)
     "grad_accum": 1,               # micro-batches per optimizer step, summed over all processes
     "learning_rate": None,         # peak learning rate (Muon's step is scaled to AdamW's, so one rate serves both)
     "min_lr_ratio": 0.0,           # the cosine decays to learning_rate * this; 0 = all the way down

@@ -162,10 +162,11 @@ SHAPE_CHOSEN = ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size"
 
 
 def context_for(depth, device_type):
-    """The context grows with the model (256 at the CPU preset's depth 4, 512 at depth 8), and the
-    batch shrinks to keep the characters a step reads at the device preset's."""
+    """The context grows with the model past the device preset's (64 characters a layer: 512 at
+    depth 8) and never falls below it, since a chat keeps its earlier turns in it; the batch shrinks
+    to keep the characters a step reads at the preset's."""
     preset = TrainConfig.PRESETS["gpu" if device_type == "cuda" else "cpu"]
-    seq_length = 2 * HEAD_WIDTH * depth
+    seq_length = max(preset["seq_length"], 2 * HEAD_WIDTH * depth)
     return dict(seq_length=seq_length, batch_size=max(1, round(preset["batch_size"] * preset["seq_length"] / seq_length)))
 
 
