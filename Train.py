@@ -29,7 +29,7 @@ import torch.distributed as dist
 from lumina import checkpoint as ckpt, data, plan, runfiles, training
 from lumina.config import ConfigError, apply_overrides, parse_cli
 from lumina.corpus import load_data, report_data
-from lumina.device import DTYPES, dtype_name
+from lumina.device import dtype_name
 from lumina.evaluate import end_of_turn_rate, turn_ends
 from lumina.plan import RULES, TrainConfig
 from lumina.vocab import Vocab
@@ -102,14 +102,10 @@ def resolve_config(config, argv, state):
 
 def choose_shape(config, found, runtime, log):
     """(config, why): the model's shape by lumina.plan's rule when width, depth and heads are left
-    at None, each candidate's steps timed here in the precision asked for (float32 for auto, which
-    is decided later, on the chosen model); then the device preset in the keys still at None. Every
-    process takes the first one's choice, so that all build the same model."""
-    trial = runtime if config.dtype == "auto" else dataclasses.replace(runtime, dtype=DTYPES[config.dtype])
-
-    def step_seconds(candidate):
-        return plan.time_steps(plan.new_model(candidate, found.vocab).to(runtime.device), candidate, trial)
-    chosen = list(plan.choose_shape(config, len(found.vocab), len(found.train), runtime.device.type, log, step_seconds))
+    at None, each candidate's steps timed here; then the device preset in the keys still at None.
+    Every process takes the first one's choice, so that all build the same model."""
+    timer = plan.step_timer(found.vocab, runtime, config.dtype)
+    chosen = list(plan.choose_shape(config, len(found.vocab), len(found.train), runtime.device.type, log, timer))
     if runtime.world > 1:
         dist.broadcast_object_list(chosen, src=0)
     keys, why = chosen

@@ -7,19 +7,28 @@ many characters per parameter it read, is what the rule is fitted to.
 Sizes are depths of the rule's own family (lumina.plan.depth_shape: width 32 x depth, heads of 32),
 at the CPU preset's context, batch and learning rate, so that size is the only thing that varies.
 
+With --rule it trains nothing: it prints the shape Train.py's rule picks on this machine (its
+candidates timed here, on every thread) for each of those budgets, on the same text.
+
 Run (about budgets x ceil(depths / 2) runs of each budget):
   python benchmarks/shape_grid.py --depths=4,5,6,8 --budgets=4,12
   python benchmarks/shape_grid.py --depths=4,6 --budgets=60 --extra="--seq_length=512"
+  python benchmarks/shape_grid.py --rule --budgets=5,15,60,240     # what the rule picks here, in seconds
 """
 import concurrent.futures
 import json
+import os
 import sys
 import tempfile
 
+import torch
+
 from common import split_text
 from lumina.config import parse_cli
+from lumina.corpus import load_data
 from lumina.model import ModelConfig
-from lumina.plan import PRESETS, depth_shape
+from lumina.plan import PRESETS, TrainConfig, choose_shape, depth_shape, step_timer
+from lumina.training import Runtime
 from train_speed import run_ours
 
 CONFIG = {
@@ -27,6 +36,7 @@ CONFIG = {
     "budgets": "4,12",    # minutes of each run, comma-separated
     "extra": "",          # more Train.py options for every run
     "out": "",            # also append one JSON line per run to this file
+    "rule": False,        # True: print the rule's shape for each budget on this machine, train nothing
 }
 
 
@@ -41,9 +51,21 @@ def run(data, minutes, depth, extra):
                 val_bpc=round(result["val_bpc"], 4), extra=extra)
 
 
+def show_rule(data, budgets):
+    """The rule's choice for each budget, timed on this machine (as Train.py does before its loop)."""
+    found = load_data(data, os.path.join(data, ".lumina_cache"), 0.05, False, 0, log=lambda *a: None)
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    runtime = Runtime(torch.device("cpu"))
+    for minutes in budgets:
+        config = TrainConfig(max_minutes=minutes, max_iters=10 ** 9)
+        choose_shape(config, len(found.vocab), len(found.train), "cpu", print, step_timer(found.vocab, runtime, "float32"))
+
+
 def main(argv):
     settings = parse_cli(argv, CONFIG, __file__)[0]
     data = split_text(tempfile.mkdtemp(prefix="lumina-grid-"))
+    if settings["rule"]:
+        return show_rule(data, [float(m) for m in str(settings["budgets"]).split(",")])
     depths = [int(d) for d in str(settings["depths"]).split(",")]
     for minutes in (float(m) for m in str(settings["budgets"]).split(",")):
         with concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -151,12 +151,15 @@ def depth_shape(depth):
 
 # The rule: the largest model of the family that will read at least CHARS_PER_PARAM characters
 # per block parameter in its budget (Hoffmann et al. 2022, "Chinchilla": for a compute budget,
-# parameters and data grow together, here about 20 tokens a parameter; a character carries less
-# than a token, and the ratio was fitted on this project's own grid, benchmarks/README.md "Shape by
-# budget"). Each candidate's speed is timed on this machine, so a slower machine or a shorter
+# parameters and data grow together, there about 20 tokens a parameter). Reading a fixed number
+# of characters a parameter makes the best size grow as the square root of compute, Chinchilla's
+# exponent. Each candidate's speed is timed on this machine, so a slower machine or a shorter
 # budget gets a smaller model. Repeated data is worth less (REPEAT_WORTH).
 DEPTHS = tuple(range(3, 17))  # the ladder: width 96 (about 0.3M block parameters) to 512 (about 50M)
-CHARS_PER_PARAM = 10.0
+# Fitted on a grid of depths 3-6 at 4, 12 and 36 minutes (benchmarks/README.md, "Shape by budget"):
+# depth 4 lost to depth 3 having read 4.2 characters a block parameter (12 min) and beat it having
+# read 14.4 (36 min), so any ratio in (4.2, 14.4] picks every budget's winner; 8 is near the middle.
+CHARS_PER_PARAM = 8.0
 REPEAT_WORTH = 15.0  # Muennighoff et al. 2023: the n-th pass over the data is worth exp(-(n - 1) / 15) of new data
 SHAPE_CHOSEN = ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size")
 
@@ -210,6 +213,13 @@ def choose_shape(config, vocab_size, train_chars, device_type, log, step_seconds
             f"parameter (the largest depth with at least {CHARS_PER_PARAM:g}, the rule in lumina/plan.py)")
     log(line)
     return keys, line
+
+
+def step_timer(vocab, runtime, dtype):
+    """choose_shape's step_seconds: a candidate's training step timed here (time_steps) in the
+    precision `dtype` names (float32 for auto, which is decided later, on the chosen model)."""
+    trial = runtime if dtype == "auto" else dataclasses.replace(runtime, dtype=DTYPES[dtype])
+    return lambda candidate: time_steps(new_model(candidate, vocab).to(runtime.device), candidate, trial)
 
 
 def new_model(config, vocab):
