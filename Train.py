@@ -10,7 +10,8 @@ Writes, in out_dir:
        train_loss.png    the loss curves, when matplotlib is installed
 
 Run:
-  python Train.py                                   # the preset for your device, about 15 minutes
+  python Train.py                                   # about 15 minutes, the model sized for that budget here
+  python Train.py --max_minutes=240                 # a longer budget: a bigger model and a longer context
   python Train.py --max_minutes=1 --num_layers=2    # a tiny CPU example
   python Train.py --resume                          # continue after Ctrl-C, SIGTERM or a crash
   python Train.py --overwrite                       # replace the run in out_dir (by default a new run moves

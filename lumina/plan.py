@@ -156,10 +156,10 @@ def depth_shape(depth):
 # exponent. Each candidate's speed is timed on this machine, so a slower machine or a shorter
 # budget gets a smaller model. Repeated data is worth less (REPEAT_WORTH).
 DEPTHS = tuple(range(3, 17))  # the ladder: width 96 (about 0.3M block parameters) to 512 (about 50M)
-# Fitted on a grid of depths 3-6 at 4, 12 and 36 minutes (benchmarks/README.md, "Shape by budget"):
-# depth 4 lost to depth 3 having read 4.2 characters a block parameter (12 min) and beat it having
-# read 14.4 (36 min), so any ratio in (4.2, 14.4] picks every budget's winner; 8 is near the middle.
-CHARS_PER_PARAM = 8.0
+# Fitted on depths 3-6 at 4, 12, 36 and 60 minutes (benchmarks/README.md, "Shape by budget"): depth
+# 4 lost to depth 3 having read 4.2 characters a block parameter (12 min), and depth 5 beat depth 4
+# having read 6.6 (60 min), so any ratio in (4.2, 6.6] picks every budget's winner; 5 is near the middle.
+CHARS_PER_PARAM = 5.0
 REPEAT_WORTH = 15.0  # Muennighoff et al. 2023: the n-th pass over the data is worth exp(-(n - 1) / 15) of new data
 SHAPE_CHOSEN = ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size")
 
