@@ -161,7 +161,6 @@ DEPTHS = tuple(range(3, 17))  # the ladder: width 96 (about 0.3M block parameter
 # having read 6.6 (60 min), so any ratio in (4.2, 6.6] picks every budget's winner; 5 is near the middle.
 CHARS_PER_PARAM = 5.0
 REPEAT_WORTH = 15.0  # Muennighoff et al. 2023: the n-th pass over the data is worth exp(-(n - 1) / 15) of new data
-SHAPE_CHOSEN = ("hidden_size", "num_layers", "nhead", "seq_length", "batch_size")
 
 
 def context_for(depth, device_type):
