@@ -23,7 +23,7 @@ from lumina import data
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import CHAT_SAMPLING, parse_cli
 from lumina.device import DTYPE_CHOICES, dtype_line
-from lumina.engine import MAX_TOP_LOGPROBS, beam_search, generate, generation_dtype
+from lumina.engine import MAX_TOP_LOGPROBS, beam_search, compile_choice, compile_line, generate, generation_dtype
 from lumina.model import CharTransformer
 from lumina.training import stop_on_signals
 from lumina.vocab import BOT, SPECIAL_TOKENS, TURN_ENDS, USER, Vocab, chat_prompt, unknown_chars_dropped
@@ -50,13 +50,14 @@ CONFIG = {
     "dtype": "auto",            # auto: bf16 on a GPU; on a CPU the faster of float32 and bf16 for one reply, timed
                                 # here once (cached); or float32, bfloat16, float16. The weights are cast to it once
     "threads": 1,               # CPU threads; one stream of a small model ran as fast on 1 as on 2 (benchmarks/README.md)
-    "compile": False,           # torch.compile the decode step once at start (2 busy cores: ~23 s); one row's
-                                # forward ~4x cheaper in a probe (benchmarks/README.md, "Issue 30")
+    "compile": "auto",          # torch.compile the decode step: auto (when a trial here, once and cached, says a
+                                # session of SESSION_REPLIES replies saves more than compiling costs), true or false
 }
 TYPES = {"seed": int, "prompt": str}
-RULES = {"mode": ("topk", "nucleus", "greedy"), "threads": (1, 1024), "top_k": (1, 10 ** 6), "dtype": DTYPE_CHOICES,
+RULES = {"mode": ("topk", "nucleus", "greedy"), "compile": ("auto", "true", "false"), "threads": (1, 1024), "top_k": (1, 10 ** 6), "dtype": DTYPE_CHOICES,
          "length_penalty": (-5.0, 5.0)}
 MAX_BEAMS = 16
+SESSION_REPLIES = 10  # compile=auto: the work a chat expects, in replies of max_new_chars (--prompt: one)
 LEAST_LIKELY = 5     # probs K: how many of a reply's least likely characters are listed under it
 CONTEXT_CHARS = 12   # probs K: how much of the reply before a listed character is quoted
 # probs K on a terminal: a character's colour by the model's probability for it, from the top band
@@ -366,7 +367,11 @@ def load_session(path, config):
     info = [f"LuminaAI | {path} | stage {checkpoint.get('stage', '?')} | {net.num_params():,} parameters | "
             f"context {net.config.seq_length} | vocabulary {len(vocab)} | device {device}",
             dtype_line(dtype, config["dtype"], why)]
-    if config["compile"]:
+    asked, expected = config["compile"], config["max_new_chars"] * (1 if config["prompt"] is not None else SESSION_REPLIES)
+    rows, why = compile_choice(net, asked, 1, expected)
+    info.append(compile_line(rows, 1, asked, why))
+    config["compile"] = True if asked == "true" else rows  # auto: one row compiled, a beam search's rows eager
+    if rows:
         print("compiling the decode step (a one-off wait; later runs reuse torch's compile cache)...", file=sys.stderr)
         for _ in generate(net, [USER, BOT], 2, temperature=0, stop_ids=(), compile=True):
             pass  # compiled now rather than in the middle of the first reply

@@ -53,7 +53,8 @@ from lumina import data
 from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import CHAT_SAMPLING, parse_cli
 from lumina.device import DTYPE_CHOICES, dtype_line, dtype_name
-from lumina.engine import LOGPROB_FLOOR, MAX_TOP_LOGPROBS, BeamSearch, Engine, Entry, Row, compile_buckets, generation_dtype
+from lumina.engine import (LOGPROB_FLOOR, MAX_TOP_LOGPROBS, BeamSearch, Engine, Entry, Row, compile_buckets,
+                           compile_choice, compile_line, generation_dtype)
 from lumina.evaluate import attention_view
 from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, chat_prompt
 
@@ -87,14 +88,16 @@ CONFIG = {
     "dtype": "auto",            # auto: bf16 on a GPU; on a CPU the faster of float32 and bf16 at 1 and max_batch
                                 # rows, timed here once (cached); or float32, bfloat16, float16. Weights cast once
     "threads": 0,               # CPU threads for the model; 0 = torch's default
-    "compile": False,           # compile the decode step, rows padded to powers of two (one graph each, all
-                                # compiled at start); pays for few rows at once, not for many (benchmarks/README.md)
+    "compile": "auto",          # compile the decode step, rows padded to powers of two (one graph each, all
+                                # compiled at start): auto for the buckets where a trial here (once, cached) found
+                                # compiled steps faster (few rows, typically; not many), true (all) or false
 }
 TYPES = {"api_key": str, "model_name": str, "allowed_origins": str, "pairs_file": str}
 RULES = {"port": (1, 65535), "max_batch": (1, 1024), "max_queue": (0, 100000), "max_tokens_limit": (1, 10 ** 6),
          "max_body_bytes": (1000, 10 ** 9), "max_messages": (1, 10 ** 6), "shutdown_seconds": (0, 3600), "temperature": (0.0, 2.0),
          "top_k": (1, 10 ** 6), "top_p": (0.0, 1.0), "repetition_penalty": (1.0, 2.0), "max_tokens": (1, 10 ** 6),
-         "threads": (0, 1024), "length_penalty": (-5.0, 5.0), "dtype": DTYPE_CHOICES}
+         "threads": (0, 1024), "length_penalty": (-5.0, 5.0), "dtype": DTYPE_CHOICES,
+         "compile": ("auto", "true", "false")}
 SAMPLING = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # per-request settings
 MAX_STOPS = 4  # as OpenAI's API allows
 MAX_STOP_CHARS = 256  # each stop string's length: matching costs nothing more, but a stop string is a few words
@@ -442,7 +445,7 @@ class Scheduler:
         self.net, self.vocab, self.config = net, vocab, config
         self.tokens = token_table(vocab)  # each id's JSON, for log-prob entries
         self.dtype = next(net.parameters()).dtype  # serve.py casts the weights to the precision it chose
-        self.engine = Engine(net, config["max_batch"], compile=config["compile"])
+        self.engine = Engine(net, config["max_batch"], compile=config["compile"])  # the rows compile_choice chose
         self.free = list(range(config["max_batch"]))  # a heap: the lowest slots first, so rows stay neighbours
         self.waiting, self.running = collections.deque(), []
         self.wake, self.accepting, self.outbox, self.failure = threading.Condition(), True, [], None
@@ -948,16 +951,21 @@ def main(argv):
         sys.exit(f"error: {e}")
     model_name = config["model_name"] or os.path.splitext(os.path.basename(config["checkpoint"]))[0]
     dtype, why = generation_dtype(net, config["dtype"], (1, config["max_batch"]))
-    scheduler = Scheduler(net.to(dtype), vocab, config)
-    if config["compile"]:
-        print("compiling the decode step for every bucket of rows (a one-off wait)...", flush=True)
-        compile_buckets(scheduler.engine)
+    net = net.to(dtype)
+    if config["compile"] != "false":
+        print({"true": "compiling the decode step for every bucket of rows (a one-off wait)...",
+               "auto": "compile auto: timing compiled against eager decode steps unless this machine did before, then "
+                       "compiling the buckets where it paid (a one-off wait)..."}[config["compile"]], flush=True)
+    rows, compiled = compile_choice(net, config["compile"], config["max_batch"])
+    scheduler = Scheduler(net, vocab, {**config, "compile": rows})
+    compile_buckets(scheduler.engine)
     scheduler.thread.start()
     # --- serve until Ctrl-C or SIGTERM ---
     print(f"LuminaAI | {config['checkpoint']} as {model_name!r} | {net.num_params():,} parameters | "
           f"context {net.config.seq_length} | batch {config['max_batch']} | queue {config['max_queue']} | "
           f"http://{config['host']}:{config['port']}" + (" | API key required" if config["api_key"] else ""), flush=True)
     print(dtype_line(dtype, config["dtype"], why), flush=True)
+    print(compile_line(rows, config["max_batch"], config["compile"], compiled), flush=True)
     app = build_app(scheduler, config, model_name)
     server = Server(uvicorn.Config(app, host=config["host"], port=config["port"], log_level="warning",
                                    timeout_graceful_shutdown=config["shutdown_seconds"] + SHUTDOWN_MARGIN), scheduler)

@@ -8,12 +8,13 @@ round, to bursts of concurrent streaming clients:
   - `clients` clients, --max_batch=1 (one sequence at a time);
   - with --peer=RELEASE: `clients` clients and 1 client on that release's serve.py (read from
     git), same weights (in the file format it reads) and settings;
-  - with --logprobs=K: `clients` clients asking for logprobs with top_logprobs K.
+  - with --logprobs=K: `clients` clients asking for logprobs with top_logprobs K;
+  - with --also_compile=false,true: `clients` clients and 1 client with each of those --compile values.
 Reported: aggregate characters/s over each burst, and each client's time to its first character
 (p50 and p95). Clients and server share the machine.
 
 Run:  python benchmarks/serve_speed.py [--rounds=2] [--clients=16] [--chars=200] [--peer=d26845d] [--serial=False]
-                                       [--logprobs=5]
+                                       [--logprobs=5] [--compile=false] [--also_compile=false,true]
 """
 import asyncio
 import dataclasses
@@ -43,6 +44,8 @@ CONFIG = {
     "threads": 0,     # the server's CPU threads; 0 = torch's default
     "peer": "",       # a release (e.g. d26845d) whose serve.py also serves the burst; "" = none
     "dtype": "auto",  # this release's serve.py --dtype (the peer has no such key)
+    "compile": "auto",  # this release's serve.py --compile: auto (its trial, cached), true or false
+    "also_compile": "",  # also serve n clients and 1 client with these --compile values, e.g. "false,true"
     "serial": True,   # also serve the burst with --max_batch=1 (one sequence at a time: the slowest way)
     "logprobs": -1,   # K >= 0: also serve the burst asking for logprobs with top_logprobs K; -1 = not measured
 }
@@ -66,11 +69,12 @@ def endless_model(path):
 
 
 def peer_copy(checkpoint):
-    """The model file as an older release reads it: format 2, no n-gram key in its shape (the
-    model has no n-gram tables, so the weights are the same)."""
+    """The model file as an older release reads it: format 2, none of the later shape keys (the
+    model has no n-gram tables, QK-norm or soft-cap, so the weights and logits are the same)."""
     state = torch.load(checkpoint, weights_only=True)
     state["format_version"] = PEER_FORMAT
-    state["model_config"].pop("ngram_buckets", None)
+    for key in ("ngram_buckets", "qk_norm", "logit_softcap"):
+        state["model_config"].pop(key, None)
     folder = os.path.join(os.path.dirname(checkpoint), f"format{PEER_FORMAT}")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, os.path.basename(checkpoint))  # the same name: serve.py serves it as "Model"
@@ -86,7 +90,7 @@ def start_server(root, checkpoint, max_batch, threads, extra=()):
     proc = subprocess.Popen([sys.executable, os.path.join(root, "serve.py"), checkpoint, f"--port={port}",
                              f"--max_batch={max_batch}", f"--threads={threads}", *extra], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    for _ in range(3000):  # up to 10 minutes: a first start with compile=auto times and compiles its buckets
         try:
             httpx.get(url + "/health")
             return proc, url
@@ -157,7 +161,7 @@ def main(argv):
     options = parse_cli(argv, CONFIG, __file__)[0]
     checkpoint = os.path.join(tempfile.mkdtemp(prefix="lumina-serve-"), "Model.pth")
     params = endless_model(checkpoint)
-    n, ours = options["clients"], ["--dtype=" + options["dtype"]]
+    n, ours = options["clients"], ["--dtype=" + options["dtype"], "--compile=" + options["compile"]]
     print(f"model: CPU preset shape, {params:,} params | {n} clients x {options['chars']} chars | "
           f"server threads {options['threads'] or 'default'} | torch {torch.__version__} | {os.cpu_count()} CPUs")
     ways = {f"{n} clients, max_batch {n}": (common.ROOT, checkpoint, n, n, ours),
@@ -165,6 +169,10 @@ def main(argv):
     if options["logprobs"] >= 0:
         ways[f"{n} clients, max_batch {n}, logprobs top {options['logprobs']}"] = (
             common.ROOT, checkpoint, n, n, ours, {"logprobs": True, "top_logprobs": options["logprobs"]})
+    for other in filter(None, options["also_compile"].split(",")):
+        extra = ["--dtype=" + options["dtype"], "--compile=" + other]
+        ways[f"{n} clients, max_batch {n}, compile {other}"] = (common.ROOT, checkpoint, n, n, extra)
+        ways[f"1 client, max_batch {n}, compile {other}"] = (common.ROOT, checkpoint, n, 1, extra)
     if options["serial"]:
         ways[f"{n} clients, max_batch 1"] = (common.ROOT, checkpoint, 1, n, ours)
     if options["peer"]:

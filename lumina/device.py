@@ -133,19 +133,30 @@ def remember_trial(path, key, record):
         pass
 
 
+def remembered(key, measure, valid=lambda record: True):
+    """(record, cached): the cache's record for key when it holds a valid one, else measure()'s (a
+    dict with "chosen"), which is stored for the next start."""
+    path = cache_path()
+    record = read_trials(path).get(key)
+    if record is not None and valid(record):
+        return record, True
+    record = measure()
+    remember_trial(path, key, record)
+    return record, False
+
+
 def measured_choice(candidates, trial, key):
     """(chosen, {candidate: seconds per workload}, cached): the candidate least behind the fastest
     at any of the workloads that trial(candidate) times (a list of seconds each), from the cache
     when this key was timed before."""
-    path = cache_path()
-    record = read_trials(path).get(key)
-    if record and record["chosen"] in candidates and set(record.get("times", ())) == set(candidates):
-        return record["chosen"], record["times"], True
-    times = {name: list(trial(name)) for name in candidates}
-    best = [min(seconds) for seconds in zip(*times.values())]
-    chosen = min(candidates, key=lambda name: max(t / b for t, b in zip(times[name], best)))
-    remember_trial(path, key, {"chosen": chosen, "times": times})
-    return chosen, times, False
+    def measure():
+        times = {name: list(trial(name)) for name in candidates}
+        best = [min(seconds) for seconds in zip(*times.values())]
+        return {"chosen": min(candidates, key=lambda name: max(t / b for t, b in zip(times[name], best))),
+                "times": times}
+    record, cached = remembered(key, measure, lambda record: record["chosen"] in candidates and
+                                set(record.get("times", ())) == set(candidates))
+    return record["chosen"], record["times"], cached
 
 
 def timings_line(what, times, cached):

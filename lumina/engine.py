@@ -22,7 +22,7 @@ import types
 import torch
 import torch.nn as nn
 
-from lumina.device import DTYPES, autocast, timed_dtype, trial_key
+from lumina.device import DTYPES, autocast, remembered, timed_dtype, trial_key
 from lumina.vocab import END
 
 
@@ -472,14 +472,17 @@ class Engine:
     window_start) in one padded forward pass, moves every other row one position in a second,
     draws every row's next id in one call (choose), and brings one tensor to the host: the chosen
     ids (with the candidates of any beam searches packed in). `dtype` runs the passes under that
-    autocast; None keeps the caller's. With compile, decode passes run compiled_decode, their rows
-    padded to a bucket; the padding rows write into one extra scratch slot of the cache."""
+    autocast; None keeps the caller's. compile: False, True (every decode pass) or a number of rows:
+    decode passes of up to that many rows run compiled_decode, their rows padded to a bucket (the
+    padding rows write into one extra scratch slot of the cache), larger ones eager. compile_rows
+    may be changed later (compile_choice times both ways in one Engine)."""
 
     def __init__(self, model, slots=1, dtype=None, compile=False):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.cache = KVCache(model.config, slots + 1 if compile else slots, self.device)
-        self.decode, self.scratch = (compiled_decode(self.device.type) if compile else None), slots
+        self.compile_rows = slots if compile is True else int(compile)
+        self.cache = KVCache(model.config, slots + 1 if self.compile_rows else slots, self.device)
+        self.decode, self.scratch = (compiled_decode(self.device.type) if self.compile_rows else None), slots
         self.precision = autocast(self.device, dtype) if dtype is not None else contextlib.nullcontext()
         self.settings = (None, None)  # (the rows' settings, their Sampling): reused while they step
 
@@ -511,7 +514,7 @@ class Engine:
         position 0 (reading), or one id after what the row's slot holds. Texts are right-padded to
         the longest: the padding follows each row's last id, where none of its real positions can
         see it."""
-        if self.decode is not None and not reading:
+        if self.decode is not None and not reading and len(rows) <= self.compile_rows:
             return self.plan_fixed(rows)
         texts, cache = [row.ids[first:] for row, first in zip(rows, firsts)], self.cache
         T = max(map(len, texts))
@@ -594,36 +597,47 @@ class Engine:
         return new_ids
 
 
+def buckets_upto(rows_n):
+    """The buckets that passes of 1 to rows_n rows are padded to: 1, 2, 4 ... bucket(rows_n)."""
+    return [1 << i for i in range(bucket(rows_n).bit_length())]
+
+
 def compile_buckets(engine):
-    """Run a compiled Engine's decode pass at every bucket up to its slots, so that each graph is
+    """Run a compiled Engine's decode pass at every bucket it compiles, so that each graph is
     compiled at start-up, not while a client waits. The slots' contents are left for the next rows
     to overwrite: a row's first step reads its prompt from position 0."""
-    n = 1
-    while n <= engine.scratch:
-        rows = [Row([0, 0], 2, slot=i, temperature=0, stop_ids=()) for i in range(n)]
+    for n in buckets_upto(engine.compile_rows) if engine.compile_rows else ():
+        rows = [Row([0, 0], 2, slot=i, temperature=0, stop_ids=()) for i in range(min(n, engine.scratch))]
         engine.step(rows)
         engine.step(rows)
-        n *= 2
 
 
 TRIAL_PROMPT = 32   # ids each row of a timed trial reads before it steps
 TRIAL_STEPS = 5     # timed steps per trial, after two untimed ones (the prompt pass and a warm-up)
 
 
+def trial_rows(vocab_size, rows_n, prompt=TRIAL_PROMPT):
+    """rows_n rows of ChatAI's default sampling (top-k 40), seeded, each with a prompt to read."""
+    return [Row([(i + j) % vocab_size for j in range(prompt)], 10 ** 6, slot=i, top_k=40, seed=i) for i in range(rows_n)]
+
+
+def best_step(engine, rows, steps=TRIAL_STEPS):
+    """Seconds per character of the rows stepping together: the best of `steps` steps."""
+    best = float("inf")
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step(rows)
+        best = min(best, time.perf_counter() - start)
+    return best / len(rows)
+
+
 def step_seconds(net, rows_n, steps=TRIAL_STEPS):
     """Seconds per character of rows_n rows stepping together with ChatAI's default sampling (top-k
     40), after their prompts are read: the best of `steps` steps."""
-    vocab_size = net.config.vocab_size
-    engine = Engine(net, rows_n)
-    rows = [Row([(i + j) % vocab_size for j in range(TRIAL_PROMPT)], 10 ** 6, slot=i, top_k=40, seed=i)
-            for i in range(rows_n)]
-    best = float("inf")
-    for n in range(2 + steps):
-        start = time.perf_counter()
-        engine.step(rows)
-        if n >= 2:
-            best = min(best, time.perf_counter() - start)
-    return best / rows_n
+    engine, rows = Engine(net, rows_n), trial_rows(net.config.vocab_size, rows_n)
+    engine.step(rows)  # the prompt pass
+    engine.step(rows)  # a warm-up
+    return best_step(engine, rows, steps)
 
 
 def generation_dtype(net, asked, row_counts):
@@ -639,6 +653,80 @@ def generation_dtype(net, asked, row_counts):
         model = copy.deepcopy(net).to(DTYPES[name])
         return [step_seconds(model, rows_n) for rows_n in row_counts]
     return timed_dtype(asked, device, trial, key, f"a character (rows {'/'.join(map(str, row_counts))})")
+
+
+# Compiling the decode step pays where a step is many small operations (one row: about 4x on the
+# forward) and not where it is arithmetic: a compiled pass reads the whole window for every row,
+# where an eager one reads up to the longest row (64 rows: slower compiled; benchmarks/README.md,
+# "Issue 30"). Where the line falls depends on the machine and the model, so it is timed here, once.
+COMPILE_GAIN = 0.9    # a bucket runs compiled when its compiled step takes at most this share of the eager one
+COMPILE_FLOOR = 10.0  # seconds: less than compiling one graph took here (11.5 s with torch's cache warm, 23-35 s
+                      # cold; benchmarks/README.md, "Chat"): work that takes less than this eager never pays it back
+
+
+def bucket_times(engine, rows_n):
+    """(eager, compiled, compiling): seconds per character of rows_n rows of a compiled Engine
+    stepping together half a window into their replies, eager and compiled, and how much longer
+    than an eager step the first compiled one took (compiling the bucket's graph)."""
+    rows = trial_rows(engine.model.config.vocab_size, rows_n, engine.model.config.seq_length // 2)
+    engine.compile_rows = 0
+    engine.step(rows)  # the prompt pass
+    engine.step(rows)  # a warm-up
+    eager = best_step(engine, rows)
+    engine.compile_rows = bucket(rows_n)
+    start = time.perf_counter()
+    engine.step(rows)
+    compiling = max(time.perf_counter() - start - eager * rows_n, 0.0)
+    return eager, best_step(engine, rows), compiling
+
+
+def compile_trial(engine):
+    """A compile trial's record: each bucket from 1 row up, eager against compiled ("times": {rows:
+    [eager, compiled]}), until compiling stops paying or the Engine's slots are covered; "chosen":
+    the largest bucket up to which every bucket paid (0: none); "compile_seconds": their compiling."""
+    times, chosen, seconds = {}, 0, 0.0
+    for n in buckets_upto(engine.scratch):
+        eager, compiled, compiling = bucket_times(engine, min(n, engine.scratch))
+        times[str(n)] = [eager, compiled]
+        if compiled > COMPILE_GAIN * eager:
+            break
+        chosen, seconds = n, seconds + compiling
+    return {"chosen": chosen, "times": times, "compile_seconds": seconds}
+
+
+def compile_choice(net, asked, slots, expected_chars=None):
+    """(rows, why): decode passes of up to `rows` rows run compiled (0: none) in ChatAI.py (1 slot)
+    or serve.py (max_batch slots); the net is already in its generation precision. true compiles
+    every pass and false none. auto times eager against compiled steps of this model on this machine
+    (compile_trial, cached as the precision is) and compiles the buckets where compiling paid. With
+    expected_chars (a chat session), it compiles only if the time saved over that many characters
+    pays for the compiling; work that takes less than COMPILE_FLOOR eager is not even timed."""
+    if asked != "auto":
+        return (slots if asked == "true" else 0), ""
+    if expected_chars is not None:
+        eager = step_seconds(net, 1)
+        if eager * expected_chars < COMPILE_FLOOR:
+            return 0, (f"{expected_chars:,} characters take {eager * expected_chars:.1f} s eager, less than "
+                       f"compiling takes ({COMPILE_FLOOR:.0f} s or more): not timed")
+    weights = next(net.parameters())
+    key = trial_key(weights.device, dataclasses.asdict(net.config), {"compile slots": slots, "dtype": str(weights.dtype)})
+    record, cached = remembered(key, lambda: compile_trial(Engine(net, slots, compile=True)))
+    rows, times = record["chosen"], record["times"]
+    why = (f"a character (rows {'/'.join(times)}) took " + "/".join(f"{t[0] * 1000:.3g}" for t in times.values()) +
+           " ms eager, " + "/".join(f"{t[1] * 1000:.3g}" for t in times.values()) +
+           f" ms compiled; compiling took {record['compile_seconds']:.0f} s" + (" (cached)" if cached else ""))
+    if rows and expected_chars is not None:
+        eager, compiled = times["1"]
+        saved = (eager - compiled) * expected_chars
+        if saved < record["compile_seconds"]:
+            rows, why = 0, why + f"; {expected_chars:,} characters would save only {saved:.0f} s"
+    return rows, why
+
+
+def compile_line(rows, slots, asked, why=""):
+    """The one log line that says which decode passes run compiled: chosen, asked, and why."""
+    chosen = "off" if not rows else "on" if rows >= slots else f"on for passes of up to {rows} of {slots} rows"
+    return f"compile {chosen} (asked {asked}" + (f": {why})" if asked == "auto" else ")")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -134,14 +134,17 @@ def free_port():
 
 
 class Server:
-    """serve.py in a subprocess, ready when /health answers (within start_seconds)."""
+    """serve.py in a subprocess, ready when /health answers (within start_seconds); eager unless the
+    test names --compile (auto would time compiling at every test's start)."""
 
     def __init__(self, checkpoint, *args, env=None, start_seconds=60):
         import httpx
         self.checkpoint, self.port = checkpoint, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), checkpoint, f"--port={self.port}",
-                                      "--threads=1", f"--device={DEVICE}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      "--threads=1", f"--device={DEVICE}",
+                                      *([] if any(a.startswith("--compile") for a in args) else ["--compile=false"]),
+                                      *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
         deadline = time.time() + start_seconds
         while time.time() < deadline:

@@ -86,7 +86,8 @@ def test_compiled_chat_writes_what_eager_chat_writes(ckpt):
     eager = chat(ckpt, lines, "--max_new_chars=80")
     compiled = chat(ckpt, lines, "--max_new_chars=80", "--compile=True")
     assert compiled.returncode == 0, compiled.stderr
-    assert "compiling the decode step" in compiled.stderr
+    assert "compiling the decode step" in compiled.stderr and "\ncompile on (asked true)\n" in compiled.stderr
+    assert "\ncompile off (asked auto: 800 characters take " in eager.stderr  # too little work to time compiling
     replies = [l for l in compiled.stdout.splitlines() if l.startswith("AI: ")]
     assert len(replies) == 2 and all(len(r) == len("AI: ") + 80 for r in replies)
     assert compiled.stdout == eager.stdout

@@ -376,7 +376,7 @@ def replies_alone(net, rows_n, dtype, compile):
                           dtype=dtype, compile=compile, **s)) for i, (n, s) in enumerate(COMPILED_PROMPTS[:rows_n])]
 
 
-def replies_compiled_together(net, rows_n, dtype, monkeypatch):
+def replies_compiled_together(net, rows_n, dtype, monkeypatch, compile=True):
     """The same rows joining a compiled batch every 5 steps, in slots out of order, and leaving when
     done: (their ids, the buckets of the compiled passes)."""
     buckets, plan_fixed = [], Engine.plan_fixed
@@ -384,7 +384,7 @@ def replies_compiled_together(net, rows_n, dtype, monkeypatch):
                         plan_fixed(self, rows))
     rows = [Row(random_ids(len(SPECIAL_TOKENS), net.config.vocab_size, n, n), 30, slot=(i + rows_n - 1) % rows_n, seed=i,
                 stop_ids=(), **s) for i, (n, s) in enumerate(COMPILED_PROMPTS[:rows_n])]
-    return run_together(net, rows, 5, rows_n, dtype, compile=True), set(buckets)
+    return run_together(net, rows, 5, rows_n, dtype, compile=compile), set(buckets)
 
 
 def test_the_compiled_bucketed_decode_gives_the_eager_ids_alone_and_in_a_batch(vocab, monkeypatch):
@@ -406,6 +406,52 @@ def test_the_compiled_decode_under_bf16_autocast_gives_the_eager_ids_with_two_ro
     eager = replies_alone(net, 2, torch.bfloat16, compile=False)
     together, buckets = replies_compiled_together(net, 2, torch.bfloat16, monkeypatch)
     assert together == eager and eager[0] != eager[1] and buckets == {1, 2}
+
+
+def test_passes_of_more_rows_than_the_engine_compiles_run_eager_with_the_same_ids(vocab, monkeypatch):
+    """compile=2: passes of one or two rows run compiled, the pass of three eager, in one Engine;
+    every row still gets its reply alone. bucket_times, the trial's timer, runs a real bucket."""
+    net = model_on_device(vocab)
+    together, buckets = replies_compiled_together(net, 3, None, monkeypatch, compile=2)
+    assert together == replies_alone(net, 3, None, compile=False) and buckets == {1, 2}
+    eager, compiled, compiling = engine.bucket_times(Engine(net, 3, compile=True), 1)
+    assert eager > 0 and compiled > 0 and compiling >= 0
+
+
+def fake_bucket_times(monkeypatch, times):
+    """bucket_times from a table {rows: (eager, compiled, compiling seconds)}; returns the rows asked."""
+    asked = []
+    monkeypatch.setattr(engine, "bucket_times", lambda eng, rows_n: asked.append(rows_n) or times[rows_n])
+    return asked
+
+
+def test_auto_compiles_the_buckets_where_compiled_steps_were_faster_and_caches_it(vocab, monkeypatch):
+    net = model_on_device(vocab)
+    asked = fake_bucket_times(monkeypatch, {1: (2e-3, 5e-4, 20.0), 2: (1e-3, 4e-4, 15.0), 4: (5e-4, 3e-4, 15.0),
+                                            6: (3e-4, 1e-4, 15.0), 8: (2e-4, 1.9e-4, 15.0),
+                                            16: (1e-4, 5e-5, 15.0)})
+    rows, why = engine.compile_choice(net, "auto", 16)
+    assert rows == 4 and asked == [1, 2, 4, 8]  # 8 rows: compiled not 10% faster, so no more buckets are timed
+    assert why == "a character (rows 1/2/4/8) took 2/1/0.5/0.2 ms eager, 0.5/0.4/0.3/0.19 ms compiled; compiling took 50 s"
+    assert engine.compile_line(rows, 16, "auto", why) == f"compile on for passes of up to 4 of 16 rows (asked auto: {why})"
+    assert engine.compile_choice(net, "auto", 16) == (4, why + " (cached)") and len(asked) == 4
+    assert engine.compile_choice(net, "true", 16) == (16, "") and engine.compile_choice(net, "false", 16) == (0, "")
+    engine.compile_choice(net, "auto", 6)  # other slots: timed again, the last bucket with all 6 rows
+    engine.compile_choice(net.to(torch.bfloat16), "auto", 6)  # another precision: timed again
+    assert asked[4:] == [1, 2, 4, 6, 1, 2, 4, 6]
+
+
+def test_a_chat_compiles_only_when_the_characters_it_expects_pay_for_the_compiling(vocab, monkeypatch):
+    net = model_on_device(vocab)
+    monkeypatch.setattr(engine, "step_seconds", lambda net, rows_n: 2e-3)
+    asked = fake_bucket_times(monkeypatch, {1: (2e-3, 5e-4, 20.0)})
+    rows, why = engine.compile_choice(net, "auto", 1, expected_chars=4000)
+    assert rows == 0 and asked == [] and why.startswith("4,000 characters take 8.0 s eager")  # not worth a trial
+    rows, why = engine.compile_choice(net, "auto", 1, expected_chars=10_000)
+    assert rows == 0 and asked == [1] and why.endswith("10,000 characters would save only 15 s")
+    assert engine.compile_line(rows, 1, "auto", why).startswith("compile off (asked auto: ")
+    assert engine.compile_choice(net, "auto", 1, expected_chars=20_000)[0] == 1 and asked == [1]  # saves 30 s
+    assert engine.compile_line(1, 1, "true") == "compile on (asked true)"
 
 
 def test_buckets_are_powers_of_two():
