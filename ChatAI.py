@@ -54,8 +54,8 @@ CONFIG = {
                                 # session of SESSION_REPLIES replies saves more than compiling costs), true or false
 }
 TYPES = {"seed": int, "prompt": str}
-RULES = {"mode": ("topk", "nucleus", "greedy"), "compile": ("auto", "true", "false"), "threads": (1, 1024), "top_k": (1, 10 ** 6), "dtype": DTYPE_CHOICES,
-         "length_penalty": (-5.0, 5.0)}
+RULES = {"mode": ("topk", "nucleus", "greedy"), "compile": ("auto", "true", "false"), "threads": (1, 1024),
+         "top_k": (1, 10 ** 6), "dtype": DTYPE_CHOICES, "length_penalty": (-5.0, 5.0)}
 MAX_BEAMS = 16
 SESSION_REPLIES = 10  # compile=auto: the work a chat expects, in replies of max_new_chars (--prompt: one)
 LEAST_LIKELY = 5     # probs K: how many of a reply's least likely characters are listed under it
