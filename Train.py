@@ -48,7 +48,7 @@ CONFIG = {
     "seq_length": None,            # context window in characters; 64-1024 (None: grows with the chosen model)
     "dropout": None,               # None: by the epochs the run will see (0 up to 1, 0.1 up to 16, 0.2 above; logged)
     "ngram_buckets": None,         # rows of each hashed table of 2- and 3-character contexts; 0 = none
-    "qk_norm": False,              # True: queries and keys at unit RMS per head (QK-norm: steadier attention logits)
+    "qk_norm": True,               # queries and keys at unit RMS per head (QK-norm: steadier attention logits); False: off
     "logit_softcap": 0.0,          # > 0: output logits soft-capped at +-this (cap * tanh(logit / cap)); 0 = off
     # --- optimization ---
     "optimizer": "muon",           # muon: Muon for the blocks' weight matrices, AdamW for the rest; or adamw for all
@@ -64,8 +64,8 @@ CONFIG = {
     "grad_clip": 1.0,              # max gradient norm; 0 turns clipping off
     "label_smoothing": 0.0,        # 0-0.2; off: it moves probability onto wrong characters, which bits/char punishes
     "muon_steps": 5,               # Newton-Schulz iterations per Muon step (fewer: cheaper, rougher)
-    "short_context": 0,            # > 0: train on windows this long (as many characters a step) for the first short_share
-    "short_share": 0.6,            #   of the run, then on seq_length; 0 = seq_length throughout
+    "short_context": None,         # > 0: train on windows this long (as many characters a step) for the first short_share
+    "short_share": 0.6,            #   of the run, then on seq_length; 0 = seq_length throughout (None: 64 on a CPU)
     "max_iters": 20000,            # optimizer steps; training ends at max_iters or max_minutes, whichever first
     "max_minutes": 15.0,           # wall-clock budget including compilation; 0 = no budget
     # --- evaluation and logging ---

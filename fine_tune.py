@@ -114,6 +114,7 @@ def training_config(config, base):
     merged["out_dir"] = os.path.dirname(os.path.abspath(config["output"]))
     merged["assistant_only_loss"] = config["assistant_only_loss"]
     merged["optimizer"] = "adamw"  # the recipes (benchmarks/README.md, "Fine-tuning") were measured with AdamW
+    merged["short_context"] = 0  # a phase of short windows is pretraining's: fine-tuning reads whole chats
     merged["learning_rate"] = config["learning_rate"] or LEARNING_RATES[config["train"]] * (
         DPO_RATE_SHARE if config["objective"] == "dpo" else 1.0)
     merged["eval_interval"] = config["eval_interval"] or 1  # set from the data's size in budget()

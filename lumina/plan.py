@@ -45,7 +45,7 @@ class TrainConfig:
     seq_length: int | None = key(None, AT_LEAST_ONE)
     dropout: float | None = key(None, (0.0, 0.9))
     ngram_buckets: int | None = key(None, (0, 2 ** 20))
-    qk_norm: bool = False
+    qk_norm: bool = True
     logit_softcap: float = key(0.0, (0.0, 1000.0))
     # --- optimization ---
     optimizer: str = key("muon", ("adamw", "muon"))
@@ -60,7 +60,7 @@ class TrainConfig:
     grad_clip: float = key(1.0, (0.0, math.inf))
     label_smoothing: float = key(0.0, (0.0, 0.5))
     muon_steps: int = key(5, (1, 20))
-    short_context: int = key(0, (0, 10 ** 5))
+    short_context: int | None = key(None, (0, 10 ** 5))
     short_share: float = key(0.6, (0.0, 1.0))
     end_weight: float = key(1.0, (0.0, 1000.0))  # fine_tune.py's: the loss weight of each <|end|>
     max_iters: int = key(20000, AT_LEAST_ONE)
@@ -89,16 +89,20 @@ class TrainConfig:
     # 10-minute runs context 256 / batch 4 matched context 128 / batch 8 (1.949 and 1.948) and holds
     # twice the chat history. With Muon (the default optimizer) batch 8 at 6e-3 learned most in 5
     # minutes ("Optimizer: Muon"); with --optimizer=adamw use batch 4 at 3e-3.
+    # The first 60% of a CPU run on 64-character windows, with QK-norm (a default everywhere), won
+    # three ten-minute pairs of three against the plain preset, by 0.016-0.022 bits/char ("Training").
     # GPU: a larger model for the same 15 minutes (not measured: no GPU yet).
     PRESETS = {
         "cpu": dict(hidden_size=128, num_layers=4, nhead=4, seq_length=256, batch_size=8, learning_rate=6e-3,
-                    ngram_buckets=4096),  # n-grams: measured better in the same minutes (benchmarks/README.md)
+                    ngram_buckets=4096,  # n-grams: measured better in the same minutes (benchmarks/README.md)
+                    short_context=64),
         "gpu": dict(hidden_size=512, num_layers=8, nhead=8, seq_length=512, batch_size=64, learning_rate=1e-3,
-                    ngram_buckets=0),  # not yet measured on a GPU
+                    ngram_buckets=0, short_context=0),  # not yet measured on a GPU
     }
     # What a run saved before a key existed did: a resumed run, or a base model (one made by hand
     # that lacks a key fine-tunes with Train.py's CPU defaults for it).
     OLD_RUNS = {"optimizer": "adamw", "ngram_buckets": 0, "qk_norm": False, "logit_softcap": 0.0, "dropout": 0.0,
+                "short_context": 0,
                 "weight_decay": 0.1, "batch_size": 8, "grad_accum": 1, "min_lr_ratio": 0.0, "beta2": 0.99,
                 "grad_clip": 1.0, "label_smoothing": 0.0, "eval_windows": 64}
 

@@ -94,7 +94,7 @@ class LanguageModel:
     def draw(self, n, sampler, progress=1.0):
         """n windows; in the first short_share of the run, as many characters in shorter windows:
         a step over short windows is cheaper, and early on the model learns little from far context."""
-        if self.short_context and progress < self.short_share:
+        if 0 < self.short_context < self.seq_length and progress < self.short_share:  # no phase longer than the context
             return random_windows(self.ids, self.mask, n * self.seq_length // self.short_context, self.short_context, sampler)
         return random_windows(self.ids, self.mask, n, self.seq_length, sampler)
 

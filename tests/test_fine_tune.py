@@ -228,3 +228,11 @@ def test_the_readme_flow_from_the_bundled_sample_reaches_a_chat_twice(tmp_path):
                "--output=DPO.pth", *tune)
     assert "vocabulary" not in out.stdout and load_checkpoint(str(tmp_path / "DPO.pth"))["objective"] == "dpo"
     step("ChatAI.py", "DPO.pth", "--prompt=Hello!", "--max_new_chars=20")  # a reply (an empty one is a reply too)
+
+
+def test_a_fine_tune_reads_whole_chats_even_from_a_base_trained_with_a_short_first_phase(tmp_path):
+    base = {"config": {**Train.CONFIG, "short_context": 64, "qk_norm": True},
+            "model_config": {"seq_length": 256, "hidden_size": 128, "num_layers": 4, "nhead": 4, "qk_norm": True}}
+    config = {**fine_tune.CONFIG, "output": str(tmp_path / "FineTuned_Model.pth")}
+    train_config, _ = fine_tune.training_config(config, base)
+    assert train_config.short_context == 0 and train_config.qk_norm is True  # the phase is pretraining's; the shape is the base's

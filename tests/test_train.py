@@ -464,6 +464,16 @@ def test_a_short_context_phase_reads_as_many_characters_in_shorter_windows():
     assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(before[:, 1], x[:, 0] - 1)  # windows of the text
     assert text.draw(4, seeded_generator(0), progress=0.6)[0].shape == (4, 64)  # then the whole context
     assert [len(part[0]) for part, _ in text.split((x, y, before), 2)] == [8, 8]  # micro-batches of as many characters
+    whole = training.LanguageModel(ids, mask, 32, short_context=64, short_share=0.5)  # the preset's 64 > a tiny context
+    assert whole.draw(4, seeded_generator(0), progress=0.2)[0].shape == (4, 32)  # no shorter phase than the context
+
+
+def test_the_cpu_preset_trains_with_qk_norm_and_a_short_first_phase_and_older_runs_resume_without():
+    cpu, gpu = (Train.resolve_config(Train.CONFIG, [], None).with_preset(d) for d in ("cpu", "cuda"))
+    assert cpu.qk_norm and gpu.qk_norm and (cpu.short_context, gpu.short_context) == (64, 0)  # ten-minute pairs: CPU only
+    old_run = {"config": {k: v for k, v in Train.CONFIG.items() if k not in ("qk_norm", "short_context")}}
+    resumed = Train.resolve_config(Train.CONFIG, ["--resume"], old_run).with_preset("cpu")
+    assert (resumed.qk_norm, resumed.short_context) == (False, 0)  # as it was trained before the keys existed
 
 
 def test_muon_takes_its_number_of_newton_schulz_iterations_and_keeps_it_in_its_state(vocab):
