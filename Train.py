@@ -143,6 +143,15 @@ def choose_precision_and_regularisation(net, config, found, runtime, log):
     return rebuilt
 
 
+def levers(config):
+    """The levers that are on, for the model line: a learner sees what this run trains with."""
+    named = ["QK-norm"] if config.qk_norm else []
+    named += [f"logit soft-cap {config.logit_softcap:g}"] if config.logit_softcap else []
+    if 0 < config.short_context < config.seq_length:  # lumina.training draws no phase longer than the context
+        named.append(f"the first {config.short_share:.0%} on {config.short_context}-character windows")
+    return "".join(f" | {name}" for name in named)
+
+
 def report_turn_ends(path, prompts, runtime, max_chars, log):
     best = ckpt.build_model(ckpt.load_checkpoint(path))[0].to(runtime.device)
     log(f"{path}: {turn_ends(end_of_turn_rate(best, prompts, runtime.dtype, max_chars=max_chars), prompts)}")
@@ -172,7 +181,7 @@ def main(argv):
     plain = dataclasses.replace(config, dropout=config.dropout or 0.0)  # dropout layers come once it is chosen
     net = ckpt.build_model(state)[0] if state else plan.new_model(plain, found.vocab)
     log(f"model: {net.num_params():,} parameters | {config.num_layers} layers | width {config.hidden_size} | "
-        f"context {config.seq_length}" + (f" | resuming from step {state['step']}" if state else ""))
+        f"context {config.seq_length}" + levers(config) + (f" | resuming from step {state['step']}" if state else ""))
     net = choose_precision_and_regularisation(net, config, found, runtime, log)
     # --- train ---
     trainer = training.Trainer(config, net, found, runtime, files, {"stage": "train", **({"shape": why} if why else {})},

@@ -468,6 +468,16 @@ def test_a_short_context_phase_reads_as_many_characters_in_shorter_windows():
     assert whole.draw(4, seeded_generator(0), progress=0.2)[0].shape == (4, 32)  # no shorter phase than the context
 
 
+def test_the_model_line_names_the_levers_that_are_on(tmp_path, chat_file, capsys):
+    Train.main([f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=4", *TINY_ARGS,
+                "--short_context=8", "--logit_softcap=15"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("model:"))
+    assert line.endswith("context 16 | QK-norm | logit soft-cap 15 | the first 60% on 8-character windows")
+    Train.main([f"--data={chat_file}", f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=4", *TINY_ARGS,
+                "--qk_norm=False", "--overwrite"])  # the preset's 64 is no shorter than a context of 16: no phase
+    assert next(l for l in capsys.readouterr().out.splitlines() if l.startswith("model:")).endswith("context 16")
+
+
 def test_the_cpu_preset_trains_with_qk_norm_and_a_short_first_phase_and_older_runs_resume_without():
     cpu, gpu = (Train.resolve_config(Train.CONFIG, [], None).with_preset(d) for d in ("cpu", "cuda"))
     assert cpu.qk_norm and gpu.qk_norm and (cpu.short_context, gpu.short_context) == (64, 0)  # ten-minute pairs: CPU only
