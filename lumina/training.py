@@ -224,7 +224,7 @@ class Trainer:
     def __init__(self, config, net, found, runtime, files, meta, end_probes=False, objective=None, compile=False):
         self.config, self.net, self.data, self.runtime, self.files, self.meta = config, net, found, runtime, files, meta
         self.objective = objective or LanguageModel(found.train, found.train_mask, config.seq_length,
-                                                    config.label_smoothing, config.short_context,
+                                                    config.label_smoothing, config.short_context or 0,  # None: no preset
                                                     config.short_share, config.end_weight,
                                                     net.config.vocab_size)
         self.end_probes = end_probes and bool(found.val_prompts)  # the end-of-turn rate at every evaluation
