@@ -54,7 +54,7 @@ from lumina.checkpoint import CheckpointError, default_checkpoint, load_for_chat
 from lumina.config import CHAT_SAMPLING, parse_cli
 from lumina.device import DTYPE_CHOICES, dtype_line, dtype_name
 from lumina.engine import (LOGPROB_FLOOR, MAX_TOP_LOGPROBS, BeamSearch, Engine, Entry, Row, compile_buckets,
-                           compile_choice, compile_line, generation_dtype)
+                           compile_choice, compile_line, generation_dtype, thread_choice, thread_line)
 from lumina.evaluate import attention_view
 from lumina.vocab import SPECIAL_TOKENS, TURN_ENDS, chat_prompt
 
@@ -87,7 +87,8 @@ CONFIG = {
     "device": "auto",           # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps
     "dtype": "auto",            # auto: bf16 on a GPU; on a CPU the faster of float32 and bf16 at 1 and max_batch
                                 # rows, timed here once (cached); or float32, bfloat16, float16. Weights cast once
-    "threads": 0,               # CPU threads for the model; 0 = torch's default
+    "threads": 0,               # CPU threads for the model; 0 = auto: torch's default, but small batches on
+                                # one thread where a timed trial says more threads do not pay
     "compile": "auto",          # compile the decode step, rows padded to powers of two (one graph each, all
                                 # compiled at start): auto for the buckets where a trial here (once, cached) found
                                 # compiled steps faster (few rows, typically; not many), true (all) or false
@@ -441,11 +442,12 @@ class Scheduler:
     freed and the next step goes on. If the thread dies anyway, `failure` says why, every waiting
     client gets a 503 at once, and so does every new request and /health."""
 
-    def __init__(self, net, vocab, config):
+    def __init__(self, net, vocab, config, one_thread_rows=0):
         self.net, self.vocab, self.config = net, vocab, config
         self.tokens = token_table(vocab)  # each id's JSON, for log-prob entries
         self.dtype = next(net.parameters()).dtype  # serve.py casts the weights to the precision it chose
-        self.engine = Engine(net, config["max_batch"], compile=config["compile"])  # the rows compile_choice chose
+        # config["compile"]: the rows compile_choice chose; one_thread_rows: thread_choice's
+        self.engine = Engine(net, config["max_batch"], compile=config["compile"], one_thread_rows=one_thread_rows)
         self.free = list(range(config["max_batch"]))  # a heap: the lowest slots first, so rows stay neighbours
         self.waiting, self.running = collections.deque(), []
         self.wake, self.accepting, self.outbox, self.failure = threading.Condition(), True, [], None
@@ -956,8 +958,10 @@ def main(argv):
         print({"true": "compiling the decode step for every bucket of rows (a one-off wait)...",
                "auto": "compile auto: timing compiled against eager decode steps unless this machine did before, then "
                        "compiling the buckets where it paid (a one-off wait)..."}[config["compile"]], flush=True)
-    rows, compiled = compile_choice(net, config["compile"], config["max_batch"])
-    scheduler = Scheduler(net, vocab, {**config, "compile": rows})
+    threads = torch.get_num_threads()
+    one_thread_rows, threads_why = thread_choice(net, config["threads"], config["max_batch"])
+    rows, compiled = compile_choice(net, config["compile"], config["max_batch"], one_thread_rows=one_thread_rows)
+    scheduler = Scheduler(net, vocab, {**config, "compile": rows}, one_thread_rows)
     compile_buckets(scheduler.engine)
     scheduler.thread.start()
     # --- serve until Ctrl-C or SIGTERM ---
@@ -965,6 +969,7 @@ def main(argv):
           f"context {net.config.seq_length} | batch {config['max_batch']} | queue {config['max_queue']} | "
           f"http://{config['host']}:{config['port']}" + (" | API key required" if config["api_key"] else ""), flush=True)
     print(dtype_line(dtype, config["dtype"], why), flush=True)
+    print(thread_line(one_thread_rows, config["max_batch"], threads, config["threads"], threads_why), flush=True)
     print(compile_line(rows, config["max_batch"], config["compile"], compiled), flush=True)
     app = build_app(scheduler, config, model_name)
     server = Server(uvicorn.Config(app, host=config["host"], port=config["port"], log_level="warning",

@@ -475,11 +475,14 @@ class Engine:
     autocast; None keeps the caller's. compile: False, True (every decode pass) or a number of rows:
     decode passes of up to that many rows run compiled_decode, their rows padded to a bucket (the
     padding rows write into one extra scratch slot of the cache), larger ones eager. compile_rows
-    may be changed later (compile_choice times both ways in one Engine)."""
+    may be changed later (compile_choice times both ways in one Engine). one_thread_rows: steps of
+    up to that many rows run on one CPU thread, larger ones on the threads torch had when the Engine
+    was made (thread_choice); 0 leaves torch's threads alone."""
 
-    def __init__(self, model, slots=1, dtype=None, compile=False):
+    def __init__(self, model, slots=1, dtype=None, compile=False, one_thread_rows=0):
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.one_thread_rows, self.threads = one_thread_rows, torch.get_num_threads()
         self.compile_rows = slots if compile is True else int(compile)
         self.cache = KVCache(model.config, slots + 1 if self.compile_rows else slots, self.device)
         self.decode, self.scratch = (compiled_decode(self.device.type) if self.compile_rows else None), slots
@@ -563,6 +566,8 @@ class Engine:
         rows, beams = list(rows), [row for search in searches for row in search.rows]
         if not rows and not beams:
             return []
+        if self.one_thread_rows:
+            use_threads(1 if len(rows) + len(beams) <= self.one_thread_rows else self.threads)
         drawing = self.sampling(rows) if rows else None
         asking = [b for b, row in enumerate(rows) if row.top_logprobs is not None]  # rows that want log-probs
         k = min(max((rows[b].top_logprobs for b in asking), default=0), self.model.config.vocab_size)
@@ -605,11 +610,14 @@ def buckets_upto(rows_n):
 def compile_buckets(engine):
     """Run a compiled Engine's decode pass at every bucket it compiles, so that each graph is
     compiled at start-up, not while a client waits. The slots' contents are left for the next rows
-    to overwrite: a row's first step reads its prompt from position 0."""
-    for n in buckets_upto(engine.compile_rows) if engine.compile_rows else ():
-        rows = [Row([0, 0], 2, slot=i, temperature=0, stop_ids=()) for i in range(min(n, engine.scratch))]
-        engine.step(rows)
-        engine.step(rows)
+    to overwrite: a row's first step reads its prompt from position 0. Torch's threads are left as
+    they were, whatever the Engine's steps set."""
+    def run():
+        for n in buckets_upto(engine.compile_rows) if engine.compile_rows else ():
+            rows = [Row([0, 0], 2, slot=i, temperature=0, stop_ids=()) for i in range(min(n, engine.scratch))]
+            engine.step(rows)
+            engine.step(rows)
+    on_threads(engine.threads, run)
 
 
 TRIAL_PROMPT = 32   # ids each row of a timed trial reads before it steps
@@ -694,7 +702,7 @@ def compile_trial(engine):
     return {"chosen": chosen, "times": times, "compile_seconds": seconds}
 
 
-def compile_choice(net, asked, slots, expected_chars=None):
+def compile_choice(net, asked, slots, expected_chars=None, one_thread_rows=0):
     """(rows, why): decode passes of up to `rows` rows run compiled (0: none) in ChatAI.py (1 slot)
     or serve.py (max_batch slots); the net is already in its generation precision. true compiles
     every pass and false none. auto times eager against compiled steps of this model on this machine
@@ -709,8 +717,10 @@ def compile_choice(net, asked, slots, expected_chars=None):
             return 0, (f"{expected_chars:,} characters take {eager * expected_chars:.1f} s eager, less than "
                        f"compiling takes ({COMPILE_FLOOR:.0f} s or more): not timed")
     weights = next(net.parameters())
-    key = trial_key(weights.device, dataclasses.asdict(net.config), {"compile slots": slots, "dtype": str(weights.dtype)})
-    record, cached = remembered(key, lambda: compile_trial(Engine(net, slots, compile=True)))
+    key = trial_key(weights.device, dataclasses.asdict(net.config), {"compile slots": slots, "dtype": str(weights.dtype),
+                                                                     "one thread rows": one_thread_rows})
+    engine = Engine(net, slots, compile=True, one_thread_rows=one_thread_rows)
+    record, cached = remembered(key, lambda: on_threads(engine.threads, compile_trial, engine))
     rows, times = record["chosen"], record["times"]
     why = (f"a character (rows {'/'.join(times)}) took " + "/".join(f"{t[0] * 1000:.3g}" for t in times.values()) +
            " ms eager, " + "/".join(f"{t[1] * 1000:.3g}" for t in times.values()) +
@@ -721,6 +731,70 @@ def compile_choice(net, asked, slots, expected_chars=None):
         if saved < record["compile_seconds"]:
             rows, why = 0, why + f"; {expected_chars:,} characters would save only {saved:.0f} s"
     return rows, why
+
+
+# A step of few rows is about a hundred small operations. Sharing each one across cores costs a
+# wake-up of every thread and a wait for the slowest, and in serve.py the HTTP side and the clients
+# want the same cores: on a 2-core EPYC one HTTP client got 807 characters/s on one thread against
+# 423 on two, though the step alone took as long on either (benchmarks/README.md, "Issue 30"). So
+# a bucket of rows runs on every thread only where a trial here says that is clearly faster.
+THREADS_GAIN = 0.9  # every thread runs a bucket when its step takes at most this share of one thread's
+
+
+def use_threads(n):
+    if torch.get_num_threads() != n:  # setting it costs well under a microsecond, but why pay twice
+        torch.set_num_threads(n)
+
+
+def on_threads(n, work, *args):
+    """work(*args) with torch on n threads, then torch's threads as they were."""
+    before = torch.get_num_threads()
+    use_threads(n)
+    try:
+        return work(*args)
+    finally:
+        use_threads(before)
+
+
+def thread_trial(net, slots, threads):
+    """A thread trial's record: each bucket from 1 row up, one thread against `threads` ("times":
+    {rows: [one, all]}), until every thread pays or the slots are covered; "chosen": the largest
+    bucket up to which one thread was as fast (0: none). More rows only give threads more to share."""
+    times, chosen = {}, 0
+    for n in buckets_upto(slots):
+        rows_n = min(n, slots)
+        one, every = (on_threads(k, step_seconds, net, rows_n) for k in (1, threads))
+        times[str(n)] = [one, every]
+        if every <= THREADS_GAIN * one:
+            break
+        chosen = rows_n
+    return {"chosen": chosen, "times": times}
+
+
+def thread_choice(net, asked, slots):
+    """(rows, why): serve.py's steps of up to `rows` rows run on one thread, larger ones on all of
+    torch's threads (0: all on torch's). asked: serve.py's --threads; a number is obeyed as it is
+    (no trial), 0 (auto) times one thread against all of them on this model, cached per machine,
+    model shape, precision and slots. Only a CPU has threads to choose."""
+    weights, threads = next(net.parameters()), torch.get_num_threads()
+    if asked or weights.device.type != "cpu":
+        return 0, ""
+    if threads == 1:
+        return 0, "torch has one thread here: nothing to choose"
+    key = trial_key(weights.device, dataclasses.asdict(net.config), {"thread slots": slots, "dtype": str(weights.dtype)})
+    record, cached = remembered(key, lambda: thread_trial(net, slots, threads))
+    times = record["times"]
+    why = (f"a character (rows {'/'.join(times)}) took " + "/".join(f"{t[0] * 1000:.3g}" for t in times.values()) +
+           " ms on 1 thread, " + "/".join(f"{t[1] * 1000:.3g}" for t in times.values()) +
+           f" ms on {threads}" + (" (cached)" if cached else ""))
+    return record["chosen"], why
+
+
+def thread_line(rows, slots, threads, asked, why=""):
+    """The one log line that says how many threads serve.py's steps run on: chosen, asked, and why."""
+    chosen = (str(threads) if not rows else "1" if rows >= slots else
+              f"1 for steps of up to {rows} of {slots} rows, {threads} above")
+    return f"threads {chosen} (asked {asked or 'auto'}" + (f": {why})" if not asked else ")")
 
 
 def compile_line(rows, slots, asked, why=""):

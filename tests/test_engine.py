@@ -454,6 +454,53 @@ def test_a_chat_compiles_only_when_the_characters_it_expects_pay_for_the_compili
     assert engine.compile_line(1, 1, "true") == "compile on (asked true)"
 
 
+@pytest.fixture
+def two_threads():
+    """torch on two threads for one test (the suite runs on one), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_auto_threads_keep_steps_on_one_thread_up_to_the_rows_where_two_were_faster_and_caches_it(vocab, monkeypatch,
+                                                                                                  two_threads):
+    net = model_on_device(vocab)
+    times = {1: (1e-3, 1e-3), 2: (6e-4, 5.9e-4), 4: (4e-4, 3.7e-4), 6: (3e-4, 2e-4), 8: (2e-4, 1e-4)}  # (1 thread, 2)
+    asked = []
+    monkeypatch.setattr(engine, "step_seconds", lambda net, rows_n: asked.append((rows_n, torch.get_num_threads())) or
+                        times[rows_n][torch.get_num_threads() - 1])
+    rows, why = engine.thread_choice(net, 0, 16)
+    assert rows == 4 and asked == [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (8, 1), (8, 2)]  # 8: 2x, no more timed
+    assert torch.get_num_threads() == 2  # the trial leaves torch as it found it
+    assert why == "a character (rows 1/2/4/8) took 1/0.6/0.4/0.2 ms on 1 thread, 1/0.59/0.37/0.1 ms on 2"
+    assert engine.thread_line(rows, 16, 2, 0, why) == f"threads 1 for steps of up to 4 of 16 rows, 2 above (asked auto: {why})"
+    assert engine.thread_choice(net, 0, 16) == (4, why + " (cached)") and len(asked) == 8
+    assert engine.thread_choice(net, 2, 16) == (0, "") and engine.thread_line(0, 16, 2, 2) == "threads 2 (asked 2)"
+    engine.thread_choice(net, 0, 6)  # other slots: timed again, the last bucket with all 6 rows
+    assert asked[8:] == [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (6, 1), (6, 2)]
+    torch.set_num_threads(1)
+    assert engine.thread_choice(net, 0, 16) == (0, "torch has one thread here: nothing to choose")
+
+
+def test_an_engine_steps_its_small_batches_on_one_thread_and_the_rest_on_every_thread(vocab, monkeypatch, two_threads):
+    """one_thread_rows=2: steps of one or two rows run on one thread, of three on both; the ids are
+    the same as an Engine's that leaves the threads alone."""
+    net, seen, real_choose = model_on_device(vocab), [], engine.choose
+    monkeypatch.setattr(engine, "choose", lambda *args, **kw: seen.append(torch.get_num_threads()) or real_choose(*args, **kw))
+    replies = []
+    for one_thread_rows in (2, 0):
+        torch.set_num_threads(2)  # an Engine's steps leave this thread on the threads of its last step
+        rows = [Row(random_ids(len(SPECIAL_TOKENS), net.config.vocab_size, 5 + i, i), 8, slot=i, seed=i, stop_ids=())
+                for i in range(3)]
+        eng, seen[:] = Engine(net, 3, one_thread_rows=one_thread_rows), []
+        for n in (1, 2, 3, 3, 2, 1):  # rows joining, then leaving
+            eng.step([row for row in rows[:n] if not row.done])
+        replies.append([row.ids for row in rows])
+        assert seen == ([1, 1, 2, 2, 1, 1] if one_thread_rows else [2] * 6)
+    assert replies[0] == replies[1]
+
+
 def test_buckets_are_powers_of_two():
     assert [engine.bucket(n) for n in (1, 2, 3, 4, 5, 17, 64, 65)] == [1, 2, 4, 4, 8, 32, 64, 128]
 

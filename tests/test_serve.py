@@ -184,6 +184,22 @@ def test_a_compiled_server_sends_the_eager_servers_seeded_replies(sharp, dtype):
     assert logprob_replies[0] == logprob_replies[1] == replies[0]  # log-probs in the step change no draw
 
 
+def test_a_server_on_two_threads_times_which_steps_run_on_one_and_sends_the_same_seeded_replies(sharp):
+    """--threads=0 (auto) with torch on two threads: serve.py times one thread against two for each
+    bucket of rows, says what it chose, and the seeded replies are the one-thread server's."""
+    auto = Server(sharp.checkpoint, f"--api_key={KEY}", "--max_batch=4", "--threads=0", env={"OMP_NUM_THREADS": "2"})
+    try:
+        replies = [[c.message.content for c in ask(server.client(), "hi there", max_tokens=40, temperature=1.0,
+                                                   seed=5, n=3).choices] for server in (sharp, auto)]
+    finally:
+        code, out, err = auto.stop()
+    assert replies[0] == replies[1] and len(set(replies[0])) == 3
+    line = next(line for line in out.splitlines() if line.startswith("threads "))
+    assert re.fullmatch(r"threads (1|2|1 for steps of up to [12] of 4 rows, 2 above) \(asked auto: a character \(rows "
+                        r"1(/2(/4)?)?\) took [0-9./]+ ms on 1 thread, [0-9./]+ ms on 2\)", line), line
+    assert code == 0 and "Traceback" not in err, err
+
+
 def uncached_logprobs(checkpoint, text, reply, dtype="float32"):
     """(log-softmax (len(reply), vocab) of one uncached forward of the prompt and reply, the reply's
     ids, the tolerance for that precision): what every logprob of the reply must be."""
