@@ -756,6 +756,23 @@ def on_threads(n, work, *args):
         use_threads(before)
 
 
+THREAD_STEPS = 20  # timed steps on each thread count, taking turns: a step of one row varies by 1.5x from one to the next
+
+
+def thread_times(net, rows_n, threads, steps=THREAD_STEPS):
+    """(one, every): seconds per character of rows_n rows stepping together on one thread and on
+    `threads`, the best of `steps` steps each, the two taking turns in one Engine so that both see
+    the same machine."""
+    engine, rows = Engine(net, rows_n), trial_rows(net.config.vocab_size, rows_n)
+    engine.step(rows)  # the prompt pass
+    engine.step(rows)  # a warm-up
+    best = {1: float("inf"), threads: float("inf")}
+    for _ in range(steps):
+        for k in best:
+            best[k] = min(best[k], on_threads(k, best_step, engine, rows, 1))
+    return best[1], best[threads]
+
+
 def thread_trial(net, slots, threads):
     """A thread trial's record: each bucket from 1 row up, one thread against `threads` ("times":
     {rows: [one, all]}), until every thread pays or the slots are covered; "chosen": the largest
@@ -763,7 +780,7 @@ def thread_trial(net, slots, threads):
     times, chosen = {}, 0
     for n in buckets_upto(slots):
         rows_n = min(n, slots)
-        one, every = (on_threads(k, step_seconds, net, rows_n) for k in (1, threads))
+        one, every = thread_times(net, rows_n, threads)
         times[str(n)] = [one, every]
         if every <= THREADS_GAIN * one:
             break
