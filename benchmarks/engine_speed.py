@@ -33,7 +33,7 @@ import torch
 import common  # noqa: F401  (puts the project on sys.path)
 from lumina.config import parse_cli
 from lumina.device import seeded_generator
-from lumina.engine import Engine, Row, Sampling, choose, compile_buckets, generate, generation_dtype, recent_ids
+from lumina.engine import Engine, Row, Sampling, choose, compile_buckets, generate, generation_dtype, recent_ids, row_keys
 from lumina.model import CharTransformer, ModelConfig
 from lumina.plan import PRESETS
 from lumina.vocab import SPECIAL_TOKENS
@@ -81,12 +81,12 @@ def draw_cost(vocab_size, settings, rows_n=64, calls=200):
     logits = torch.randn(rows_n, vocab_size, generator=seeded_generator(0)) * 3
     rows = [Row(prompt(vocab_size, 70, i), 100, slot=i, seed=i, **settings) for i in range(rows_n)]
     sampling = Sampling.of(rows, vocab_size, logits.device)
-    positions = torch.arange(rows_n)
+    keys = row_keys(sampling.keys, range(rows_n), logits.device)
     recent = recent_ids(rows, logits.device) if sampling.penalty_used else None
-    choose(logits, sampling, positions, recent)
+    choose(logits, sampling, keys, recent)
     start = time.perf_counter()
     for _ in range(calls):
-        choose(logits, sampling, positions, recent)
+        choose(logits, sampling, keys, recent)
     return (time.perf_counter() - start) / calls / rows_n * 1e6
 
 

@@ -89,7 +89,7 @@ def draw(logits, seed=0, position=0, recent=None, **settings):
     """One row's draw through the batched choose()."""
     row = Row([0], 1, seed=seed, **{"temperature": 1.0, **settings})
     sampling = Sampling.of([row], logits.shape[-1], logits.device)
-    return int(choose(logits[None], sampling, torch.tensor([position]), recent))
+    return int(choose(logits[None], sampling, engine.row_keys(sampling.keys, [position], logits.device), recent))
 
 
 def test_temperature_zero_is_argmax():
@@ -153,7 +153,7 @@ def test_each_setting_of_the_batched_draw_matches_its_one_row_definition_on_fixe
     recent = engine.recent_ids(rows, "cpu")
     sampling = Sampling.of(rows, V, logits.device)
     fixed = lambda ids: noise.gather(1, ids) if ids.dim() == 2 else noise[:, ids]
-    got = choose(logits, sampling, torch.zeros(B, dtype=torch.long), recent, noise=fixed).tolist()
+    got = choose(logits, sampling, None, recent, noise=fixed).tolist()
     expected = [one_row(logits[b], noise[b], row.temperature, row.top_k, row.top_p, row.repetition_penalty,
                         row.ids[-engine.REPETITION_WINDOW:]) for b, row in enumerate(rows)]
     assert got == expected
@@ -165,12 +165,13 @@ def test_the_noise_is_a_fair_draw_and_depends_on_seed_position_and_id_alone():
     counts = torch.bincount(torch.tensor([draw(logits, seed) for seed in range(4000)]), minlength=5).float()
     expected = logits.softmax(-1) * 4000
     assert ((counts - expected) ** 2 / expected).sum() < 20  # chi-square, 4 degrees of freedom: p < 0.001 above 18.5
-    keys, positions = torch.tensor([engine.seed_key(s) for s in (0, 1, 2 ** 63 - 1, -5)]), torch.tensor([0, 5, 9, 1])
-    ids = torch.arange(30)
-    noise = gumbel(keys, positions, ids)
-    assert torch.equal(noise[1:2], gumbel(keys[1:2], positions[1:2], ids))  # alone or beside others
-    assert torch.equal(noise[:, 10:20], gumbel(keys, positions, ids[None, 10:20].expand(4, 10)))  # any candidate set
-    on_device = gumbel(keys.to(DEVICE), positions.to(DEVICE), ids.to(DEVICE)).cpu()
+    seeds, positions = [engine.seed_key(s) for s in (0, 1, 2 ** 63 - 1, -5)], [0, 5, 9, 1]
+    keys, ids = engine.row_keys(seeds, positions, "cpu"), torch.arange(30)
+    noise = gumbel(keys, ids)
+    assert torch.equal(noise[1:2], gumbel(engine.row_keys(seeds[1:2], positions[1:2], "cpu"), ids))  # alone or beside others
+    assert torch.equal(noise[:, 10:20], gumbel(keys, ids[None, 10:20].expand(4, 10)))  # any candidate set
+    assert not torch.equal(noise[0], gumbel(engine.row_keys(seeds[:1], [1], "cpu"), ids)[0])  # the next position: new noise
+    on_device = gumbel(engine.row_keys(seeds, positions, DEVICE), ids.to(DEVICE)).cpu()
     assert torch.allclose(on_device, noise, atol=1e-5)  # the same draw on any device (log may round differently)
     assert len({round(x, 6) for x in noise.flatten().tolist()}) == noise.numel()
 
@@ -352,7 +353,8 @@ def test_a_tie_at_the_kth_place_is_broken_the_same_way_in_any_batch():
 
     def beside_a_row_without_top_k(seed):
         rows = [Row([0], 1, seed=seed, temperature=1.0, top_k=2), Row([0], 1, seed=seed, temperature=1.0)]
-        return int(choose(torch.stack([logits, logits]), Sampling.of(rows, 5, "cpu"), torch.tensor([0, 0]))[0])
+        sampling = Sampling.of(rows, 5, "cpu")
+        return int(choose(torch.stack([logits, logits]), sampling, engine.row_keys(sampling.keys, [0, 0], "cpu"))[0])
     assert [beside_a_row_without_top_k(seed) for seed in range(200)] == alone
     assert draw(logits, 3, top_p=0.0) == 0  # a nucleus of no mass still keeps the likeliest id
 
