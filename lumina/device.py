@@ -1,5 +1,6 @@
 """Devices and precision: one rule for every stage, and the one place that makes a random generator."""
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -91,14 +92,28 @@ def cache_path():
     return os.path.join(folder, CACHE_FILE)
 
 
+def cpu_name(cpuinfo):
+    """The processor as /proc/cpuinfo's text describes it: its name, family, model and a digest of
+    its flags. The name alone is not enough: a VM's "AMD EPYC" may be a Zen 3 without bf16 or a
+    Zen 4 with it, which generate at different speeds in different precisions. None if the text
+    names no processor."""
+    first = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+    first = {key.strip(): value.strip() for key, value in first.items()}
+    if "model name" not in first:
+        return None
+    flags = hashlib.sha256(first.get("flags", "").encode()).hexdigest()[:8]
+    return f"{first['model name']} (family {first.get('cpu family', '?')}, model {first.get('model', '?')}, flags {flags})"
+
+
 def machine_name():
     """What tells this machine's speed apart: the processor, its cores and the threads torch uses."""
-    name = platform.processor() or platform.machine()
+    name = None
     try:
         with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+            name = cpu_name(f.read())
     except OSError:
         pass
+    name = name or platform.processor() or platform.machine()
     return f"{platform.node()} | {name} | {os.cpu_count()} cores | {torch.get_num_threads()} threads"
 
 

@@ -171,6 +171,20 @@ def test_a_changed_model_shape_or_torch_version_times_again(native_bf16, monkeyp
     assert len(calls) == 6
 
 
+ZEN3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n"
+ZEN4 = ZEN3.replace("model\t\t: 1", "model\t\t: 17").replace("fma", "fma avx512f avx512_bf16")
+
+
+def test_two_cpus_of_one_name_are_two_machines_to_the_cache():
+    """A VM's "AMD EPYC" was a Zen 3 (no bf16) in one session and a Zen 4 (avx512_bf16) in the
+    next: a trial timed on one must not answer for the other."""
+    from lumina.device import cpu_name
+    zen3, zen4 = cpu_name(ZEN3 + "\n" + ZEN3.replace(": 0", ": 1")), cpu_name(ZEN4)
+    assert zen3.startswith("AMD EPYC (family 25, model 1, flags ") and zen4.startswith("AMD EPYC (family 25, model 17, ")
+    assert zen3 != zen4 != cpu_name(ZEN4.replace(" avx512_bf16", ""))  # flags alone tell them apart
+    assert cpu_name("") is None and cpu_name("processor\t: 0\n") is None  # no processor named: the caller's fallback
+
+
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"key": "not a record"}', ""])
 def test_a_corrupt_cache_file_is_ignored_and_rewritten(native_bf16, content):
     device, cpu, calls = native_bf16, torch.device("cpu"), []
