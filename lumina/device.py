@@ -180,6 +180,9 @@ def timings_line(what, times, cached):
                                        for name, seconds in times.items()) + (" (cached)" if cached else "")
 
 
+CPU_CANDIDATES = ("float32", "bfloat16")  # the precisions auto times on a CPU with native bf16
+
+
 def timed_dtype(asked, device, trial, key, what):
     """(dtype, why): the precision of every stage. What `asked` names; for auto on a GPU its native
     mixed precision (gpu_dtype); on a CPU whose flags lack bf16, float32 (bf16 is emulated there,
@@ -191,5 +194,5 @@ def timed_dtype(asked, device, trial, key, what):
         return gpu_dtype(device)
     if not cpu_has_bf16():
         return torch.float32, EMULATED
-    chosen, times, cached = measured_choice(("float32", "bfloat16"), trial, key)
+    chosen, times, cached = measured_choice(CPU_CANDIDATES, trial, key)
     return DTYPES[chosen], timings_line(what, times, cached)

@@ -22,7 +22,7 @@ import types
 import torch
 import torch.nn as nn
 
-from lumina.device import DTYPES, autocast, remembered, timed_dtype, trial_key
+from lumina.device import CPU_CANDIDATES, DTYPES, autocast, remembered, timed_dtype, trial_key
 from lumina.vocab import END
 
 
@@ -631,6 +631,8 @@ def compile_buckets(engine):
 
 TRIAL_PROMPT = 32   # ids each row of a timed trial reads before it steps
 TRIAL_STEPS = 5     # timed steps per trial, after two untimed ones (the prompt pass and a warm-up)
+TRIAL_TURNS = 20    # timed steps of each of two ways that take turns: one step of one row varies by 1.5x from
+                    # the next, and with 5 turns compiled steps were timed slower than eager and 30% faster
 
 
 def trial_rows(vocab_size, rows_n, prompt=TRIAL_PROMPT):
@@ -648,13 +650,30 @@ def best_step(engine, rows, steps=TRIAL_STEPS):
     return best / len(rows)
 
 
+def taking_turns(ways, turns=TRIAL_TURNS):
+    """{name: the least of `turns` results of ways[name]()}, each a step's seconds per character, the
+    ways taking turns: on a shared machine the neighbours come and go, and ways timed one after the
+    other can see different machines."""
+    best = {name: float("inf") for name in ways}
+    for _ in range(turns):
+        for name, way in ways.items():
+            best[name] = min(best[name], way())
+    return best
+
+
+def ready(net, rows_n, prompt=TRIAL_PROMPT, **engine_options):
+    """(engine, rows): rows_n trial rows in an Engine of their own, their prompts read and one step
+    taken (a warm-up)."""
+    engine, rows = Engine(net, rows_n, **engine_options), trial_rows(net.config.vocab_size, rows_n, prompt)
+    engine.step(rows)
+    engine.step(rows)
+    return engine, rows
+
+
 def step_seconds(net, rows_n, steps=TRIAL_STEPS):
     """Seconds per character of rows_n rows stepping together with ChatAI's default sampling (top-k
     40), after their prompts are read: the best of `steps` steps."""
-    engine, rows = Engine(net, rows_n), trial_rows(net.config.vocab_size, rows_n)
-    engine.step(rows)  # the prompt pass
-    engine.step(rows)  # a warm-up
-    return best_step(engine, rows, steps)
+    return best_step(*ready(net, rows_n), steps)
 
 
 def generation_dtype(net, asked, row_counts):
@@ -666,10 +685,25 @@ def generation_dtype(net, asked, row_counts):
     row_counts = tuple(sorted(set(row_counts)))
     key = trial_key(device, dataclasses.asdict(net.config), {"generate rows": row_counts})
 
-    def trial(name):
-        model = copy.deepcopy(net).to(DTYPES[name])
-        return [step_seconds(model, rows_n) for rows_n in row_counts]
+    timed = {}
+
+    def trial(name):  # the first call times every precision, taking turns; the next reads its result
+        if not timed:
+            timed.update(precision_times(net, row_counts))
+        return timed[name]
     return timed_dtype(asked, device, trial, key, f"a character (rows {'/'.join(map(str, row_counts))})")
+
+
+def precision_times(net, row_counts):
+    """{precision: [seconds per character at each row count]} of copies of net cast to each of
+    CPU_CANDIDATES, the precisions taking turns at each row count."""
+    models = {name: copy.deepcopy(net).to(DTYPES[name]) for name in CPU_CANDIDATES}
+    times = {name: [] for name in CPU_CANDIDATES}
+    for rows_n in row_counts:
+        ways = {name: functools.partial(best_step, *ready(model, rows_n), 1) for name, model in models.items()}
+        for name, seconds in taking_turns(ways).items():
+            times[name].append(seconds)
+    return times
 
 
 # Compiling the decode step pays where a step is many small operations (one row: about 4x on the
@@ -694,13 +728,13 @@ def bucket_times(engine, rows_n):
     engine.compile_rows = bucket(rows_n)
     engine.step(rows)
     compiling = max(time.perf_counter() - start - eager * rows_n, 0.0)
-    compiled = float("inf")
-    for _ in range(TRIAL_STEPS):  # then both ways taking turns, so that both see the same machine
-        engine.compile_rows = bucket(rows_n)
-        compiled = min(compiled, best_step(engine, rows, 1))
-        engine.compile_rows = 0
-        eager = min(eager, best_step(engine, rows, 1))
-    return eager, compiled, compiling
+    engine.step(rows)  # a warm-up of the compiled graph
+
+    def way(compile_rows):
+        engine.compile_rows = compile_rows
+        return best_step(engine, rows, 1)
+    times = taking_turns({"eager": functools.partial(way, 0), "compiled": functools.partial(way, bucket(rows_n))})
+    return min(eager, times["eager"]), times["compiled"], compiling
 
 
 def compile_trial(engine):
@@ -771,21 +805,12 @@ def on_threads(n, work, *args):
         use_threads(before)
 
 
-THREAD_STEPS = 20  # timed steps on each thread count, taking turns: a step of one row varies by 1.5x from one to the next
-
-
-def thread_times(net, rows_n, threads, steps=THREAD_STEPS):
+def thread_times(net, rows_n, threads):
     """(one, every): seconds per character of rows_n rows stepping together on one thread and on
-    `threads`, the best of `steps` steps each, the two taking turns in one Engine so that both see
-    the same machine."""
-    engine, rows = Engine(net, rows_n), trial_rows(net.config.vocab_size, rows_n)
-    engine.step(rows)  # the prompt pass
-    engine.step(rows)  # a warm-up
-    best = {1: float("inf"), threads: float("inf")}
-    for _ in range(steps):
-        for k in best:
-            best[k] = min(best[k], on_threads(k, best_step, engine, rows, 1))
-    return best[1], best[threads]
+    `threads`, taking turns in one Engine."""
+    engine, rows = ready(net, rows_n)
+    times = taking_turns({k: functools.partial(on_threads, k, best_step, engine, rows, 1) for k in (1, threads)})
+    return times[1], times[threads]
 
 
 def thread_trial(net, slots, threads):

@@ -222,3 +222,16 @@ def test_generation_precision_is_timed_on_the_model_itself(vocab, monkeypatch, f
     assert next(net.parameters()).dtype == torch.float32  # the trial casts a copy
     assert engine.generation_dtype(net, "auto", (1, 4)) == (dtype, why + " (cached)")
     assert engine.generation_dtype(net, "bfloat16", (1, 4)) == (torch.bfloat16, "")
+
+
+def test_the_precisions_are_timed_taking_turns(vocab, monkeypatch):
+    """A neighbour that takes the shared machine for a second slows both precisions, not the one
+    timed at that moment: float32 and bfloat16 steps alternate, at each row count in turn."""
+    from lumina import engine
+    timed, best_step = [], engine.best_step
+    monkeypatch.setattr(engine, "best_step", lambda eng, rows, steps=5: timed.append(
+        (len(rows), str(next(eng.model.parameters()).dtype))) or best_step(eng, rows, steps))
+    times = engine.precision_times(tiny_model(vocab), (1, 4))
+    assert timed == [(1, "torch.float32"), (1, "torch.bfloat16")] * engine.TRIAL_TURNS + \
+        [(4, "torch.float32"), (4, "torch.bfloat16")] * engine.TRIAL_TURNS
+    assert set(times) == {"float32", "bfloat16"} and all(len(t) == 2 and min(t) > 0 for t in times.values())
