@@ -782,12 +782,14 @@ def compile_choice(net, asked, slots, expected_chars=None, one_thread_rows=0):
     return rows, why
 
 
-# A step of few rows is about a hundred small operations. Sharing each one across cores costs a
-# wake-up of every thread and a wait for the slowest, and in serve.py the HTTP side and the clients
-# want the same cores: on a 2-core EPYC one HTTP client got 807 characters/s on one thread against
-# 423 on two, though the step alone took as long on either (benchmarks/README.md, "Issue 30"). So
-# a bucket of rows runs on every thread only where a trial here says that is clearly faster.
-THREADS_GAIN = 0.9  # every thread runs a bucket when its step takes at most this share of one thread's
+# A step of few rows is about a hundred small operations, each shared out across the threads and
+# waited for; in serve.py the HTTP side runs beside them. Timed alone, one thread and two stepped one
+# row equally fast on a 2-core EPYC (Zen 4), 16 rows 10% faster on two, 64 rows 30% faster; served
+# over HTTP, one thread gave one client 807-1,069 characters/s against 423-601 on two, and 16
+# clients 3,659 against 1,729, while 64 clients were even (benchmarks/README.md, "Issue 30"). The
+# cost that the HTTP side adds is not in a trial of the step alone, so a bucket of rows runs on
+# every thread only where the trial finds it clearly faster: by a quarter.
+THREADS_GAIN = 0.75  # every thread runs a bucket when its step takes at most this share of one thread's
 
 
 def use_threads(n):
