@@ -631,8 +631,9 @@ def compile_buckets(engine):
 
 TRIAL_PROMPT = 32   # ids each row of a timed trial reads before it steps
 TRIAL_STEPS = 5     # timed steps per trial, after two untimed ones (the prompt pass and a warm-up)
-TRIAL_TURNS = 20    # timed steps of each of two ways that take turns: one step of one row varies by 1.5x from
-                    # the next, and with 5 turns compiled steps were timed slower than eager and 30% faster
+TRIAL_TURNS = 50    # timed steps of each of two ways that take turns: one step of one row varies by 1.5x from the
+                    # next, and a busy spell of the machine's neighbours can outlast 20 turns (40 ms): with 5 or
+                    # 20, a compiled one-row step was timed as slow as eager at some starts, 30% faster at most
 
 
 def trial_rows(vocab_size, rows_n, prompt=TRIAL_PROMPT):
