@@ -772,9 +772,8 @@ def compile_choice(net, asked, slots, expected_chars=None, one_thread_rows=0):
     engine = Engine(net, slots, compile=True, one_thread_rows=one_thread_rows)
     record, cached = remembered(key, lambda: on_threads(engine.threads, compile_trial, engine))
     rows, times = record["chosen"], record["times"]
-    why = (f"a character (rows {'/'.join(times)}) took " + "/".join(f"{t[0] * 1000:.3g}" for t in times.values()) +
-           " ms eager, " + "/".join(f"{t[1] * 1000:.3g}" for t in times.values()) +
-           f" ms compiled; compiling took {record['compile_seconds']:.0f} s" + (" (cached)" if cached else ""))
+    why = (times_line(times, "eager", "compiled") + f"; compiling took {record['compile_seconds']:.0f} s" +
+           (" (cached)" if cached else ""))
     if rows and expected_chars is not None:
         eager, compiled = times["1"]
         saved = (eager - compiled) * expected_chars
@@ -784,10 +783,10 @@ def compile_choice(net, asked, slots, expected_chars=None, one_thread_rows=0):
 
 
 # A step of few rows is about a hundred small operations, each shared out across the threads and
-# waited for; in serve.py the HTTP side runs beside them. Timed alone, one thread and two stepped one
-# row equally fast on a 2-core EPYC (Zen 4), 16 rows 10% faster on two, 64 rows 30% faster; served
-# over HTTP, one thread gave one client 807-1,069 characters/s against 423-601 on two, and 16
-# clients 3,659 against 1,729, while 64 clients were even (benchmarks/README.md, "Issue 30"). The
+# waited for; in serve.py the HTTP side runs beside them. Timed alone on a 2-core EPYC (Zen 4), one
+# thread and two stepped one row equally fast, 16 rows 10% faster on two, 64 rows 30% faster; served
+# over HTTP, one client got 984-1,155 characters/s on one thread against 594-607 on two, 16 clients
+# 2,346-2,485 against 1,822-2,462, and 64 clients were even (benchmarks/README.md, "Issue 30"). The
 # cost that the HTTP side adds is not in a trial of the step alone, so a bucket of rows runs on
 # every thread only where the trial finds it clearly faster: by a quarter.
 THREADS_GAIN = 0.75  # every thread runs a bucket when its step takes at most this share of one thread's
@@ -843,10 +842,7 @@ def thread_choice(net, asked, slots):
         return 0, "torch has one thread here: nothing to choose"
     key = trial_key(weights.device, dataclasses.asdict(net.config), {"thread slots": slots, "dtype": str(weights.dtype)})
     record, cached = remembered(key, lambda: thread_trial(net, slots, threads))
-    times = record["times"]
-    why = (f"a character (rows {'/'.join(times)}) took " + "/".join(f"{t[0] * 1000:.3g}" for t in times.values()) +
-           " ms on 1 thread, " + "/".join(f"{t[1] * 1000:.3g}" for t in times.values()) +
-           f" ms on {threads}" + (" (cached)" if cached else ""))
+    why = times_line(record["times"], "on 1 thread", f"on {threads}") + (" (cached)" if cached else "")
     return record["chosen"], why
 
 
@@ -855,6 +851,13 @@ def thread_line(rows, slots, threads, asked, why=""):
     chosen = (str(threads) if not rows else "1" if rows >= slots else
               f"1 for steps of up to {rows} of {slots} rows, {threads} above")
     return f"threads {chosen} (asked {asked or 'auto'}" + (f": {why})" if not asked else ")")
+
+
+def times_line(times, first, second):
+    """"a character (rows 1/2) took 0.9/0.5 ms <first>, 0.6/0.4 ms <second>" of a trial's times,
+    {rows: [first's seconds, second's]}."""
+    return (f"a character (rows {'/'.join(times)}) took " + "/".join(f"{t[0] * 1000:.3g}" for t in times.values()) +
+            f" ms {first}, " + "/".join(f"{t[1] * 1000:.3g}" for t in times.values()) + f" ms {second}")
 
 
 def compile_line(rows, slots, asked, why=""):
