@@ -483,9 +483,11 @@ def test_auto_threads_keep_steps_on_one_thread_up_to_the_rows_where_two_were_fas
     assert engine.thread_choice(net, 0, 16) == (0, "torch has one thread here: nothing to choose")
 
 
-def test_an_engine_steps_its_small_batches_on_one_thread_and_the_rest_on_every_thread(vocab, monkeypatch, two_threads):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_an_engine_steps_its_small_batches_on_one_thread_and_the_rest_on_every_thread(vocab, monkeypatch, two_threads,
+                                                                                     dtype):
     """one_thread_rows=2: steps of one or two rows run on one thread, of three on both; the ids are
-    the same as an Engine's that leaves the threads alone."""
+    the same as an Engine's that leaves the threads alone, in float32 and under bf16 autocast."""
     net, seen, real_choose = model_on_device(vocab), [], engine.choose
     monkeypatch.setattr(engine, "choose", lambda *args, **kw: seen.append(torch.get_num_threads()) or real_choose(*args, **kw))
     replies = []
@@ -493,7 +495,7 @@ def test_an_engine_steps_its_small_batches_on_one_thread_and_the_rest_on_every_t
         torch.set_num_threads(2)  # an Engine's steps leave this thread on the threads of its last step
         rows = [Row(random_ids(len(SPECIAL_TOKENS), net.config.vocab_size, 5 + i, i), 8, slot=i, seed=i, stop_ids=())
                 for i in range(3)]
-        eng, seen[:] = Engine(net, 3, one_thread_rows=one_thread_rows), []
+        eng, seen[:] = Engine(net, 3, dtype, one_thread_rows=one_thread_rows), []
         for n in (1, 2, 3, 3, 2, 1):  # rows joining, then leaving
             eng.step([row for row in rows[:n] if not row.done])
         replies.append([row.ids for row in rows])
